@@ -1,0 +1,77 @@
+# ScaleCert study. `make help` lists the targets.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+PROFILE ?= quick
+FORCE ?= 0
+DATASETS ?= cifar10 imagenette
+NOTEBOOKS := $(sort $(wildcard notebooks/[0-9]*.ipynb))
+EXECUTED := $(patsubst notebooks/%.ipynb,figures/executed/$(PROFILE)/%.ipynb,$(NOTEBOOKS))
+DATA_STAMPS := data/cifar10-jpeg/.test-uint8.npy data/imagenette-224/.val-uint8.npy
+KERNEL := scalecert
+
+.PHONY: help setup data figures test test-fast golden lab audit bench clean distclean
+.DEFAULT_GOAL := help
+
+help: ## list the targets
+	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk -F':.*?## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+	@echo "  variables: PROFILE=quick|paper (figures), FORCE=1 (recompute cached results)"
+
+setup: $(STAMP) ## create .venv, install pinned packages and the package, register the Jupyter kernel
+
+$(STAMP): requirements.txt pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.txt
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
+	$(PY) -m ipykernel install --user --name $(KERNEL) --display-name "Python (scalecert)" >/dev/null
+	touch $@
+
+data: $(DATA_STAMPS) ## extract and decode CIFAR-10 (JPEG) and Imagenette-224 from ../shared/data
+
+data/cifar10-jpeg/.test-uint8.npy: | $(STAMP)
+	$(PY) -m scalecert.data --decode cifar10
+
+data/imagenette-224/.val-uint8.npy: | $(STAMP)
+	$(PY) -m scalecert.data --decode imagenette
+
+figures: $(EXECUTED) figures/REPORT.md ## run every notebook with papermill (PROFILE=quick|paper), write figures/
+
+figures/executed/$(PROFILE)/%.ipynb: notebooks/%.ipynb $(STAMP) $(DATA_STAMPS) $(wildcard scalecert/*.py)
+	@mkdir -p $(dir $@)
+	$(PY) -m papermill --log-level WARNING -k python3 $< $@.tmp -p profile $(PROFILE) -p force $(FORCE)
+	mv $@.tmp $@
+
+figures/REPORT.md: $(EXECUTED)
+	$(PY) -m scalecert.report --profile $(PROFILE) > $@.tmp && mv $@.tmp $@
+
+test: $(STAMP) $(DATA_STAMPS) ## pytest on the package + nbval on the notebooks (tiny profile)
+	$(PY) -m pytest -q -p no:cacheprovider tests
+	$(PY) -m pytest -q -p no:cacheprovider --nbval-lax --nbval-current-env \
+	  --nbval-sanitize-with tests/nbval_sanitize.cfg tests/notebooks
+
+test-fast: $(STAMP) ## pytest only (no notebooks)
+	$(PY) -m pytest -q tests
+
+golden: $(STAMP) $(DATA_STAMPS) ## regenerate the nbval reference notebooks (tiny profile) after a deliberate change
+	@mkdir -p tests/notebooks
+	for nb in $(NOTEBOOKS); do \
+	  $(PY) -m papermill --log-level WARNING -k python3 $$nb tests/notebooks/$$(basename $$nb) -p profile tiny || exit 1; \
+	done
+
+lab: $(STAMP) $(DATA_STAMPS) ## open JupyterLab on notebooks/
+	$(VENV)/bin/jupyter lab notebooks/
+
+audit: $(STAMP) $(DATA_STAMPS) ## soundness audit of both modes (quick)
+	$(PY) -m scalecert audit --quick
+
+bench: $(STAMP) $(DATA_STAMPS) ## certify throughput vs plain forwards and Minority Reports (quick)
+	$(PY) -m scalecert bench --quick
+
+clean: ## remove executed notebooks and caches (keeps .venv, data and committed results)
+	rm -rf figures/executed .pytest_cache build
+	find . -name __pycache__ -prune -exec rm -rf {} +
+
+distclean: clean ## also remove .venv and the extracted data
+	rm -rf $(VENV) data/cifar10-jpeg data/imagenette-224 data/cifar-10-batches-py

@@ -1,0 +1,176 @@
+"""Commands ``python -m scalecert certify | bench | audit``."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from . import data as D
+from .defense import Engine, certify as run_certify
+from .models import CHECKPOINT_DIR, load_model
+
+DEFAULT_MODELS = {"cifar10": ["cifar10_resnet20_sin1_r20", "cifar10_resnet20_sin1_r10", "cifar10_resnet20_vanilla"],
+                  "imagenette": ["imagenette_resnet18w16_sin1_r10", "imagenette_resnet18w16_vanilla"]}
+
+
+def default_checkpoint(dataset: str) -> str:
+    """Return the first shipped checkpoint for a data set, or raise a clear error."""
+    for name in DEFAULT_MODELS[dataset]:
+        if (CHECKPOINT_DIR / f"{name}.pt").is_file():
+            return name
+    raise SystemExit(f"error: no shipped checkpoint for {dataset} in {CHECKPOINT_DIR}; pass --checkpoint")
+
+
+def eval_subset(dataset: str, n: int, seed: int = 0):
+    """Return (images, labels, ids) of a seeded class-balanced subset of about n evaluation images."""
+    ds = D.load_dataset(dataset, "eval")
+    per = max(1, n // len(ds.classes))
+    idx = ds.subset(per, seed)
+    x, y = ds.tensors(idx)
+    return x, y, idx.tolist()
+
+
+def _common(p: argparse.ArgumentParser):
+    p.add_argument("--dataset", default="cifar10")
+    p.add_argument("--checkpoint", default=None, help="shipped name or .pt path")
+    p.add_argument("--patch", type=float, default=None, help="patch size in %% of the image")
+    p.add_argument("--n", type=int, default=100, help="number of evaluation images (class-balanced)")
+    p.add_argument("--mode", default="sound", choices=["sound", "paper"])
+    p.add_argument("--rule", default="strict", choices=["strict", "paper"])
+    p.add_argument("--rate", type=float, default=None, help="SIN rate (default: the checkpoint's)")
+    p.add_argument("--layer", type=int, default=None, help="superficial layer (default: the checkpoint's)")
+    p.add_argument("--tau", type=float, default=None)
+    p.add_argument("--r", type=int, default=3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _model(a):
+    name = D.check_dataset(a.dataset)
+    model = load_model(a.checkpoint or default_checkpoint(name), device=a.device)
+    if a.layer is not None or a.rate is not None:
+        model.set_sin(a.layer or model.sin_layer, a.rate if a.rate is not None else model.sin_rate)
+    return name, model
+
+
+def certify(argv=None) -> int:
+    """``python -m scalecert certify``: per-image certification records to a CSV (written atomically)."""
+    p = argparse.ArgumentParser(prog="python -m scalecert certify", description=certify.__doc__)
+    _common(p)
+    p.add_argument("--out", default=None, help="CSV file (default: print a summary only)")
+    a = p.parse_args(argv)
+    name, model = _model(a)
+    patch = a.patch if a.patch is not None else (2.4 if name == "cifar10" else 2.0)
+    x, y, ids = eval_subset(name, a.n, a.seed)
+    df = run_certify(model, x, y, patch, batch_size=a.batch_size, progress=True, mode=a.mode, rule=a.rule,
+                     tau=a.tau, r=a.r, device=a.device, ids=ids)
+    if a.out:
+        out = Path(a.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_suffix(out.suffix + ".tmp")
+        df.to_csv(tmp, index=False)
+        os.replace(tmp, out)
+    print(json.dumps({"dataset": D.DATASET_LABELS[name], "images": len(df), "patch_pct": patch,
+                      "mode": a.mode, "clean": round(100 * df.clean_correct.mean(), 2),
+                      "certified": round(100 * df.certified.mean(), 2),
+                      "candidates_mean": round(float(df.n_candidates.mean()), 1)}))
+    return 0
+
+
+def peak_rss_mb() -> float:
+    """Return this process's peak resident set size in MB."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+@torch.no_grad()
+def bench_one(model, x, patch, tau=None, mr_sample: int = 512, repeat: int = 1) -> dict:
+    """Return timing of certify (all candidates) against plain forwards and Minority Reports on one batch."""
+    eng = Engine(model, x.shape[-1], patch, tau=tau)
+    eng.run(x[:1], early_stop=False)  # warm-up
+    t = time.perf_counter()
+    for _ in range(repeat):
+        recs = eng.run(x, early_stop=False)
+    sc_time = (time.perf_counter() - t) / repeat / len(x)
+    cand = sum(r["n_candidates"] for r in recs) / len(recs)
+    # plain forward throughput of the same model at the engine's chunk size
+    bs = min(eng.chunk, 256)
+    xb = x.repeat((bs + len(x) - 1) // len(x), 1, 1, 1)[:bs]
+    model(xb)
+    t = time.perf_counter()
+    model(xb)
+    fwd = (time.perf_counter() - t) / bs
+    # Minority Reports: same family, no SIN, every window; timed on a sample of windows
+    saved = model.sin
+    model.sin = None
+    try:
+        mr = Engine(model, x.shape[-1], patch, tau=tau, chunk=eng.chunk)
+        idx = torch.linspace(0, len(mr.family) - 1, min(mr_sample, len(mr.family))).long()
+        boxes = mr.family.boxes[idx]
+        t = time.perf_counter()
+        for s in range(0, len(idx), mr.chunk):
+            mr.occluded_labels(x[:1], None, None, torch.zeros(len(idx[s: s + mr.chunk]), dtype=torch.long),
+                               boxes[s: s + mr.chunk], None)
+        mr_time = (time.perf_counter() - t) / len(idx) * (1 + len(mr.family))
+    finally:
+        model.sin = saved
+    return {"n": x.shape[-1], "patch_px": eng.p, "windows_total": len(eng.family), "candidates_mean": cand,
+            "certify_images_per_s": 1 / sc_time, "plain_forward_images_per_s": 1 / fwd,
+            "efficiency": (1 + cand) * fwd / sc_time, "mr_seconds_per_image": mr_time,
+            "speedup_vs_mr": mr_time / sc_time, "chunk": eng.chunk}
+
+
+def bench(argv=None) -> int:
+    """``python -m scalecert bench``: certify throughput vs plain forwards and vs Minority Reports."""
+    p = argparse.ArgumentParser(prog="python -m scalecert bench", description=bench.__doc__)
+    p.add_argument("--quick", action="store_true", help="a few images per data set")
+    p.add_argument("--n", type=int, default=None)
+    p.add_argument("--tau", type=float, default=None, help="window merging for the 224 case")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    a = p.parse_args(argv)
+    n = a.n or (4 if a.quick else 32)
+    rows = []
+    for dataset, patch in (("cifar10", 2.4), ("imagenette", 2.0)):
+        model = load_model(default_checkpoint(dataset), device=a.device)
+        x, _, _ = eval_subset(dataset, max(n, 10), 0)
+        row = bench_one(model, x[:n].to(a.device), patch, tau=a.tau if dataset == "imagenette" else None)
+        row.update(dataset=D.DATASET_LABELS[dataset], model=model.card.get("name"))
+        rows.append(row)
+        print(json.dumps({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()}))
+    summary = {"efficiency": round(min(r["efficiency"] for r in rows), 3),
+               "candidates_mean": round(sum(r["candidates_mean"] for r in rows) / len(rows), 1),
+               "windows_total": sum(r["windows_total"] for r in rows),
+               "speedup_vs_mr": round(min(r["speedup_vs_mr"] for r in rows), 2),
+               "peak_rss_mb": round(peak_rss_mb(), 1)}
+    print(json.dumps(summary))
+    return 0
+
+
+def audit(argv=None) -> int:
+    """``python -m scalecert audit``: soundness audit of both modes; ends with one line of JSON."""
+    from .audit import audit as run_audit
+    p = argparse.ArgumentParser(prog="python -m scalecert audit", description=audit.__doc__)
+    _common(p)
+    p.add_argument("--quick", action="store_true", help="10 images, attack of 3 steps")
+    p.add_argument("--stride", type=int, default=1, help="patch position stride (1 = every position)")
+    a = p.parse_args(argv)
+    name, model = _model(a)
+    patch = a.patch if a.patch is not None else (2.4 if name == "cifar10" else 2.0)
+    n = 10 if a.quick else a.n
+    x, y, _ = eval_subset(name, n, a.seed)
+    out = {}
+    for mode in ("sound", "paper"):
+        eng = Engine(model, x.shape[-1], patch, r=a.r, tau=a.tau, mode=mode, device=a.device)
+        res = run_audit(eng, x.to(a.device), y, stride=a.stride, attack_steps=3 if a.quick else 10)
+        print(json.dumps({"mode": mode, **{k: v for k, v in res.items()}}), file=sys.stderr)
+        out[mode] = res
+    print(json.dumps({"mode_sound_violations": out["sound"]["violations"],
+                      "mode_paper_violations": out["paper"]["violations"],
+                      "cases": out["sound"]["cases"] + out["paper"]["cases"]}))
+    return 0

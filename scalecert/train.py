@@ -1,0 +1,200 @@
+"""Training from scratch and SIN fine-tuning with occluded windows; resumable, logged per epoch.
+
+Fine-tuning follows the paper (winner-take-all SIN layer active, random occluding windows) and
+matches what the sound engine evaluates: an occluded window removes its *footprint* from the
+SIN ranking (the re-ranked top-k then fills in), so the model is trained on exactly the
+occluded predictions ``certify`` will ask of it. An optional consistency term pulls the
+occluded prediction towards the clean one.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from . import data as D
+from .geometry import footprint, rect_masks
+from .models import CHECKPOINT_DIR, build, load_model, save_checkpoint
+from .windows import patch_pixels
+
+RUNS_DIR = Path(__file__).resolve().parent.parent / "data" / "runs"
+
+
+def augment(x: torch.Tensor, pad: int, gen: torch.Generator) -> torch.Tensor:
+    """Return a batch after random crop (reflect padding) and horizontal flip, per image."""
+    b, c, h, w = x.shape
+    xp = F.pad(x, (pad,) * 4, mode="reflect")
+    rows = torch.randint(0, 2 * pad + 1, (b, 1), generator=gen) + torch.arange(h)
+    cols = torch.randint(0, 2 * pad + 1, (b, 1), generator=gen) + torch.arange(w)
+    flip = torch.rand(b, generator=gen) < 0.5
+    cols = torch.where(flip[:, None], cols.flip(1), cols)
+    return xp[torch.arange(b)[:, None, None, None], torch.arange(c)[None, :, None, None],
+              rows[:, None, :, None], cols[:, None, None, :]]
+
+
+def random_window_exclude(model, n: int, sizes: list[int], b: int, gen: torch.Generator) -> torch.Tensor:
+    """Return footprint masks (b, h*w) of one random square window per image, sides drawn from sizes."""
+    geo = model.geometry()
+    _, h, w = model.feature_shape(n)
+    side = torch.tensor(sizes)[torch.randint(0, len(sizes), (b,), generator=gen)]
+    r0 = (torch.rand(b, generator=gen) * (n - side + 1)).long()
+    c0 = (torch.rand(b, generator=gen) * (n - side + 1)).long()
+    boxes = torch.stack([r0, c0, r0 + side - 1, c0 + side - 1], 1)
+    return rect_masks(footprint(geo, boxes, h, w), h, w).flatten(1)
+
+
+@torch.no_grad()
+def evaluate(model, ds: D.ImageSet, idx=None, batch: int = 500, device="cpu", sin: bool = True) -> float:
+    """Return top-1 accuracy (%) of the model on a split (or a subset), with or without its SIN layer."""
+    model.eval()
+    saved = model.sin
+    if not sin:
+        model.sin = None
+    idx = np.arange(len(ds)) if idx is None else np.asarray(idx)
+    correct = 0
+    try:
+        for s in range(0, len(idx), batch):
+            x, y = ds.tensors(idx[s: s + batch])
+            correct += (model(x.to(device)).argmax(1).cpu() == y).sum().item()
+    finally:
+        model.sin = saved
+    return 100.0 * correct / max(1, len(idx))
+
+
+def parse(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m scalecert train", description="Train or SIN-finetune a model.")
+    p.add_argument("--name", required=True, help="checkpoint name (data/checkpoints/NAME.pt)")
+    p.add_argument("--dataset", default="cifar10")
+    p.add_argument("--arch", default=None, help="architecture (default: resnet20 / resnet18w16)")
+    p.add_argument("--init", default=None, help="start from this checkpoint (fine-tuning)")
+    p.add_argument("--epochs", type=int, default=30)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--lr", type=float, default=0.1)
+    p.add_argument("--wd", type=float, default=5e-4)
+    p.add_argument("--sin-layer", type=int, default=1)
+    p.add_argument("--sin-rate", type=float, default=None, help="SIN rate (omit for a vanilla model)")
+    p.add_argument("--occlude", default="", help="comma-separated patch sizes in %% for occlusion windows")
+    p.add_argument("--occlude-prob", type=float, default=1.0)
+    p.add_argument("--consistency", type=float, default=0.0, help="weight of KL(clean || occluded)")
+    p.add_argument("--r", type=int, default=3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--max-train", type=int, default=0, help="use only the first N training images (tests)")
+    p.add_argument("--eval-subset", type=int, default=0, help="evaluate per epoch on N images (0: all)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--out-dir", default=str(CHECKPOINT_DIR))
+    return p.parse_args(argv)
+
+
+def train(a: argparse.Namespace, argv_text: str = "") -> dict:
+    """Run (or resume) one training job; write checkpoint + card; return the card."""
+    torch.manual_seed(a.seed)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    name = D.check_dataset(a.dataset)
+    n = D.image_size(name)
+    arch = a.arch or ("resnet20" if n == 32 else "resnet18w16")
+    train_ds, test_ds = D.load_dataset(name, "train"), D.load_dataset(name, "eval")
+    n_train = a.max_train or len(train_ds)
+    if a.init:
+        model = load_model(a.init)
+        model.set_sin(a.sin_layer, a.sin_rate)
+    else:
+        model = build(arch, len(train_ds.classes), a.sin_layer, a.sin_rate)
+    model.to(a.device)
+    occl = [patch_pixels(float(s), n) + a.r - 1 for s in a.occlude.split(",") if s]
+    opt = torch.optim.SGD(model.parameters(), lr=a.lr, momentum=0.9, weight_decay=a.wd, nesterov=True)
+    steps_per_epoch = math.ceil(n_train / a.batch_size)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, a.lr, total_steps=a.epochs * steps_per_epoch,
+                                                pct_start=0.15 if not a.init else 0.05)
+    run_dir = RUNS_DIR / a.name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    state_path, log_path = run_dir / "state.pt", run_dir / "log.jsonl"
+    start, elapsed = 0, 0.0
+    if state_path.is_file():
+        st = torch.load(state_path, map_location=a.device, weights_only=False)
+        model.load_state_dict(st["model"]), opt.load_state_dict(st["opt"]), sched.load_state_dict(st["sched"])
+        start, elapsed = st["epoch"], st["elapsed"]
+        print(f"resuming {a.name} after epoch {start}", file=sys.stderr)
+    gen = torch.Generator().manual_seed(a.seed)
+    eval_idx = test_ds.subset(a.eval_subset // len(test_ds.classes), a.seed) if a.eval_subset else None
+    pad = 4 if n == 32 else 16
+    for epoch in range(start, a.epochs):
+        gen.manual_seed(a.seed * 1000 + epoch)
+        t0 = time.time()
+        model.train()
+        perm = torch.randperm(len(train_ds), generator=gen)[:n_train].numpy()
+        tot, correct, seen = 0.0, 0, 0
+        bar = tqdm(range(steps_per_epoch), desc=f"{a.name} {epoch + 1}/{a.epochs}", leave=False,
+                   mininterval=5, disable=None)
+        for s in bar:
+            x, y = train_ds.tensors(np.sort(perm[s * a.batch_size: (s + 1) * a.batch_size]))
+            x, y = augment(x, pad, gen).to(a.device), y.to(a.device)
+            if occl and model.sin is not None:
+                b = len(y)
+                excl = random_window_exclude(model, n, occl, b, gen).to(a.device)
+                keep = torch.rand(b, generator=gen) < a.occlude_prob
+                excl[~keep.to(a.device)] = False
+                if a.consistency > 0:
+                    out = model(torch.cat([x, x]), torch.cat([torch.zeros_like(excl), excl]))
+                    clean, occ = out[:b], out[b:]
+                    loss = (F.cross_entropy(clean, y) + F.cross_entropy(occ, y)) / 2 + a.consistency * \
+                        F.kl_div(F.log_softmax(occ, 1), F.softmax(clean.detach(), 1), reduction="batchmean")
+                    out = clean
+                else:
+                    out = model(x, excl)
+                    loss = F.cross_entropy(out, y)
+            else:
+                out = model(x)
+                loss = F.cross_entropy(out, y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            tot += loss.item() * len(y)
+            correct += (out.argmax(1) == y).sum().item()
+            seen += len(y)
+            bar.set_postfix(loss=f"{tot / seen:.3f}", acc=f"{100 * correct / seen:.1f}")
+        dt = time.time() - t0
+        elapsed += dt
+        acc = evaluate(model, test_ds, eval_idx, device=a.device)
+        rec = {"epoch": epoch + 1, "loss": tot / seen, "train_acc": 100 * correct / seen,
+               "test_acc": acc, "seconds": dt, "lr": sched.get_last_lr()[0]}
+        with open(log_path, "a") as f:
+            f.write(json.dumps(rec) + "\n")
+        print(json.dumps(rec), file=sys.stderr, flush=True)
+        tmp = state_path.with_suffix(".tmp")
+        torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
+                    "epoch": epoch + 1, "elapsed": elapsed}, tmp)
+        os.replace(tmp, state_path)
+    acc_sin = evaluate(model, test_ds, device=a.device)
+    acc_plain = evaluate(model, test_ds, device=a.device, sin=False)
+    card = {"name": a.name, "dataset": D.DATASET_LABELS[name], "dataset_key": name,
+            "epochs": a.epochs, "seed": a.seed, "init": a.init, "occlude_pct": a.occlude,
+            "consistency": a.consistency, "lr": a.lr, "batch_size": a.batch_size,
+            "eval_split": test_ds.split, "eval_images": len(test_ds),
+            "accuracy_with_sin": acc_sin if model.sin is not None else None,
+            "accuracy_without_sin": acc_plain, "train_seconds": round(elapsed, 1),
+            "command": argv_text or "python -m scalecert train " + " ".join(sys.argv[1:]),
+            "log": str((run_dir / "log.jsonl").relative_to(RUNS_DIR.parent.parent))}
+    card = save_checkpoint(model, Path(a.out_dir) / f"{a.name}.pt", card)
+    print(json.dumps({k: card[k] for k in ("name", "accuracy_with_sin", "accuracy_without_sin")}))
+    return card
+
+
+def main(argv=None) -> int:
+    """Entry point of ``python -m scalecert train``."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    a = parse(argv)
+    train(a, "python -m scalecert train " + shlex.join(argv))
+    return 0

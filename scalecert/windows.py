@@ -1,0 +1,118 @@
+"""Occluding-window families: fixed (data-independent) squares that cover every p x p patch.
+
+Base family (the paper's): squares of side ``m = p + r - 1`` at stride 1, so every p x p patch
+lies wholly inside ``r x r`` members. Merged family for an overlap ratio ``tau`` (sound mode):
+squares of side ``M = floor(m / sqrt(tau))`` — the largest square whose IoU with each base
+window it contains is at least ``tau`` — at stride ``M - m + 1``, so every base window (and hence
+every patch) lies wholly inside a member. The last position on each axis is always included.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+#: The paper's (and its peers') rounding of patch sizes given as % of the image.
+PAPER_PATCH_PX = {(224, 1.0): 23, (224, 2.0): 32, (224, 3.0): 39, (224, 5.0): 50, (224, 8.0): 64,
+                  (32, 0.4): 2, (32, 2.4): 5, (32, 5.0): 7, (32, 8.0): 9}
+
+
+def patch_pixels(patch, n: int) -> int:
+    """Return the side in pixels of a patch given in pixels (int) or as % of an n x n image (float)."""
+    if isinstance(patch, bool) or not isinstance(patch, (int, float)) or not math.isfinite(patch) or patch <= 0:
+        raise ValueError(f"patch must be a positive int (pixels) or float (% of the image), got {patch!r}")
+    if isinstance(patch, int):
+        p = patch
+    else:
+        if patch > 100:
+            raise ValueError(f"patch {patch}% is more than the whole image")
+        p = PAPER_PATCH_PX.get((n, round(float(patch), 3)), max(1, round(math.sqrt(patch / 100 * n * n))))
+    if p > n:
+        raise ValueError(f"patch of {p} px is larger than the {n}x{n} image")
+    return p
+
+
+def positions(n: int, side: int, stride: int) -> list[int]:
+    """Return window start positions along one axis, the last one (n - side) always included."""
+    last = n - side
+    out = list(range(0, last + 1, stride))
+    if out[-1] != last:
+        out.append(last)
+    return out
+
+
+@dataclass
+class WindowFamily:
+    """A fixed list of square pixel windows with their grid coordinates."""
+    boxes: torch.Tensor  # (N, 4) inclusive pixel boxes (r0, c0, r1, c1)
+    grid: torch.Tensor   # (N, 2) grid index (gi, gj) for the r x r block rule
+    n: int
+    patch: int
+    side: int
+    stride: int
+    r: int
+    tau: float | None
+
+    def __len__(self) -> int:
+        return len(self.boxes)
+
+    @property
+    def grid_shape(self) -> tuple[int, int]:
+        return int(self.grid[:, 0].max()) + 1, int(self.grid[:, 1].max()) + 1
+
+
+def window_side(p: int, n: int, r: int = 3, tau: float | None = None) -> tuple[int, int]:
+    """Return (side, stride) of the family for patch p: base m = p + r - 1, merged by tau when given."""
+    if r < 1:
+        raise ValueError(f"r must be >= 1, got {r}")
+    m = min(n, p + r - 1)
+    if tau is None or tau >= 1:
+        return m, 1
+    if not 0 < tau < 1:
+        raise ValueError(f"overlap ratio tau must lie in (0, 1], got {tau}")
+    side = min(n, max(m, int(math.floor(m / math.sqrt(tau)))))
+    return side, side - m + 1
+
+
+def candidate_windows(n: int, patch, r: int = 3, tau: float | None = None) -> WindowFamily:
+    """Return the data-independent window family for a patch (px or %) on an n x n image."""
+    p = patch_pixels(patch, n)
+    side, stride = window_side(p, n, r, tau)
+    pos = torch.tensor(positions(n, side, stride))
+    gi, gj = torch.meshgrid(torch.arange(len(pos)), torch.arange(len(pos)), indexing="ij")
+    gi, gj = gi.flatten(), gj.flatten()
+    r0, c0 = pos[gi], pos[gj]
+    boxes = torch.stack([r0, c0, r0 + side - 1, c0 + side - 1], 1)
+    return WindowFamily(boxes, torch.stack([gi, gj], 1), n, p, side, stride, r, tau)
+
+
+def covers_all_patches(family: WindowFamily) -> bool:
+    """Return True iff every p x p patch position lies wholly inside some window of the family."""
+    n, p = family.n, family.patch
+    ok = torch.zeros(n - p + 1, n - p + 1, dtype=torch.bool)
+    for r0, c0, r1, c1 in family.boxes.tolist():
+        # patches with top-left (a, b) inside: r0 <= a and a + p - 1 <= r1
+        if r1 - r0 + 1 >= p and c1 - c0 + 1 >= p:
+            ok[r0: r1 - p + 2, c0: c1 - p + 2] = True
+    return bool(ok.all())
+
+
+def merge_per_image(boxes: torch.Tensor, tau: float) -> torch.Tensor:
+    """Return the paper's per-image merge of candidate windows: greedy groups whose bounding box keeps IoU >= tau.
+
+    A window joins the first group for which (window area) / (area of the group's bounding box
+    with the window added) stays >= tau; each group is replaced by its bounding box. This depends
+    on the image (its candidates), which is what the sound mode avoids.
+    """
+    groups: list[list[int]] = []
+    for r0, c0, r1, c1 in boxes.tolist():
+        area = (r1 - r0 + 1) * (c1 - c0 + 1)
+        for g in groups:
+            nb = [min(g[0], r0), min(g[1], c0), max(g[2], r1), max(g[3], c1)]
+            if area / ((nb[2] - nb[0] + 1) * (nb[3] - nb[1] + 1)) >= tau:
+                g[:] = nb
+                break
+        else:
+            groups.append([r0, c0, r1, c1])
+    return torch.tensor(groups, dtype=torch.long).reshape(-1, 4)

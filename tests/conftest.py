@@ -1,0 +1,49 @@
+import os
+
+import pytest
+import torch
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+def spread_model(arch="resnet20", layer=1, rate=0.2, seed=0, num_classes=10):
+    """A random model whose BN statistics are randomised so that predictions vary between images."""
+    from scalecert.models import build
+    torch.manual_seed(seed)
+    m = build(arch, num_classes, layer, rate)
+    for mod in m.modules():
+        if isinstance(mod, torch.nn.BatchNorm2d):
+            mod.running_mean.normal_(0, 0.2)
+            mod.running_var.uniform_(0.5, 2.0)
+            mod.weight.data.uniform_(0.5, 1.5)
+    m.eval()
+    # centre and scale the head on calibration images so that predictions vary between images
+    n = 32 if arch.startswith(("resnet20", "cifar")) else 64
+    with torch.no_grad():
+        feats = m.head[:2](_body(m, calibration_images(64, n, seed + 100)))
+        mu, sd = feats.mean(0), feats.std(0) + 1e-6
+        fc = m.head[2]
+        fc.weight.data = torch.randn_like(fc.weight) / sd / feats.shape[1] ** 0.5 * 3
+        fc.bias.data = -(fc.weight.data @ mu)
+    return m
+
+
+def _body(m, x):
+    f = m.stem(x)
+    if m.sin is not None:
+        f = m.sin(f)
+    for u in m.units[m.sin_layer:]:
+        f = u(f)
+    return f
+
+
+def calibration_images(b, n, seed=0):
+    """Images with a random colour per image plus noise: structured enough to give varied predictions."""
+    g = torch.Generator().manual_seed(seed)
+    col = torch.rand(b, 3, 1, 1, generator=g)
+    return (0.6 * col + 0.4 * torch.rand(b, 3, n, n, generator=g)).clamp(0, 1)
+
+
+@pytest.fixture
+def small_model():
+    return spread_model()

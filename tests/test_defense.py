@@ -1,0 +1,130 @@
+import pandas as pd
+import pytest
+import torch
+
+from conftest import calibration_images, spread_model
+from scalecert.audit import audit, paste, patch_positions
+from scalecert.defense import Engine, certify, detect
+from scalecert.geometry import footprint, rect_masks
+
+
+def images(b=6, n=16, seed=0):
+    return calibration_images(b, n, seed)
+
+
+@pytest.mark.parametrize("arch,layer,n", [("resnet20", 1, 32), ("resnet20", 2, 32), ("resnet18w16", 1, 64),
+                                          ("resnet18w16", 2, 64)])
+def test_stem_once_equals_filled_input_bit_for_bit(arch, layer, n):
+    m = spread_model(arch, layer)
+    eng = Engine(m, n, 5)
+    x = images(2, n)
+    g = torch.Generator().manual_seed(1)
+    idx = torch.randint(0, len(eng.family), (12,), generator=g)
+    boxes = eng.family.boxes[idx]
+    img = torch.arange(12) % 2
+    with torch.no_grad():
+        excl = rect_masks(eng.fp[idx], eng.h, eng.w).flatten(1)
+        direct = m(eng.fill_windows(x[img], boxes), exclude=excl)
+        f = m.stem(x)
+        from scalecert.sin import importance, masked_topk_from_order, strict_order
+        keep = masked_topk_from_order(strict_order(importance(f))[img], excl, eng.k)
+        once = m.rest(f[img] * keep.view(-1, 1, eng.h, eng.w))
+    assert torch.equal(direct, once)
+
+
+def test_invariance_lemma_non_candidates_keep_the_winners():
+    m = spread_model(rate=0.1)
+    eng = Engine(m, 16, 2)
+    x = images(4)
+    with torch.no_grad():
+        f, order, sin = eng.stem(x)
+        cand = eng.candidates(sin)
+        assert (~cand).any(), "the test needs some non-candidate windows"
+        for i in range(4):
+            non = (~cand[i]).nonzero().flatten()
+            excl = rect_masks(eng.fp[non], eng.h, eng.w).flatten(1)
+            from scalecert.sin import masked_topk_from_order
+            keep = masked_topk_from_order(order[i].expand(len(non), -1), excl, eng.k)
+            assert torch.equal(keep, sin[i].flatten().expand_as(keep))
+            cand_excl = rect_masks(eng.fp[cand[i]], eng.h, eng.w).flatten(1)
+            assert (cand_excl & sin[i].flatten()).any(1).all()
+
+
+def test_candidates_match_region_definition():
+    from scalecert.geometry import region
+    m = spread_model(rate=0.05)
+    eng = Engine(m, 16, 3)
+    x = images(2)
+    with torch.no_grad():
+        _, _, sin = eng.stem(x)
+    cand = eng.candidates(sin)
+    for i in range(2):
+        R = region(eng.geo, sin[i], 16)
+        boxes = eng.family.boxes
+        meets = torch.tensor([R[r0:r1 + 1, c0:c1 + 1].any().item() for r0, c0, r1, c1 in boxes.tolist()])
+        assert torch.equal(cand[i], meets)
+
+
+def test_records_are_consistent_and_strict_rule_clean_equals_certified():
+    m = spread_model()
+    x = images(8)
+    with torch.no_grad():
+        y = m(x).argmax(1)
+    y[0] = (y[0] + 1) % 10
+    df = certify(m, x, y, 3, early_stop=False)
+    assert isinstance(df, pd.DataFrame) and len(df) == 8
+    assert (df.clean_correct == df.certified).all()
+    assert not df.certified[0]
+    assert (df.n_evaluated == df.n_candidates).all()
+    assert ((df.n_disagree > 0) == df.alert).all()
+    fast = certify(m, x, y, 3)
+    assert (fast.certified == df.certified).all()
+    det = detect(m, x, 3)
+    assert ((det.output == -1) == det.alert).all()
+
+
+def test_minority_reports_evaluates_every_window():
+    m = spread_model()
+    m.set_sin(1, None)
+    df = detect(m, images(2), 5)
+    assert (df.n_candidates == 10 * 10).all() and (df.n_evaluated == 100).all()
+
+
+@pytest.mark.parametrize("kw,match", [({"mode": "fast"}, "mode"), ({"rule": "x"}, "rule"),
+                                      ({"rate": 1.5}, "rate"), ({"layer": 99}, "layer")])
+def test_bad_options_raise(kw, match):
+    with pytest.raises(ValueError, match=match):
+        certify(spread_model(), images(1), [0], 3, **kw)
+
+
+@pytest.mark.parametrize("bad,match", [(torch.rand(3, 32, 31), "shape"), (torch.rand(1, 3, 32, 32) * 2, "range|lie"),
+                                       (torch.full((1, 3, 32, 32), float("nan")), "NaN"),
+                                       (torch.zeros(1, 3, 32, 32, dtype=torch.uint8), "floating")])
+def test_bad_images_raise(bad, match):
+    with pytest.raises(ValueError, match=match):
+        certify(spread_model(), bad, [0], 3)
+
+
+def test_patch_larger_than_image_raises():
+    with pytest.raises(ValueError, match="larger"):
+        certify(spread_model(), images(1), [0], 40)
+
+
+def test_paste_places_patch_exactly():
+    x = torch.zeros(3, 8, 8)
+    out = paste(x, torch.ones(3, 2, 2), torch.tensor([[0, 0], [6, 5]]))
+    assert out[0].sum() == 12 and out[0, :, :2, :2].all() and out[1, :, 6:8, 5:7].all() and out[1].sum() == 12
+    assert len(patch_positions(8, 3)) == 36
+
+
+def test_sound_mode_has_no_violations():
+    """Soundness: certified images never give a wrong label without an alert, whatever the patch."""
+    m = spread_model(rate=0.2)
+    x = images(6, seed=5)
+    with torch.no_grad():
+        y = m(x).argmax(1)
+    eng = Engine(m, 16, 2)
+    res = audit(eng, x, y, progress=False, contents=("zeros", "ones", "noise", "attack"), attack_steps=2)
+    assert res["certified"] > 0 and res["cases"] > 0
+    assert res["flipped"] > 0, "no patch changed M(x): the audit would prove nothing"
+    assert res["violations"] == 0, res["examples"]
