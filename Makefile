@@ -48,7 +48,7 @@ figures/REPORT.md: $(EXECUTED)
 
 test: $(STAMP) $(DATA_STAMPS) ## pytest on the package + nbval on the notebooks (tiny profile)
 	$(PY) -m pytest -q -p no:cacheprovider tests
-	$(PY) -m pytest -q -p no:cacheprovider --nbval-lax --nbval-current-env \
+	SCALECERT_FIG_DIR=build/test-figures $(PY) -m pytest -q -p no:cacheprovider --nbval-lax --nbval-current-env \
 	  --nbval-sanitize-with tests/nbval_sanitize.cfg tests/notebooks
 
 test-fast: $(STAMP) ## pytest only (no notebooks)
@@ -57,7 +57,7 @@ test-fast: $(STAMP) ## pytest only (no notebooks)
 golden: $(STAMP) $(DATA_STAMPS) ## regenerate the nbval reference notebooks (tiny profile) after a deliberate change
 	@mkdir -p tests/notebooks
 	for nb in $(NOTEBOOKS); do \
-	  $(PY) -m papermill --log-level WARNING -k python3 $$nb tests/notebooks/$$(basename $$nb) -p profile tiny || exit 1; \
+	  SCALECERT_FIG_DIR=build/test-figures $(PY) -m papermill --log-level WARNING -k python3 $$nb tests/notebooks/$$(basename $$nb) -p profile tiny || exit 1; \
 	done
 
 lab: $(STAMP) $(DATA_STAMPS) ## open JupyterLab on notebooks/

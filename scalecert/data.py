@@ -318,6 +318,11 @@ def load_dataset(name: str, split: str | None = None, root: Path | None = None) 
         split_dir = "test" if (name == "cifar10" and split == "test") else split
     size = 224 if name in ("imagenette", "imagenet") else None
     x, y, classes = load_split(root, split_dir, size=size)
+    canonical = {"cifar10": CIFAR10_CLASSES, "imagenette": [w for w, _, _ in IMAGENETTE_CLASSES]}.get(name)
+    if canonical and set(classes) <= set(canonical) and classes != canonical:
+        # a tree missing some classes keeps the data set's own indices
+        y = np.asarray([canonical.index(c) for c in classes])[np.asarray(y)]
+        classes = list(canonical)
     if name == "imagenette":
         names = dict((w, n) for w, n, _ in IMAGENETTE_CLASSES)
         classes = [names.get(c, c) for c in classes]

@@ -3,7 +3,7 @@ import os
 import pytest
 import torch
 
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+torch.set_num_threads(int(os.environ.get("SCALECERT_TEST_THREADS", min(2, os.cpu_count() or 1))))
 
 
 def spread_model(arch="resnet20", layer=1, rate=0.2, seed=0, num_classes=10):

@@ -1,0 +1,32 @@
+"""Helpers for the parameterised notebooks: profile sizes and parameter checks."""
+from __future__ import annotations
+
+from . import data as D
+
+#: images per class used by each profile (None = the whole evaluation split)
+PROFILES = {"tiny": 1, "quick": 10, "paper": None}
+
+
+def check_profile(profile: str) -> str:
+    """Return the profile name after checking it is one of tiny, quick, paper."""
+    if profile not in PROFILES:
+        raise ValueError(f"unknown profile {profile!r}: expected one of {sorted(PROFILES)}")
+    return profile
+
+
+def check_datasets(datasets) -> list[str]:
+    """Return canonical data set names (a single name or a list), raising ValueError on unknown ones."""
+    if isinstance(datasets, str):
+        datasets = [datasets]
+    if not datasets:
+        raise ValueError("datasets must name at least one data set")
+    return [D.check_dataset(d) for d in datasets]
+
+
+def per_class(profile: str, n_per_class: int | None = None) -> int | None:
+    """Return images per class: the explicit value if given, else the profile's."""
+    if n_per_class is not None:
+        if int(n_per_class) < 1:
+            raise ValueError(f"n_per_class must be >= 1, got {n_per_class}")
+        return int(n_per_class)
+    return PROFILES[check_profile(profile)]

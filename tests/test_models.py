@@ -1,0 +1,94 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+
+from scalecert import data as D
+from scalecert.models import CHECKPOINT_DIR, build, from_torchvision_state, load_model, save_checkpoint
+from scalecert.train import augment, evaluate
+
+
+def test_tampered_checkpoint_is_refused(tmp_path):
+    m = build("resnet20", 10, 1, 0.1)
+    card = save_checkpoint(m, tmp_path / "m.pt", {"name": "m"})
+    assert load_model(tmp_path / "m.pt").sin_rate == 0.1
+    blob = bytearray((tmp_path / "m.pt").read_bytes())
+    blob[len(blob) // 2] ^= 0xFF
+    (tmp_path / "m.pt").write_bytes(bytes(blob))
+    with pytest.raises(ValueError, match="sha256"):
+        load_model(tmp_path / "m.pt")
+    assert json.loads((tmp_path / "m.json").read_text())["sha256"] == card["sha256"]
+
+
+def test_fp16_roundtrip_keeps_predictions(tmp_path):
+    torch.manual_seed(0)
+    m = build("resnet20", 10).eval()
+    save_checkpoint(m, tmp_path / "m.pt", {})
+    x = torch.rand(8, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(m(x), load_model(tmp_path / "m.pt")(x), atol=2e-2)
+
+
+def test_training_steps_lower_the_loss():
+    torch.manual_seed(0)
+    m = build("resnet20", 10, 1, 0.2).train()
+    x, y = torch.rand(32, 3, 32, 32), torch.randint(0, 10, (32,))
+    opt = torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9)
+    losses = []
+    for _ in range(15):
+        loss = torch.nn.functional.cross_entropy(m(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0]
+
+
+def test_sin_forward_keeps_at_most_k_positions():
+    m = build("resnet18w16", 10, 2, 0.1).eval()
+    seen = {}
+    m.units[2].register_forward_pre_hook(lambda mod, inp: seen.setdefault("f", inp[0]))
+    m(torch.rand(2, 3, 64, 64))
+    nz = (seen["f"] != 0).any(1).flatten(1).sum(1)
+    assert (nz <= round(0.1 * 16 * 16)).all()
+
+
+def test_torchvision_weights_load_into_the_split_layout():
+    torch.manual_seed(0)
+    tv = torchvision.models.resnet18(num_classes=10).eval()
+    m = from_torchvision_state("resnet18", tv.state_dict(), num_classes=10).eval()
+    x = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.allclose(m(x), tv(m.normalize(x)), atol=1e-5)
+
+
+def test_augment_keeps_range_and_shape():
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(5, 3, 32, 32)
+    out = augment(x, 4, g)
+    assert out.shape == x.shape and out.min() >= 0 and out.max() <= 1
+    assert not torch.equal(out, x)
+
+
+def test_unknown_architecture_and_model_name():
+    with pytest.raises(ValueError, match="architecture"):
+        build("vgg16")
+    with pytest.raises(ValueError, match="unknown model"):
+        load_model("no_such_model")
+
+
+CHECKPOINTS = sorted(p.stem for p in CHECKPOINT_DIR.glob("*.pt"))
+
+
+@pytest.mark.parametrize("name", CHECKPOINTS)
+def test_card_accuracy_holds_on_a_subset(name):
+    """Each shipped card's accuracy, re-measured on a seeded 200-image subset, within 7 points (about 3 sigma)."""
+    m = load_model(name)
+    card = m.card
+    ds = D.load_dataset(card["dataset_key"], "eval")
+    idx = ds.subset(20, seed=123)
+    key = "accuracy_with_sin" if m.sin is not None else "accuracy_without_sin"
+    acc = evaluate(m, ds, idx, batch=100)
+    assert abs(acc - card[key]) <= 7.0, (acc, card[key])

@@ -1,0 +1,45 @@
+"""Every notebook has a tiny-profile reference copy checked by nbval, and bad parameters fail fast."""
+import subprocess
+import sys
+from pathlib import Path
+
+import nbformat
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SOURCES = sorted((ROOT / "notebooks").glob("[0-9]*.ipynb"))
+
+
+def code_cells(nb):
+    return [c.source for c in nb.cells if c.cell_type == "code" and "injected-parameters" not in c.metadata.get("tags", [])]
+
+
+def test_there_are_notebooks():
+    assert SOURCES
+
+
+@pytest.mark.parametrize("src", SOURCES, ids=lambda p: p.stem)
+def test_every_notebook_is_covered_by_an_up_to_date_reference(src):
+    ref = ROOT / "tests" / "notebooks" / src.name
+    assert ref.is_file(), f"{src.name} has no nbval reference: run `make golden`"
+    a, b = nbformat.read(src, 4), nbformat.read(ref, 4)
+    assert code_cells(a) == code_cells(b), f"{ref} is stale: run `make golden`"
+    assert any("NBVAL_CHECK_OUTPUT" in c for c in code_cells(a)), f"{src.name} checks no key number"
+    tags = [c.metadata.get("tags", []) for c in a.cells]
+    assert any("parameters" in t for t in tags), f"{src.name} has no papermill parameters cell"
+
+
+@pytest.mark.parametrize("params,match", [({"datasets": "mnist"}, "unknown dataset"),
+                                          ({"profile": "huge"}, "unknown profile")])
+def test_bad_parameter_stops_at_the_first_cell(tmp_path, params, match):
+    args = [sys.executable, "-m", "papermill", "--log-level", "ERROR", "-k", "python3",
+            str(SOURCES[0]), str(tmp_path / "out.ipynb")]
+    for k, v in params.items():
+        args += ["-p", k, v]
+    run = subprocess.run(args, capture_output=True, text=True, env={"SCALECERT_FIG_DIR": str(tmp_path),
+                                                                     "PATH": "/usr/bin:/bin"})
+    assert run.returncode != 0
+    assert match in run.stderr + run.stdout
+    nb = nbformat.read(tmp_path / "out.ipynb", 4)
+    executed = [c for c in nb.cells if c.cell_type == "code" and c.get("execution_count")]
+    assert len(executed) <= 3  # parameters, injected parameters, the checking cell
