@@ -27,26 +27,49 @@ def default_checkpoint(dataset: str) -> str:
     raise SystemExit(f"error: no shipped checkpoint for {dataset} in {CHECKPOINT_DIR}; pass --checkpoint")
 
 
-def eval_subset(dataset: str, n: int, seed: int = 0):
-    """Return (images, labels, ids) of a seeded class-balanced subset of about n evaluation images."""
+def eval_subset(dataset: str, n: int | None, seed: int = 0):
+    """Return (images, labels, ids) of a seeded class-balanced subset of about n evaluation images (all if n is 0)."""
     ds = D.load_dataset(dataset, "eval")
-    per = max(1, n // len(ds.classes))
-    idx = ds.subset(per, seed)
+    if not n:
+        idx = list(range(len(ds)))
+    else:
+        idx = ds.subset(max(1, n // len(ds.classes)), seed).tolist()
     x, y = ds.tensors(idx)
-    return x, y, idx.tolist()
+    return x, y, idx
+
+
+def dist_setup(device: str) -> tuple[int, int, str]:
+    """Initialise torch.distributed when launched by torchrun; return (rank, world size, device)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1, device
+    import torch.distributed as dist
+    use_cuda = device.startswith("cuda") and torch.cuda.is_available()
+    if use_cuda:
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def barrier(world: int) -> None:
+    if world > 1:
+        import torch.distributed as dist
+        dist.barrier()
 
 
 def _common(p: argparse.ArgumentParser):
     p.add_argument("--dataset", default="cifar10")
     p.add_argument("--checkpoint", default=None, help="shipped name or .pt path")
     p.add_argument("--patch", type=float, default=None, help="patch size in %% of the image")
-    p.add_argument("--n", type=int, default=100, help="number of evaluation images (class-balanced)")
+    p.add_argument("--images", type=int, default=100, help="number of evaluation images (class-balanced; 0 = all)")
     p.add_argument("--mode", default="sound", choices=["sound", "paper"])
     p.add_argument("--rule", default="strict", choices=["strict", "paper"])
     p.add_argument("--rate", type=float, default=None, help="SIN rate (default: the checkpoint's)")
     p.add_argument("--layer", type=int, default=None, help="superficial layer (default: the checkpoint's)")
     p.add_argument("--tau", type=float, default=None)
-    p.add_argument("--r", type=int, default=3)
+    p.add_argument("--window-r", dest="r", type=int, default=3, help="r: windows have side p + r - 1")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -61,26 +84,49 @@ def _model(a):
 
 
 def certify(argv=None) -> int:
-    """``python -m scalecert certify``: per-image certification records to a CSV (written atomically)."""
+    """``python -m scalecert certify``: per-image records, cached per chunk, sharded over torchrun ranks."""
+    from . import results as R
     p = argparse.ArgumentParser(prog="python -m scalecert certify", description=certify.__doc__)
     _common(p)
-    p.add_argument("--out", default=None, help="CSV file (default: print a summary only)")
+    p.add_argument("--out", default=None, help="merged CSV (written atomically by rank 0)")
+    p.add_argument("--cache-dir", default=str(R.CACHE_DIR))
+    p.add_argument("--chunk-images", type=int, default=32, help="images per cached chunk")
+    p.add_argument("--fail-after", type=int, default=None, help=argparse.SUPPRESS)  # fault injection (tests)
     a = p.parse_args(argv)
+    if a.images < 0:
+        p.error("--images must be >= 0 (0 = the whole evaluation split)")
+    rank, world, a.device = dist_setup(a.device)
     name, model = _model(a)
     patch = a.patch if a.patch is not None else (2.4 if name == "cifar10" else 2.0)
-    x, y, ids = eval_subset(name, a.n, a.seed)
-    df = run_certify(model, x, y, patch, batch_size=a.batch_size, progress=True, mode=a.mode, rule=a.rule,
-                     tau=a.tau, r=a.r, device=a.device, ids=ids)
-    if a.out:
-        out = Path(a.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_suffix(out.suffix + ".tmp")
-        df.to_csv(tmp, index=False)
-        os.replace(tmp, out)
-    print(json.dumps({"dataset": D.DATASET_LABELS[name], "images": len(df), "patch_pct": patch,
-                      "mode": a.mode, "clean": round(100 * df.clean_correct.mean(), 2),
-                      "certified": round(100 * df.certified.mean(), 2),
-                      "candidates_mean": round(float(df.n_candidates.mean()), 1)}))
+    x, y, ids = eval_subset(name, a.images, a.seed)
+    config = {"dataset": name, "checkpoint_sha256": model.card["sha256"], "patch": patch, "mode": a.mode,
+              "rule": a.rule, "tau": a.tau, "r": a.r, "layer": model.sin_layer, "rate": model.sin_rate,
+              "images": a.images, "seed": a.seed, "ids": R.config_key({"ids": ids}), "chunk_images": a.chunk_images}
+    if rank == 0:
+        run = R.open_run(config, a.cache_dir)
+    barrier(world)
+    if rank != 0:
+        run = R.open_run(config, a.cache_dir)
+
+    def one_chunk(r):
+        return run_certify(model, x[r.start:r.stop], y[r.start:r.stop], patch, batch_size=a.batch_size,
+                           mode=a.mode, rule=a.rule, tau=a.tau, r=a.r, device=a.device,
+                           ids=ids[r.start:r.stop])
+
+    R.compute(run, len(ids), a.chunk_images, one_chunk, rank, world, fail_after=a.fail_after)
+    barrier(world)
+    if rank == 0:
+        df = R.merge(run, len(ids), a.chunk_images, ids)
+        if a.out:
+            R.atomic_write_text(Path(a.out), df.to_csv(index=False))
+        print(json.dumps({"dataset": D.DATASET_LABELS[name], "images": len(df), "patch_pct": patch,
+                          "mode": a.mode, "world_size": world, "cache": str(run),
+                          "clean": round(100 * df.clean_correct.mean(), 2),
+                          "certified": round(100 * df.certified.mean(), 2),
+                          "candidates_mean": round(float(df.n_candidates.mean()), 1)}))
+    if world > 1:
+        import torch.distributed as dist
+        dist.destroy_process_group()
     return 0
 
 
@@ -130,11 +176,11 @@ def bench(argv=None) -> int:
     """``python -m scalecert bench``: certify throughput vs plain forwards and vs Minority Reports."""
     p = argparse.ArgumentParser(prog="python -m scalecert bench", description=bench.__doc__)
     p.add_argument("--quick", action="store_true", help="a few images per data set")
-    p.add_argument("--n", type=int, default=None)
+    p.add_argument("--images", type=int, default=None)
     p.add_argument("--tau", type=float, default=None, help="window merging for the 224 case")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     a = p.parse_args(argv)
-    n = a.n or (4 if a.quick else 32)
+    n = a.images or (4 if a.quick else 32)
     rows = []
     for dataset, patch in (("cifar10", 2.4), ("imagenette", 2.0)):
         model = load_model(default_checkpoint(dataset), device=a.device)
@@ -162,7 +208,7 @@ def audit(argv=None) -> int:
     a = p.parse_args(argv)
     name, model = _model(a)
     patch = a.patch if a.patch is not None else (2.4 if name == "cifar10" else 2.0)
-    n = 10 if a.quick else a.n
+    n = 10 if a.quick else a.images
     x, y, _ = eval_subset(name, n, a.seed)
     out = {}
     for mode in ("sound", "paper"):

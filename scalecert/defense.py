@@ -86,6 +86,7 @@ class Engine:
     fill: float = 0.0
     chunk: int | None = None
     device: str | torch.device | None = None
+    amp: bool = False  # autocast the layers after the SIN layer (fp16 on CUDA, bf16 on CPU)
     family: WindowFamily = field(init=False)
 
     def __post_init__(self):
@@ -107,6 +108,18 @@ class Engine:
         if self.chunk is None:
             per = 4 * c * self.h * self.w * (4 if self.mode == "sound" and self.use_sin else 12)
             self.chunk = default_chunk(per, self.device)
+
+    def rest(self, f: torch.Tensor) -> torch.Tensor:
+        """Return logits of the layers after the SIN layer, under autocast when ``amp`` is set.
+
+        The stem and the ranking stay in fp32, so SIN(x), the candidates and the invariance lemma
+        are unchanged; only the labels of the evaluated windows may move (measure them).
+        """
+        if not self.amp:
+            return self.model.rest(f)
+        dtype = torch.float16 if self.device.type == "cuda" else torch.bfloat16
+        with torch.autocast(self.device.type, dtype=dtype):
+            return self.model.rest(f).float()
 
     # ------------------------------------------------------------------ pieces
     def stem(self, x: torch.Tensor):
@@ -140,14 +153,14 @@ class Engine:
             excl = rect_masks(fprects, self.h, self.w).flatten(1)
             keep = masked_topk_from_order(order[img], excl, self.k)
             f = feats[img] * keep.view(-1, 1, self.h, self.w).to(feats.dtype)
-            return self.model.rest(f).argmax(1)
+            return self.rest(f).argmax(1)
         xf = self.fill_windows(x[img], boxes)
         if not self.use_sin:  # Minority Reports: plain model on the occluded image
             return self.model(xf).argmax(1)
         f = self.model.stem(xf)
         inside = rect_masks(centre_inside(self.geo, boxes.cpu(), self.h, self.w).to(f.device), self.h, self.w)
         keep = sin_mask(f, self.model.sin.rate, inside)
-        return self.model.rest(f * keep.unsqueeze(1).to(f.dtype)).argmax(1)
+        return self.rest(f * keep.unsqueeze(1).to(f.dtype)).argmax(1)
 
     # ------------------------------------------------------------------ main loop
     @torch.no_grad()
@@ -160,7 +173,7 @@ class Engine:
         y = None if labels is None else check_labels(labels, b, self.model.num_classes).to(self.device)
         feats, order, sin = self.stem(x)
         f0 = feats * sin.unsqueeze(1).to(feats.dtype) if self.use_sin else feats
-        pred = self.model.rest(f0).argmax(1)
+        pred = self.rest(f0).argmax(1)
         cand = self.candidates(sin) if self.use_sin else torch.ones(b, len(self.family), dtype=torch.bool,
                                                                     device=self.device)
         # the list of (image, window box, footprint rect) pairs to evaluate

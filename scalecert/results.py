@@ -1,0 +1,112 @@
+"""Result cache: per-configuration folders of per-chunk record files, written atomically and merged.
+
+A certification job is a configuration (data set, checkpoint hash, patch, mode, rule, tau, r,
+SIN layer and rate, image ids) applied to a list of images. The images are cut into fixed chunks;
+chunk ``c`` is computed by rank ``c % world`` and written as ``chunk-c.csv`` (via a temporary file
+and a rename), so that
+
+* a killed run, started again, skips the chunks already on disk and redoes only the missing ones;
+* the merged table does not depend on the number of processes (identical row for row);
+* a folder made with another configuration or checkpoint is refused by name (its ``config.json``).
+
+Timings are kept apart (``timings.csv``) so that record tables are exactly reproducible.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+
+import pandas as pd
+
+CACHE_DIR = Path(__file__).resolve().parent.parent / "data" / "cache"
+TIMING_COLUMNS = ("seconds",)
+
+
+class CacheMismatch(RuntimeError):
+    """Raised when a cache folder or shard was made with a different configuration."""
+
+
+def config_key(config: dict) -> str:
+    """Return a short stable hash of a JSON-serialisable configuration."""
+    return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write text to path through a temporary file and a rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def open_run(config: dict, cache_dir: Path | None = None) -> Path:
+    """Return the run folder of a configuration, creating it or checking its recorded configuration."""
+    key = config_key(config)
+    run = Path(cache_dir or CACHE_DIR) / key
+    meta = run / "config.json"
+    if meta.is_file():
+        saved = json.loads(meta.read_text())
+        if saved != json.loads(json.dumps(config, sort_keys=True, default=str)):
+            diff = sorted(k for k in set(saved) | set(config) if saved.get(k) != config.get(k))
+            raise CacheMismatch(f"{run} holds results of another configuration (differs in {diff})")
+    else:
+        atomic_write_text(meta, json.dumps(config, sort_keys=True, default=str, indent=1))
+    return run
+
+
+def chunks(n: int, size: int) -> list[range]:
+    """Return the fixed chunks of image positions [0, n)."""
+    return [range(s, min(n, s + size)) for s in range(0, n, size)]
+
+
+def compute(run: Path, n: int, chunk_size: int, fn, rank: int = 0, world: int = 1, progress: bool = True,
+            fail_after: int | None = None) -> int:
+    """Compute this rank's missing chunks with ``fn(range) -> DataFrame``; return how many were computed."""
+    from tqdm.auto import tqdm
+    todo = [(c, r) for c, r in enumerate(chunks(n, chunk_size)) if c % world == rank
+            and not (run / f"chunk-{c:05d}.csv").is_file()]
+    done = 0
+    for c, r in tqdm(todo, disable=not progress or rank != 0, desc=f"chunks (rank {rank})"):
+        t = time.perf_counter()
+        df = fn(r)
+        secs = time.perf_counter() - t
+        df = df.drop(columns=[c_ for c_ in TIMING_COLUMNS if c_ in df.columns])
+        df.insert(0, "config_key", run.name)
+        atomic_write_text(run / f"chunk-{c:05d}.csv", df.to_csv(index=False))
+        with open(run / f"timings-rank{rank}.csv", "a") as f:
+            f.write(f"{c},{len(r)},{secs:.4f}\n")
+        done += 1
+        if fail_after is not None and done >= fail_after:
+            raise KeyboardInterrupt(f"fault injected after {done} chunks")
+    return done
+
+
+def merge(run: Path, n: int, chunk_size: int, ids=None) -> pd.DataFrame:
+    """Return the merged records of every chunk, checking each shard's key and that every image is there once."""
+    parts = []
+    for c, r in enumerate(chunks(n, chunk_size)):
+        path = run / f"chunk-{c:05d}.csv"
+        if not path.is_file():
+            raise CacheMismatch(f"{path} is missing: the run is incomplete (start it again to resume)")
+        df = pd.read_csv(path)
+        if (df["config_key"] != run.name).any():
+            raise CacheMismatch(f"{path} was made with configuration {df['config_key'].iloc[0]}, not {run.name}")
+        if len(df) != len(r):
+            raise CacheMismatch(f"{path} has {len(df)} rows, expected {len(r)}")
+        parts.append(df)
+    out = pd.concat(parts, ignore_index=True)
+    if ids is not None and list(out["id"]) != list(ids):
+        raise CacheMismatch(f"{run}: merged ids differ from the requested images")
+    if out["id"].duplicated().any():
+        raise CacheMismatch(f"{run}: some images appear twice")
+    return out
+
+
+def timings(run: Path) -> pd.DataFrame:
+    """Return the per-chunk timings of a run (chunk, images, seconds), from every rank."""
+    frames = [pd.read_csv(p, names=["chunk", "images", "seconds"]) for p in sorted(run.glob("timings-rank*.csv"))]
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["chunk", "images", "seconds"])

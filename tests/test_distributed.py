@@ -1,0 +1,71 @@
+"""Sharded certification: 2 gloo processes equal 1 process; killed runs resume; foreign shards are refused."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from conftest import spread_model
+from scalecert import results as R
+from scalecert.models import save_checkpoint
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    d = tmp_path_factory.mktemp("ckpt")
+    save_checkpoint(spread_model(rate=0.1), d / "m.pt", {"name": "spread", "dataset_key": "cifar10"})
+    return d / "m.pt"
+
+
+def run(args, launcher=(sys.executable, "-m", "scalecert"), check=True):
+    env = dict(os.environ, OMP_NUM_THREADS="1", SCALECERT_TEST_THREADS="1")
+    p = subprocess.run([*launcher, "certify", *args], capture_output=True, text=True, cwd=ROOT, env=env)
+    if check and p.returncode != 0:
+        raise AssertionError(p.stderr[-3000:])
+    return p
+
+
+def args(ckpt, tmp, out, cache="cache"):
+    return ["--checkpoint", str(ckpt), "--dataset", "cifar10", "--images", "20", "--patch", "5", "--tau", "0.3",
+            "--chunk-images", "4", "--cache-dir", str(tmp / cache), "--out", str(tmp / out), "--device", "cpu"]
+
+
+def test_two_gloo_processes_equal_one(ckpt, tmp_path):
+    run(args(ckpt, tmp_path, "one.csv", "c1"))
+    run(args(ckpt, tmp_path, "two.csv", "c2"),
+        launcher=(sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "scalecert"))
+    one, two = (tmp_path / "one.csv").read_text(), (tmp_path / "two.csv").read_text()
+    assert one == two
+    df = pd.read_csv(tmp_path / "one.csv")
+    assert len(df) == 20 and df["id"].is_unique
+    t = R.timings(next((tmp_path / "c2").iterdir()))
+    assert sorted(t.chunk) == list(range(5))  # each chunk computed once, by one of the two ranks
+
+
+def test_killed_run_resumes_with_every_image_once(ckpt, tmp_path):
+    p = run(args(ckpt, tmp_path, "x.csv", "c") + ["--fail-after", "2"], check=False)
+    assert p.returncode != 0 and not (tmp_path / "x.csv").exists()
+    cache = next((tmp_path / "c").iterdir())
+    assert len(list(cache.glob("chunk-*.csv"))) == 2
+    run(args(ckpt, tmp_path, "x.csv", "c"))
+    assert len(R.timings(cache)) == 5  # the two finished chunks were not recomputed
+    run(args(ckpt, tmp_path, "ref.csv", "ref"))
+    assert (tmp_path / "x.csv").read_text() == (tmp_path / "ref.csv").read_text()
+
+
+def test_foreign_shard_is_refused(tmp_path):
+    a = R.open_run({"x": 1}, tmp_path)
+    b = R.open_run({"x": 2}, tmp_path)
+    frame = pd.DataFrame({"id": [0, 1], "pred": [3, 4]})
+    R.compute(a, 2, 2, lambda r: frame.iloc[list(r)], progress=False)
+    (b / "chunk-00000.csv").write_text((a / "chunk-00000.csv").read_text())
+    with pytest.raises(R.CacheMismatch, match="another configuration|made with configuration"):
+        R.merge(b, 2, 2)
+    assert R.merge(a, 2, 2, ids=[0, 1])["pred"].tolist() == [3, 4]
+    (a / "config.json").write_text('{"x": 3}')
+    with pytest.raises(R.CacheMismatch, match="another configuration"):
+        R.open_run({"x": 1}, tmp_path)
