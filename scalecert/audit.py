@@ -1,5 +1,8 @@
 """Soundness audit: patch every position of certified images with several contents and run detect.
 
+The "attack" content is the detector-aware attack of ``scalecert.attacks`` (PGD on the patch that
+pushes M(x') and every candidate masked prediction towards one wrong label).
+
 A *violation* is a patched image x' of a certified image (x, y) for which ``detect(x')`` returns
 a label other than y without an alert. The audit is exact and cheap: ``detect(x')`` can only
 return a wrong label if ``M(x') != y``, so only those x' are passed to the detector, which may
@@ -10,6 +13,7 @@ from __future__ import annotations
 import torch
 from tqdm.auto import tqdm
 
+from .attacks import apply_patch, detector_aware_attack
 from .defense import Engine
 
 CONTENTS = ("zeros", "ones", "noise", "attack")
@@ -26,34 +30,7 @@ def patch_positions(n: int, p: int, stride: int = 1) -> torch.Tensor:
 
 def paste(x: torch.Tensor, patch: torch.Tensor, corners: torch.Tensor) -> torch.Tensor:
     """Return copies of one image x (3, n, n) with a patch (3, p, p) or patches (M, 3, p, p) at each corner."""
-    n, p = x.shape[-1], patch.shape[-1]
-    m = len(corners)
-    out = x.unsqueeze(0).repeat(m, 1, 1, 1)
-    rows = corners[:, 0:1] + torch.arange(p)
-    cols = corners[:, 1:2] + torch.arange(p)
-    pt = patch.expand(m, 3, p, p) if patch.dim() == 3 else patch
-    out[torch.arange(m)[:, None, None, None], torch.arange(3)[None, :, None, None],
-        rows[:, None, :, None], cols[:, None, None, :]] = pt
-    return out
-
-
-def attack_patches(engine: Engine, x: torch.Tensor, y: int, corners: torch.Tensor, steps: int = 5,
-                   step_size: float = 0.25, seed: int = 0) -> torch.Tensor:
-    """Return patches (M, 3, p, p) after a few signed-gradient steps that push M(x') away from y."""
-    model, p = engine.model, engine.p
-    g = torch.Generator().manual_seed(seed)
-    patch = torch.rand(len(corners), 3, p, p, generator=g).to(x.device)
-    target = torch.full((len(corners),), y, device=x.device)
-    for _ in range(steps):
-        patch.requires_grad_(True)
-        with torch.enable_grad():
-            logits = model(paste(x, patch, corners.to(x.device)))
-            other = logits.clone()
-            other[torch.arange(len(target)), target] = -float("inf")
-            loss = (other.max(1).values - logits.gather(1, target[:, None])[:, 0]).sum()
-            grad, = torch.autograd.grad(loss, patch)
-        patch = (patch.detach() + step_size * grad.sign()).clamp(0, 1)
-    return patch.detach()
+    return apply_patch(x.unsqueeze(0).expand(len(corners), -1, -1, -1), patch, corners)
 
 
 @torch.no_grad()
@@ -74,11 +51,16 @@ def audit_image(engine: Engine, x: torch.Tensor, y: int, contents=CONTENTS, stri
                 pt = torch.ones(3, p, p)
             elif content == "noise":
                 pt = torch.rand(len(cs), 3, p, p, generator=g)
-            elif content == "attack":
-                pt = attack_patches(engine, x, y, cs, attack_steps, seed=seed + s)
+            elif content == "attack":  # detector-aware: wrong label for M(x') and every candidate M_w(x')
+                xs = x.unsqueeze(0).expand(len(cs), -1, -1, -1)
+                with torch.enable_grad():
+                    xp, _ = detector_aware_attack(engine, xs, torch.full((len(cs),), y), cs,
+                                                  steps=attack_steps, seed=seed + s, max_windows=16)
+                pt = None
             else:
                 raise ValueError(f"unknown patch content {content!r}: expected one of {CONTENTS}")
-            xp = paste(x, pt.to(x.device), cs.to(x.device))
+            if pt is not None:
+                xp = paste(x, pt.to(x.device), cs.to(x.device))
             pred = engine.model(xp).argmax(1)
             wrong = (pred != y).nonzero().flatten()
             cases += len(cs)

@@ -6,7 +6,7 @@ import torch
 torch.set_num_threads(int(os.environ.get("SCALECERT_TEST_THREADS", min(2, os.cpu_count() or 1))))
 
 
-def spread_model(arch="resnet20", layer=1, rate=0.2, seed=0, num_classes=10):
+def spread_model(arch="resnet20", layer=1, rate=0.2, seed=0, num_classes=10, scale=0.3):
     """A random model whose BN statistics are randomised so that predictions vary between images."""
     from scalecert.models import build
     torch.manual_seed(seed)
@@ -23,7 +23,7 @@ def spread_model(arch="resnet20", layer=1, rate=0.2, seed=0, num_classes=10):
         feats = m.head[:2](_body(m, calibration_images(64, n, seed + 100)))
         mu, sd = feats.mean(0), feats.std(0) + 1e-6
         fc = m.head[2]
-        fc.weight.data = torch.randn_like(fc.weight) / sd / feats.shape[1] ** 0.5 * 3
+        fc.weight.data = torch.randn_like(fc.weight) / sd / feats.shape[1] ** 0.5 * scale
         fc.bias.data = -(fc.weight.data @ mu)
     return m
 

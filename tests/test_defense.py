@@ -124,7 +124,9 @@ def test_sound_mode_has_no_violations():
     with torch.no_grad():
         y = m(x).argmax(1)
     eng = Engine(m, 16, 2)
-    res = audit(eng, x, y, progress=False, contents=("zeros", "ones", "noise", "attack"), attack_steps=2)
-    assert res["certified"] > 0 and res["cases"] > 0
+    res = audit(eng, x, y, progress=False, contents=("zeros", "ones", "noise"))  # every position
+    att = audit(eng, x, y, progress=False, contents=("attack",), stride=3, attack_steps=2)
+    assert res["certified"] > 0 and res["cases"] == res["certified"] * 3 * 15 * 15
     assert res["flipped"] > 0, "no patch changed M(x): the audit would prove nothing"
+    assert att["flipped"] > 0 and att["violations"] == 0, att["examples"]
     assert res["violations"] == 0, res["examples"]
