@@ -102,8 +102,8 @@ def prediction_stability(model, benign: torch.Tensor, patched: torch.Tensor, lab
         stats, _ = sin_statistics(model, x, n, kind=kind)
         before = model(x.to(next(model.parameters()).device)).argmax(1).cpu()
         after = predict_without(model, x, stats["box"])
-        out.append({"images": kind, "before": 100 * (before == labels).float().mean().item(),
-                    "after_removing_localised_sins": 100 * (after == labels).float().mean().item(),
+        out.append({"images": kind, "before": round(100 * (before == labels).float().mean().item(), 1),
+                    "after_removing_localised_sins": round(100 * (after == labels).float().mean().item(), 1),
                     "n": len(x)})
     return pd.DataFrame(out)
 

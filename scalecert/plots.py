@@ -69,3 +69,80 @@ def patch_sizes_figure(image, sizes: dict[str, int], title: str):
         ax.axis("off")
     fig.suptitle(title, fontsize=10)
     return fig
+
+
+def sin_map_figure(images, points_list, titles, hw, title: str):
+    """Return a figure: each image with its top-n SIN positions drawn (Fig. 1a)."""
+    fig, axes = plt.subplots(1, len(images), figsize=(3 * len(images), 3.2), squeeze=False)
+    for ax, img, pts, t in zip(axes[0], images, points_list, titles):
+        n = img.shape[-1]
+        ax.imshow(to_hwc(img), interpolation="nearest")
+        scale = n / hw[0]
+        ax.scatter((pts[:, 1] + 0.5) * scale - 0.5, (pts[:, 0] + 0.5) * scale - 0.5, s=6, c="cyan",
+                   edgecolors="black", linewidths=0.3)
+        ax.set_title(t, fontsize=8)
+        ax.axis("off")
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def distribution_figure(df: pd.DataFrame, x: str, hue: str, title: str, discrete: bool = False, xlabel=None):
+    """Return a histogram figure of column x split by hue (Fig. 1b/1c style)."""
+    import seaborn as sns
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    sns.histplot(df, x=x, hue=hue, stat="percent", common_norm=False, discrete=discrete,
+                 element="step" if not discrete else "bars", multiple="dodge" if discrete else "layer", ax=ax)
+    ax.set_title(title, fontsize=10)
+    ax.set_xlabel(xlabel or x)
+    fig.tight_layout()
+    return fig
+
+
+def bars_figure(df: pd.DataFrame, x: str, y: str, hue: str | None, title: str, ylabel: str = "%"):
+    """Return a grouped bar chart."""
+    import seaborn as sns
+    fig, ax = plt.subplots(figsize=(5.5, 3.2))
+    sns.barplot(df, x=x, y=y, hue=hue, ax=ax)
+    ax.set_title(title, fontsize=10)
+    ax.set_ylabel(ylabel)
+    fig.tight_layout()
+    return fig
+
+
+def lines_figure(df: pd.DataFrame, x: str, ys: list[str], title: str, xlabel=None, ylabel="%", logx=False,
+                 hue: str | None = None, marker="o"):
+    """Return a line plot of one or more columns against x (or one column split by hue)."""
+    fig, ax = plt.subplots(figsize=(5.5, 3.4))
+    if hue:
+        for key, g in df.groupby(hue):
+            ax.plot(g[x], g[ys[0]], marker=marker, label=str(key))
+    else:
+        for col in ys:
+            ax.plot(df[x], df[col], marker=marker, label=col)
+    if logx:
+        ax.set_xscale("symlog", linthresh=1e-3)
+    ax.set_title(title, fontsize=10)
+    ax.set_xlabel(xlabel or x)
+    ax.set_ylabel(ylabel)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def image_row_figure(images, titles, title: str, boxes=None):
+    """Return a row of images with titles and optional red boxes (r0, c0, r1, c1)."""
+    import matplotlib.patches as mpatches
+    fig, axes = plt.subplots(1, len(images), figsize=(2.4 * len(images), 2.7), squeeze=False)
+    for k, (ax, img, t) in enumerate(zip(axes[0], images, titles)):
+        ax.imshow(to_hwc(img), interpolation="nearest")
+        if boxes is not None and boxes[k] is not None:
+            r0, c0, r1, c1 = boxes[k]
+            ax.add_patch(mpatches.Rectangle((c0 - 0.5, r0 - 0.5), c1 - c0 + 1, r1 - r0 + 1, fill=False,
+                                            edgecolor="red", linewidth=1.2))
+        ax.set_title(t, fontsize=7)
+        ax.axis("off")
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return fig

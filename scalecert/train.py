@@ -93,6 +93,8 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--eval-subset", type=int, default=0, help="evaluate per epoch on N images (0: all)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--out-dir", default=str(CHECKPOINT_DIR))
+    p.add_argument("--snapshot", action="store_true",
+                   help="write a provisional checkpoint from the run's last finished epoch, without training")
     return p.parse_args(argv)
 
 
@@ -129,7 +131,7 @@ def train(a: argparse.Namespace, argv_text: str = "") -> dict:
     gen = torch.Generator().manual_seed(a.seed)
     eval_idx = test_ds.subset(a.eval_subset // len(test_ds.classes), a.seed) if a.eval_subset else None
     pad = 4 if n == 32 else 16
-    for epoch in range(start, a.epochs):
+    for epoch in range(start, a.epochs if not a.snapshot else start):
         gen.manual_seed(a.seed * 1000 + epoch)
         t0 = time.time()
         model.train()
@@ -179,7 +181,10 @@ def train(a: argparse.Namespace, argv_text: str = "") -> dict:
         os.replace(tmp, state_path)
     acc_sin = evaluate(model, test_ds, device=a.device)
     acc_plain = evaluate(model, test_ds, device=a.device, sin=False)
-    card = {"name": a.name, "dataset": D.DATASET_LABELS[name], "dataset_key": name,
+    finished = start if a.snapshot else a.epochs
+    card = {"name": a.name, "status": "final" if finished >= a.epochs else
+            f"provisional: snapshot after epoch {finished} of {a.epochs} (training continues)",
+            "epochs_done": finished, "dataset": D.DATASET_LABELS[name], "dataset_key": name,
             "epochs": a.epochs, "seed": a.seed, "init": a.init, "occlude_pct": a.occlude,
             "consistency": a.consistency, "lr": a.lr, "batch_size": a.batch_size,
             "eval_split": test_ds.split, "eval_images": len(test_ds),
@@ -196,5 +201,5 @@ def main(argv=None) -> int:
     """Entry point of ``python -m scalecert train``."""
     argv = list(sys.argv[1:] if argv is None else argv)
     a = parse(argv)
-    train(a, "python -m scalecert train " + shlex.join(argv))
+    train(a, "python -m scalecert train " + shlex.join([x for x in argv if x != "--snapshot"]))
     return 0
