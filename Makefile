@@ -12,7 +12,7 @@ EXECUTED := $(patsubst notebooks/%.ipynb,figures/executed/$(PROFILE)/%.ipynb,$(N
 DATA_STAMPS := data/cifar10-jpeg/.test-uint8.npy data/imagenette-224/.val-uint8.npy
 KERNEL := scalecert
 
-.PHONY: help setup data figures test test-fast golden lab audit bench clean distclean
+.PHONY: help setup data figures test test-fast golden lab audit bench models clean distclean
 .DEFAULT_GOAL := help
 
 help: ## list the targets
@@ -48,7 +48,8 @@ figures/REPORT.md: $(EXECUTED)
 
 test: $(STAMP) $(DATA_STAMPS) ## pytest on the package + nbval on the notebooks (tiny profile)
 	$(PY) -m pytest -q -p no:cacheprovider tests
-	SCALECERT_FIG_DIR=build/test-figures $(PY) -m pytest -q -p no:cacheprovider --nbval-lax --nbval-current-env \
+	rm -rf build/test-cache build/test-figures  # nbval must recompute, not read results cached by a previous run
+	SCALECERT_FIG_DIR=$(CURDIR)/build/test-figures SCALECERT_CACHE_DIR=$(CURDIR)/build/test-cache $(PY) -m pytest -q -p no:cacheprovider --nbval-lax --nbval-current-env \
 	  --nbval-sanitize-with tests/nbval_sanitize.cfg tests/notebooks
 
 test-fast: $(STAMP) ## pytest only (no notebooks)
@@ -56,8 +57,9 @@ test-fast: $(STAMP) ## pytest only (no notebooks)
 
 golden: $(STAMP) $(DATA_STAMPS) ## regenerate the nbval reference notebooks (tiny profile) after a deliberate change
 	@mkdir -p tests/notebooks
+	rm -rf build/test-cache build/test-figures
 	for nb in $(NOTEBOOKS); do \
-	  SCALECERT_FIG_DIR=build/test-figures $(PY) -m papermill --log-level WARNING -k python3 $$nb tests/notebooks/$$(basename $$nb) -p profile tiny || exit 1; \
+	  SCALECERT_FIG_DIR=$(CURDIR)/build/test-figures SCALECERT_CACHE_DIR=$(CURDIR)/build/test-cache $(PY) -m papermill --log-level WARNING -k python3 $$nb tests/notebooks/$$(basename $$nb) -p profile tiny || exit 1; \
 	done
 
 lab: $(STAMP) $(DATA_STAMPS) ## open JupyterLab on notebooks/
@@ -68,6 +70,9 @@ audit: $(STAMP) $(DATA_STAMPS) ## soundness audit of both modes (quick)
 
 bench: $(STAMP) $(DATA_STAMPS) ## certify throughput vs plain forwards and Minority Reports (quick)
 	$(PY) -m scalecert bench --quick
+
+models: $(STAMP) $(DATA_STAMPS) ## train every shipped model (hours on a CPU; resumable; never in CI)
+	bash tools/train_all.sh all
 
 clean: ## remove executed notebooks and caches (keeps .venv, data and committed results)
 	rm -rf figures/executed .pytest_cache build

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pandas as pd
 
-CACHE_DIR = Path(__file__).resolve().parent.parent / "data" / "cache"
+CACHE_DIR = Path(os.environ.get("SCALECERT_CACHE_DIR", Path(__file__).resolve().parent.parent / "data" / "cache"))
 TIMING_COLUMNS = ("seconds",)
 
 

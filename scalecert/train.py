@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from . import data as D
 from .geometry import footprint, rect_masks
 from .models import CHECKPOINT_DIR, build, load_model, save_checkpoint
-from .windows import patch_pixels
+from .windows import patch_pixels, window_side
 
 RUNS_DIR = Path(__file__).resolve().parent.parent / "data" / "runs"
 
@@ -85,6 +85,7 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--sin-rate", type=float, default=None, help="SIN rate (omit for a vanilla model)")
     p.add_argument("--occlude", default="", help="comma-separated patch sizes in %% for occlusion windows")
     p.add_argument("--occlude-prob", type=float, default=1.0)
+    p.add_argument("--occlude-tau", type=float, default=None, help="also occlude the tau-merged window sizes")
     p.add_argument("--consistency", type=float, default=0.0, help="weight of KL(clean || occluded)")
     p.add_argument("--r", type=int, default=3)
     p.add_argument("--seed", type=int, default=0)
@@ -114,7 +115,12 @@ def train(a: argparse.Namespace, argv_text: str = "") -> dict:
     else:
         model = build(arch, len(train_ds.classes), a.sin_layer, a.sin_rate)
     model.to(a.device)
-    occl = [patch_pixels(float(s), n) + a.r - 1 for s in a.occlude.split(",") if s]
+    occl = []
+    for s in filter(None, a.occlude.split(",")):
+        p = patch_pixels(float(s), n)
+        occl.append(window_side(p, n, a.r)[0])
+        if a.occlude_tau:
+            occl.append(window_side(p, n, a.r, a.occlude_tau)[0])
     opt = torch.optim.SGD(model.parameters(), lr=a.lr, momentum=0.9, weight_decay=a.wd, nesterov=True)
     steps_per_epoch = math.ceil(n_train / a.batch_size)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, a.lr, total_steps=a.epochs * steps_per_epoch,
@@ -185,7 +191,7 @@ def train(a: argparse.Namespace, argv_text: str = "") -> dict:
     card = {"name": a.name, "status": "final" if finished >= a.epochs else
             f"provisional: snapshot after epoch {finished} of {a.epochs} (training continues)",
             "epochs_done": finished, "dataset": D.DATASET_LABELS[name], "dataset_key": name,
-            "epochs": a.epochs, "seed": a.seed, "init": a.init, "occlude_pct": a.occlude,
+            "epochs": a.epochs, "seed": a.seed, "init": a.init, "occlude_pct": a.occlude, "occlude_tau": a.occlude_tau, "occlude_sides_px": occl,
             "consistency": a.consistency, "lr": a.lr, "batch_size": a.batch_size,
             "eval_split": test_ds.split, "eval_images": len(test_ds),
             "accuracy_with_sin": acc_sin if model.sin is not None else None,
