@@ -180,7 +180,7 @@ class Engine:
         img_idx, win_idx = cand.nonzero(as_tuple=True)
         boxes_all = self.family.boxes.to(self.device)
         if self.mode == "paper" and self.tau is not None and self.tau < 1:
-            per_img = [merge_per_image(boxes_all[win_idx[img_idx == i]].cpu(), self.tau) for i in range(b)]
+            per_img = [merge_per_image(boxes_all[win_idx[img_idx == i]].cpu(), self.tau, self.n) for i in range(b)]
             img_idx = torch.cat([torch.full((len(m),), i, dtype=torch.long) for i, m in enumerate(per_img)]).to(self.device)
             pair_boxes = torch.cat(per_img).to(self.device)
             pair_grid = None

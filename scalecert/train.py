@@ -188,7 +188,8 @@ def train(a: argparse.Namespace, argv_text: str = "") -> dict:
     acc_sin = evaluate(model, test_ds, device=a.device)
     acc_plain = evaluate(model, test_ds, device=a.device, sin=False)
     finished = start if a.snapshot else a.epochs
-    card = {"name": a.name, "status": "final" if finished >= a.epochs else
+    card = {"name": a.name, "status": "final" if finished >= a.epochs and not a.max_train else
+            f"provisional: trained on the first {a.max_train} images only" if a.max_train else
             f"provisional: snapshot after epoch {finished} of {a.epochs} (training continues)",
             "epochs_done": finished, "dataset": D.DATASET_LABELS[name], "dataset_key": name,
             "epochs": a.epochs, "seed": a.seed, "init": a.init, "occlude_pct": a.occlude, "occlude_tau": a.occlude_tau, "occlude_sides_px": occl,

@@ -98,21 +98,25 @@ def covers_all_patches(family: WindowFamily) -> bool:
     return bool(ok.all())
 
 
-def merge_per_image(boxes: torch.Tensor, tau: float) -> torch.Tensor:
-    """Return the paper's per-image merge of candidate windows: greedy groups whose bounding box keeps IoU >= tau.
+def merge_per_image(boxes: torch.Tensor, tau: float, n: int | None = None) -> torch.Tensor:
+    """Return the paper-mode merge of one image's candidate windows: per tile of the tau grid, their bounding box.
 
-    A window joins the first group for which (window area) / (area of the group's bounding box
-    with the window added) stays >= tau; each group is replaced by its bounding box. This depends
-    on the image (its candidates), which is what the sound mode avoids.
+    Each candidate base window joins the first square of side floor(m / sqrt(tau)) (the sound
+    family's grid) that contains it; each group is replaced by the bounding box of its members, so
+    every member has IoU >= tau with its merged window. Unlike the sound family, the merged boxes
+    depend on the image's candidates, which is what the paper does and what may break soundness.
     """
-    groups: list[list[int]] = []
-    for r0, c0, r1, c1 in boxes.tolist():
-        area = (r1 - r0 + 1) * (c1 - c0 + 1)
-        for g in groups:
-            nb = [min(g[0], r0), min(g[1], c0), max(g[2], r1), max(g[3], c1)]
-            if area / ((nb[2] - nb[0] + 1) * (nb[3] - nb[1] + 1)) >= tau:
-                g[:] = nb
-                break
-        else:
-            groups.append([r0, c0, r1, c1])
-    return torch.tensor(groups, dtype=torch.long).reshape(-1, 4)
+    boxes = torch.as_tensor(boxes, dtype=torch.long).reshape(-1, 4)
+    if len(boxes) == 0:
+        return boxes
+    m = int(boxes[0, 2] - boxes[0, 0] + 1)
+    n = n or int(boxes[:, 2:].max()) + 1
+    side = min(n, max(m, int(math.floor(m / math.sqrt(tau))))) if tau < 1 else m
+    pos = torch.tensor(positions(n, side, side - m + 1))
+    ti = torch.searchsorted(pos, boxes[:, 0], right=True) - 1
+    tj = torch.searchsorted(pos, boxes[:, 1], right=True) - 1
+    group = torch.unique(ti * len(pos) + tj, return_inverse=True)[1]
+    g = int(group.max()) + 1
+    lo = torch.full((g, 2), n, dtype=torch.long).scatter_reduce(0, group[:, None].expand(-1, 2), boxes[:, :2], "amin")
+    hi = torch.full((g, 2), -1, dtype=torch.long).scatter_reduce(0, group[:, None].expand(-1, 2), boxes[:, 2:], "amax")
+    return torch.cat([lo, hi], 1)

@@ -39,7 +39,7 @@ def test_per_image_merge_contains_every_input_window():
     fam = candidate_windows(64, 8, 3)
     g = torch.Generator().manual_seed(0)
     pick = fam.boxes[torch.rand(len(fam), generator=g) < 0.2]
-    merged = merge_per_image(pick, 0.5)
+    merged = merge_per_image(pick, 0.5, 64)
     assert len(merged) < len(pick)
     for r0, c0, r1, c1 in pick.tolist():
         assert ((merged[:, 0] <= r0) & (merged[:, 1] <= c0) & (merged[:, 2] >= r1) & (merged[:, 3] >= c1)).any()
