@@ -113,8 +113,8 @@ def merge_per_image(boxes: torch.Tensor, tau: float, n: int | None = None) -> to
     n = n or int(boxes[:, 2:].max()) + 1
     side = min(n, max(m, int(math.floor(m / math.sqrt(tau))))) if tau < 1 else m
     pos = torch.tensor(positions(n, side, side - m + 1))
-    ti = torch.searchsorted(pos, boxes[:, 0], right=True) - 1
-    tj = torch.searchsorted(pos, boxes[:, 1], right=True) - 1
+    ti = torch.searchsorted(pos, boxes[:, 0].contiguous(), right=True) - 1
+    tj = torch.searchsorted(pos, boxes[:, 1].contiguous(), right=True) - 1
     group = torch.unique(ti * len(pos) + tj, return_inverse=True)[1]
     g = int(group.max()) + 1
     lo = torch.full((g, 2), n, dtype=torch.long).scatter_reduce(0, group[:, None].expand(-1, 2), boxes[:, :2], "amin")
