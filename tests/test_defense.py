@@ -130,3 +130,35 @@ def test_sound_mode_has_no_violations():
     assert res["flipped"] > 0, "no patch changed M(x): the audit would prove nothing"
     assert att["flipped"] > 0 and att["violations"] == 0, att["examples"]
     assert res["violations"] == 0, res["examples"]
+
+
+def test_cpu_chunk_follows_the_cache_budget(monkeypatch):
+    from scalecert.defense import default_chunk
+    monkeypatch.setenv("SCALECERT_CPU_CHUNK_MB", "16")
+    assert default_chunk(1 << 18, "cpu") == 64  # 16 MB / 256 KB
+    assert default_chunk(1 << 30, "cpu") == 8  # never below 8
+    monkeypatch.setenv("SCALECERT_CPU_CHUNK_MB", "4096")
+    assert default_chunk(1, "cpu") == 1024  # never above 1024
+
+
+def test_chunk_size_does_not_change_the_records():
+    m = spread_model()
+    x = images(3, 32, seed=4)
+    y = torch.tensor([0, 1, 2])
+    a = Engine(m, 32, 5, chunk=8).run(x, y, early_stop=False)
+    b = Engine(m, 32, 5, chunk=300).run(x, y, early_stop=False)
+    drop = ("seconds",)
+    assert [{k: v for k, v in r.items() if k not in drop} for r in a] == \
+        [{k: v for k, v in r.items() if k not in drop} for r in b]
+
+
+def test_bench_one_reports_consistent_counts():
+    from scalecert.cli import bench_one
+    m = spread_model()
+    x = images(2, 32, seed=5)
+    row = bench_one(m, x, 5)
+    recs = Engine(m, 32, 5).run(x, early_stop=False)
+    assert row["windows_total"] == 26 * 26  # squares of side 5 + 3 - 1 = 7 at stride 1 on 32 px
+    assert row["candidates_mean"] == sum(r["n_candidates"] for r in recs) / 2
+    assert 0 < row["efficiency"] < 50 and row["speedup_vs_mr"] > 0
+    assert m.sin is not None  # the Minority Reports timing restores the SIN layer
