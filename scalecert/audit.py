@@ -35,16 +35,21 @@ def paste(x: torch.Tensor, patch: torch.Tensor, corners: torch.Tensor) -> torch.
 
 @torch.no_grad()
 def audit_image(engine: Engine, x: torch.Tensor, y: int, contents=CONTENTS, stride: int = 1,
-                attack_steps: int = 5, seed: int = 0, batch: int = 256) -> dict:
-    """Return counts {cases, flipped, violations} for one certified image over positions x contents."""
+                attack_steps: int = 5, seed: int = 0, batch: int = 256, attack_batch: int = 32) -> dict:
+    """Return counts {cases, flipped, violations} for one certified image over positions x contents.
+
+    ``batch`` positions are patched at once (``attack_batch`` for the gradient attack).
+    """
     n, p = engine.n, engine.p
     corners = patch_positions(n, p, stride)
     g = torch.Generator().manual_seed(seed)
     cases = flipped = violations = 0
     examples = []
     for content in contents:
-        for s in range(0, len(corners), batch):
-            cs = corners[s: s + batch]
+        # the attack keeps an autograd graph per (position, window): a small batch bounds its memory
+        bs = attack_batch if content == "attack" else batch
+        for s in range(0, len(corners), bs):
+            cs = corners[s: s + bs]
             if content == "zeros":
                 pt = torch.zeros(3, p, p)
             elif content == "ones":
