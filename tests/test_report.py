@@ -1,0 +1,20 @@
+import pandas as pd
+
+from scalecert.report import comparisons, sections
+
+
+def test_comparison_line_is_computed_from_the_numbers():
+    df = pd.DataFrame({"certified": [70.0, 50.0, None], "paper_certified": [75.3, 55.4, 60.0],
+                       "clean": [80.0, 60.0, 1.0]})
+    lines = comparisons(df)
+    assert len(lines) == 1
+    assert "mean -5.3 over 2 rows" in lines[0] and "min -5.4, max -5.3" in lines[0]
+
+
+def test_sections_list_every_table_and_its_figures(tmp_path):
+    pd.DataFrame({"ours": [1.0], "paper": [2.0]}).to_csv(tmp_path / "05_certification.csv", index=False)
+    (tmp_path / "05_certification_cifar10.png").write_bytes(b"")
+    (tmp_path / "06_topk_rate_cifar10.png").write_bytes(b"")
+    text = "\n".join(sections(tmp_path))
+    assert "## 05_certification" in text and "mean -1.0 over 1 rows" in text
+    assert "05_certification_cifar10.png" in text and "06_topk" not in text
