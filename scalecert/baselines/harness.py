@@ -1,0 +1,103 @@
+"""One harness for every peer: which checkpoint each needs, and cached per-image records per configuration.
+
+``PEERS`` maps each defence name of the paper's Table 2 to its loader, certify function and the
+shipped checkpoint it runs on (per data set). ``peer_cached`` computes (or reads back) the common
+records of one configuration through the same result cache as ScaleCert (``scalecert.results``):
+keyed by the configuration and the checkpoint's sha256, written per chunk and resumed.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import pandas as pd
+
+from .. import data as D
+from .. import results as R
+from ..models import CHECKPOINT_DIR
+
+
+@dataclass(frozen=True)
+class Peer:
+    """A peer defence: its loader, its certify function and its checkpoint name per data set."""
+    name: str
+    kind: str
+    loader: Callable
+    certify: Callable
+    checkpoints: dict
+
+    def checkpoint(self, dataset: str) -> str | None:
+        """Return the checkpoint name this peer uses on a data set (None where the paper has no row)."""
+        return self.checkpoints.get(D.check_dataset(dataset))
+
+
+def _peers() -> dict[str, Peer]:
+    from .bagnet import load_bagnet
+    from .ibp import certify_ibp, load_ibp
+    from .patchguard import certify_cbn, certify_pg_mask_bn, certify_pgpp
+    from .smoothing import certify_ds, certify_pg_mask_ds, load_ds
+    bag = {"cifar10": "cifar10_bagnet11", "imagenette": "imagenette_bagnet17w16"}
+    ds = {"cifar10": "cifar10_ds_resnet20", "imagenette": "imagenette_ds_resnet18w16"}
+    return {p.name: p for p in (
+        Peer("CBN", "recovery", load_bagnet, certify_cbn, bag),
+        Peer("PG-Mask-BN", "recovery", load_bagnet, certify_pg_mask_bn, bag),
+        Peer("PatchGuard++", "detection", load_bagnet, certify_pgpp, bag),
+        Peer("DS", "recovery", load_ds, certify_ds, ds),
+        Peer("PG-Mask-DS", "recovery", load_ds, certify_pg_mask_ds, ds),
+        # one IBP model trained on 5 px (2.4%) patches certifies every patch size (CIFAR only, as in the paper)
+        Peer("IBP", "recovery", load_ibp, certify_ibp, {"cifar10": "cifar10_ibp_small"}),
+    )}
+
+
+PEER_NAMES = ("IBP", "CBN", "DS", "PG-Mask-DS", "PG-Mask-BN", "PatchGuard++")
+
+
+def peer(name: str) -> Peer:
+    """Return the registered peer of that name (ValueError naming the known ones otherwise)."""
+    peers = _peers()
+    if name not in peers:
+        raise ValueError(f"unknown peer defence {name!r}: expected one of {sorted(peers)}")
+    return peers[name]
+
+
+def peer_available(name: str, dataset: str) -> bool:
+    """Return True iff the peer has a row for the data set and its checkpoint is shipped."""
+    ck = peer(name).checkpoint(dataset)
+    return ck is not None and (CHECKPOINT_DIR / f"{ck}.pt").is_file()
+
+
+def peer_cached(name: str, dataset: str, patch: float, *, per_class: int | None, seed: int = 0,
+                force: bool = False, device: str = "cpu", chunk_images: int = 50, progress: bool = True) -> pd.DataFrame:
+    """Return the common per-image records of one peer configuration, from the cache or computed (and cached)."""
+    dataset = D.check_dataset(dataset)
+    pr = peer(name)
+    ck = pr.checkpoint(dataset)
+    if ck is None:
+        raise ValueError(f"{name} has no {dataset} model (the paper reports it on other data only)")
+    model = pr.loader(ck, device=device)
+    ds = D.load_dataset(dataset, "eval")
+    ids = list(range(len(ds))) if per_class is None else ds.subset(per_class, seed).tolist()
+    config = {"peer": name, "dataset": dataset, "checkpoint_sha256": model.card["sha256"], "patch": patch,
+              "ids": R.config_key({"ids": ids}), "chunk_images": chunk_images}
+    run = R.open_run(config)
+    if force:
+        for f in [*run.glob("chunk-*.csv"), *run.glob("timings-*.csv")]:
+            f.unlink()
+
+    def one(rg):
+        x, y = ds.tensors(ids[rg.start:rg.stop])
+        return pr.certify(model, x, y, patch, device=device, ids=ids[rg.start:rg.stop])
+
+    R.compute(run, len(ids), chunk_images, one, progress=progress)
+    df = R.merge(run, len(ids), chunk_images, ids)
+    t = R.timings(run)
+    df.attrs["seconds_per_image"] = float(t.seconds.sum() / max(1, t.images.sum())) if len(t) else float("nan")
+    return df
+
+
+def summarise_peer(df: pd.DataFrame, **labels) -> dict:
+    """Return one table row in the columns of ``experiments.summarise`` (clean, certified, forwards, seconds per image)."""
+    return {**labels, "images": len(df),
+            "clean": round(100 * df.clean_correct.mean(), 1), "certified": round(100 * df.certified.mean(), 1),
+            "forwards_per_image": round(float(df.forwards.mean()), 1),
+            "seconds_per_image": round(df.attrs.get("seconds_per_image", float("nan")), 4)}

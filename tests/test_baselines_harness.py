@@ -1,0 +1,45 @@
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from scalecert import results as R
+from scalecert.baselines import harness as H
+from scalecert.baselines.bagnet import BagNet, load_bagnet
+from scalecert.baselines.patchguard import certify_pgpp
+from scalecert.models import save_checkpoint
+
+
+def test_every_peer_of_table_2_is_registered():
+    table = pd.read_csv(Path(__file__).resolve().parent.parent / "data" / "paper" / "table2_certified.csv")
+    peers = set(table.defense) - {"ScaleCert", "MR"}
+    assert peers == set(H.PEER_NAMES)
+    for name in H.PEER_NAMES:
+        p = H.peer(name)
+        assert p.kind == table[table.defense == name].kind.iloc[0]
+        for ds in set(table[table.defense == name].dataset):
+            assert p.checkpoint({"imagenet": "imagenette"}.get(ds, ds)) is not None, (name, ds)
+    assert H.peer("IBP").checkpoint("imagenette") is None  # CIFAR only, as in the paper
+    with pytest.raises(ValueError, match="unknown peer"):
+        H.peer("PatchCleanser")
+
+
+def test_peer_cached_computes_once_then_reads_the_cache(tmp_path, monkeypatch):
+    torch.manual_seed(0)
+    path = tmp_path / "tiny_bagnet.pt"
+    save_checkpoint(BagNet("bagnet11_cifar", 10), path, {"name": "tiny_bagnet"})
+    fake = H.Peer("PatchGuard++", "detection", load_bagnet, certify_pgpp, {"cifar10": str(path)})
+    monkeypatch.setattr(H, "_peers", lambda: {"PatchGuard++": fake})
+    monkeypatch.setattr(R, "CACHE_DIR", tmp_path / "cache")
+    a = H.peer_cached("PatchGuard++", "cifar10", 2.4, per_class=1, chunk_images=4, progress=False)
+    assert len(a) == 10 and (a.defense == "PatchGuard++").all()
+    (run,) = (tmp_path / "cache").iterdir()
+    assert len(list(run.glob("chunk-*.csv"))) == 3  # 10 images in chunks of 4
+    stamp = {p: p.stat().st_mtime_ns for p in run.glob("chunk-*.csv")}
+    b = H.peer_cached("PatchGuard++", "cifar10", 2.4, per_class=1, chunk_images=4, progress=False)
+    pd.testing.assert_frame_equal(a, b)
+    assert stamp == {p: p.stat().st_mtime_ns for p in run.glob("chunk-*.csv")}  # nothing recomputed
+    row = H.summarise_peer(b, patch_pct=2.4)
+    assert row["images"] == 10 and row["forwards_per_image"] == 1.0
+    assert row["certified"] <= row["clean"]  # a detection certificate implies a correct, alert-free output
