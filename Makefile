@@ -12,7 +12,7 @@ EXECUTED := $(patsubst notebooks/%.ipynb,figures/executed/$(PROFILE)/%.ipynb,$(N
 DATA_STAMPS := data/cifar10-jpeg/.test-uint8.npy data/imagenette-224/.val-uint8.npy
 KERNEL := scalecert
 
-.PHONY: help setup data figures test test-fast golden lab audit bench models clean distclean
+.PHONY: help setup data figures test test-fast golden lab audit bench models peers clean distclean
 .DEFAULT_GOAL := help
 
 help: ## list the targets
@@ -71,8 +71,11 @@ audit: $(STAMP) $(DATA_STAMPS) ## soundness audit of both modes (quick)
 bench: $(STAMP) $(DATA_STAMPS) ## certify throughput vs plain forwards and Minority Reports (quick)
 	$(PY) -m scalecert bench --quick
 
-models: $(STAMP) $(DATA_STAMPS) ## train every shipped model (hours on a CPU; resumable; never in CI)
+models: $(STAMP) $(DATA_STAMPS) ## train every shipped ScaleCert model (hours on a CPU; resumable; never in CI)
 	bash tools/train_all.sh all
+
+peers: $(STAMP) $(DATA_STAMPS) ## train the peer defences' models (BagNet, DS, IBP; hours; resumable; never in CI)
+	bash tools/train_peers.sh all
 
 clean: ## remove executed notebooks and caches (keeps .venv, data and committed results)
 	rm -rf figures/executed .pytest_cache build
