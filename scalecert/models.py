@@ -218,8 +218,13 @@ def resolve_checkpoint(name_or_path) -> Path:
     raise ValueError(f"unknown model {name_or_path!r}: not a .pt file and not one of {known}")
 
 
-def load_model(name_or_path, device="cpu", check_hash: bool = True) -> SplitNet:
-    """Return the model of a shipped name or .pt path in eval mode, after checking its card's sha256."""
+def read_checkpoint(name_or_path, check_hash: bool = True) -> tuple[dict, dict, Path]:
+    """Return (blob, card, path) of a checkpoint name or .pt path after checking the sha256 on its card.
+
+    ``blob`` is the saved dict with its "state" in float32 (floating tensors only); ``card`` is the JSON
+    card beside the file ({} if none) with "sha256" set to the file's actual digest. A file whose
+    digest differs from its card's, or with no card, raises ValueError unless ``check_hash`` is False.
+    """
     path = resolve_checkpoint(name_or_path)
     data = path.read_bytes()
     card_path = path.with_suffix(".json")
@@ -227,12 +232,20 @@ def load_model(name_or_path, device="cpu", check_hash: bool = True) -> SplitNet:
     digest = hashlib.sha256(data).hexdigest()
     if check_hash:
         if "sha256" not in card:
-            raise ValueError(f"{path}: no card with a sha256 beside it ({card_path})")
+            raise ValueError(f"{path}: no card with a sha256 beside it ({card_path}); "
+                             "the card is missing or stale")
         if digest != card["sha256"]:
-            raise ValueError(f"{path}: sha256 {digest[:12]}… does not match its card "
-                             f"({card['sha256'][:12]}…); the file was altered or the card is stale")
+            raise ValueError(f"{path}: sha256 {digest[:12]}… does not match its card ({card_path}: "
+                             f"{str(card['sha256'])[:12]}…); the file was altered or the card is stale")
     blob = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    blob = dict(blob, state={k: v.float() if v.is_floating_point() else v for k, v in blob["state"].items()})
+    return blob, dict(card, sha256=digest), path
+
+
+def load_model(name_or_path, device="cpu", check_hash: bool = True) -> SplitNet:
+    """Return the model of a shipped name or .pt path in eval mode, after checking its card's sha256."""
+    blob, card, path = read_checkpoint(name_or_path, check_hash)
     model = build(blob["arch"], blob["num_classes"], blob["sin_layer"] or 1, blob["sin_rate"])
-    model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in blob["state"].items()})
-    model.card = dict(card, path=str(path), sha256=digest)
+    model.load_state_dict(blob["state"])
+    model.card = dict(card, path=str(path))
     return model.to(device).eval()

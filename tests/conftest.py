@@ -6,16 +6,21 @@ import torch
 torch.set_num_threads(int(os.environ.get("SCALECERT_TEST_THREADS", min(2, os.cpu_count() or 1))))
 
 
-def spread_model(arch="resnet20", layer=1, rate=0.2, seed=0, num_classes=10, scale=0.3):
-    """A random model whose BN statistics are randomised so that predictions vary between images."""
-    from scalecert.models import build
-    torch.manual_seed(seed)
-    m = build(arch, num_classes, layer, rate)
-    for mod in m.modules():
+def randomise_bn(model):
+    """Randomise the running statistics and scales of every BatchNorm2d (from the global RNG); return the model."""
+    for mod in model.modules():
         if isinstance(mod, torch.nn.BatchNorm2d):
             mod.running_mean.normal_(0, 0.2)
             mod.running_var.uniform_(0.5, 2.0)
             mod.weight.data.uniform_(0.5, 1.5)
+    return model
+
+
+def spread_model(arch="resnet20", layer=1, rate=0.2, seed=0, num_classes=10, scale=0.3):
+    """A random model whose BN statistics are randomised so that predictions vary between images."""
+    from scalecert.models import build
+    torch.manual_seed(seed)
+    m = randomise_bn(build(arch, num_classes, layer, rate))
     m.eval()
     # centre and scale the head on calibration images so that predictions vary between images
     n = 32 if arch.startswith(("resnet20", "cifar")) else 64

@@ -8,6 +8,7 @@ import pandas as pd
 import pytest
 import torch
 
+from conftest import randomise_bn
 from scalecert.attacks import apply_patch, pgd_patch
 from scalecert.audit import patch_positions
 from scalecert.baselines.bagnet import ARCHS, STATED_GEOMETRY, BagNet, load_bagnet, train_bagnet, train_step
@@ -36,15 +37,10 @@ test_images.__test__ = False  # a helper, not a test
 
 
 def spread_bagnet(seed=0, classes=4):
-    """A random bagnet_tiny with randomised BN statistics (as conftest.spread_model does for SplitNets) and
+    """A random bagnet_tiny with randomised BN statistics (conftest.randomise_bn, as for spread_model) and
     a head centred and whitened on calibration images, so that its predictions vary between images."""
     torch.manual_seed(seed)
-    m = BagNet("bagnet_tiny", classes)
-    for mod in m.modules():
-        if isinstance(mod, torch.nn.BatchNorm2d):
-            mod.running_mean.normal_(0, 0.2)
-            mod.running_var.uniform_(0.5, 2.0)
-            mod.weight.data.uniform_(0.5, 1.5)
+    m = randomise_bn(BagNet("bagnet_tiny", classes))
     m.eval()
     with torch.no_grad():
         f = m.features(test_images(seed + 100, N, 64)).mean((2, 3))

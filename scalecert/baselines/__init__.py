@@ -21,6 +21,16 @@ RECORD_COLUMNS = ("id", "label", "pred", "alert", "clean_correct", "certified", 
 KINDS = ("recovery", "detection")
 
 
+def batch_ids(batch_size, ids, b: int) -> list:
+    """Return the ids of b images (default 0..b-1) after checking them and that batch_size is a positive int."""
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    ids = list(range(b)) if ids is None else list(ids)
+    if len(ids) != b:
+        raise ValueError(f"ids must have {b} entries, got {len(ids)}")
+    return ids
+
+
 def records_frame(records: list[dict], defense: str, kind: str) -> pd.DataFrame:
     """Return the records as a DataFrame with the common columns first and ``defense``/``kind`` set."""
     if kind not in KINDS:

@@ -39,8 +39,8 @@ learning rate, random-crop (reflect padding) + flip augmentation from :mod:`scal
 State is saved after every epoch under ``data/runs/NAME/`` (``state.pt``, ``log.jsonl``) and an
 interrupted run resumes; the result is an fp16 checkpoint ``data/checkpoints/NAME.pt`` with a JSON
 card holding its sha256 (written by :func:`scalecert.models.save_checkpoint`), which
-:func:`load_bagnet` checks (it also refuses non-finite weights). :func:`resume_run` and
-:func:`end_epoch` hold the resumable-run bookkeeping in a generic form (any epoch loop can use them).
+:func:`load_bagnet` checks (it also refuses non-finite weights). The resumable-run bookkeeping is
+:func:`scalecert.runstate.resume_run` and :func:`scalecert.runstate.end_epoch` (shared with the other peers).
 
 Simplifications (say so beside any number made with this module)
 -----------------------------------------------------------------
@@ -55,11 +55,8 @@ Simplifications (say so beside any number made with this module)
 from __future__ import annotations
 
 import argparse
-import hashlib
-import io
 import json
 import math
-import os
 import shlex
 import sys
 import time
@@ -72,7 +69,8 @@ from torch import nn
 
 from ..geometry import Geometry, units_geometry
 from ..models import CHECKPOINT_DIR, CIFAR_MEAN, CIFAR_STD, IMAGENET_MEAN, IMAGENET_STD, Normalize
-from ..models import resolve_checkpoint, save_checkpoint
+from ..models import read_checkpoint, save_checkpoint
+from ..runstate import end_epoch, resume_run
 
 #: name -> (stem (width, kernel, stride), stages as (blocks, out channels, stride, blocks with a 3x3), mean, std)
 ARCHS = {
@@ -174,18 +172,8 @@ def bagnet(arch: str = "bagnet11_cifar", num_classes: int = 10) -> BagNet:
 # --------------------------------------------------------------------------- checkpoints
 def load_bagnet(name_or_path, device="cpu") -> BagNet:
     """Return a BagNet (eval mode) from a checkpoint name or .pt path after checking the sha256 on its card."""
-    path = resolve_checkpoint(name_or_path)
-    data = path.read_bytes()
-    card_path = path.with_suffix(".json")
-    card = json.loads(card_path.read_text()) if card_path.is_file() else {}
-    digest = hashlib.sha256(data).hexdigest()
-    expected = card.get("sha256")
-    if expected != digest:
-        why = "has no card with a sha256" if expected is None else "does not match its card's sha256"
-        raise ValueError(f"{path}: sha256 {digest[:12]}… {why} ({card_path}); "
-                         "the file was altered or the card is stale")
-    blob = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    state = {k: v.float() if v.is_floating_point() else v for k, v in blob["state"].items()}
+    blob, card, path = read_checkpoint(name_or_path)
+    state = blob["state"]
     bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
     if bad:
         raise ValueError(f"{path}: non-finite weights in {bad[:3]} (diverged training or fp16 overflow)")
@@ -205,35 +193,6 @@ def train_step(model: BagNet, opt: torch.optim.Optimizer, x: torch.Tensor, y: to
     loss.backward()
     opt.step()
     return loss.item(), int((out.argmax(1) == y).sum())
-
-
-def resume_run(run_dir: Path, config: dict, device="cpu", **stateful) -> tuple[int, float]:
-    """Return (epochs done, seconds spent) of a run folder, loading ``stateful`` objects (name=object with
-    ``load_state_dict``) from its state.pt; (0, 0.0) for a new run. A state made with another ``config``
-    raises ValueError. Generic: any epoch-resumable training can use it with :func:`end_epoch`."""
-    state_path = Path(run_dir) / "state.pt"
-    if not state_path.is_file():
-        return 0, 0.0
-    st = torch.load(state_path, map_location=device, weights_only=False)
-    if st.get("config") != config:
-        raise ValueError(f"{state_path} was made with another configuration {st.get('config')}; "
-                         "use another --name or delete the run directory")
-    for key, obj in stateful.items():
-        obj.load_state_dict(st[key])
-    print(f"resuming {Path(run_dir).name} after epoch {st['epoch']}", file=sys.stderr)
-    return st["epoch"], st["elapsed"]
-
-
-def end_epoch(run_dir: Path, record: dict, config: dict, elapsed: float, **stateful) -> None:
-    """Append ``record`` (with its "epoch") to run_dir/log.jsonl and atomically rewrite run_dir/state.pt."""
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    with open(run_dir / "log.jsonl", "a") as f:
-        f.write(json.dumps(record) + "\n")
-    print(json.dumps(record), file=sys.stderr, flush=True)
-    state = {key: obj.state_dict() for key, obj in stateful.items()}
-    torch.save(dict(state, epoch=record["epoch"], elapsed=elapsed, config=config), run_dir / "state.tmp")
-    os.replace(run_dir / "state.tmp", run_dir / "state.pt")
 
 
 def train_bagnet(name: str, dataset: str = "cifar10", arch: str | None = None, epochs: int = 30,

@@ -60,11 +60,8 @@ Simplifications (say so beside any number made with this module)
 from __future__ import annotations
 
 import argparse
-import hashlib
-import io
 import json
 import math
-import os
 import shlex
 import sys
 import time
@@ -79,9 +76,10 @@ from torch import nn
 from ..audit import patch_positions
 from ..defense import check_images, check_labels, default_chunk
 from ..geometry import rect_masks
-from ..models import CHECKPOINT_DIR, CIFAR_MEAN, CIFAR_STD, Normalize, resolve_checkpoint, save_checkpoint
+from ..models import CHECKPOINT_DIR, CIFAR_MEAN, CIFAR_STD, Normalize, read_checkpoint, save_checkpoint
+from ..runstate import end_epoch, resume_run
 from ..windows import patch_pixels
-from . import records_frame
+from . import batch_ids, records_frame
 
 DEFENSE, KIND = "IBP", "recovery"
 
@@ -289,9 +287,7 @@ def certify_ibp(model: IBPNet, images: torch.Tensor, labels, patch, positions="a
         raise ValueError("certify_ibp takes corners (K, 2) shared by all images")
     k = len(corners)
     chunk = chunk or default_chunk(_item_bytes(model), device)
-    ids = list(range(b)) if ids is None else list(ids)
-    if len(ids) != b:
-        raise ValueError(f"ids must have {b} entries, got {len(ids)}")
+    ids = batch_ids(batch_size, ids, b)
     recs = []
     for s0 in range(0, b, batch_size):
         t0 = time.perf_counter()
@@ -450,17 +446,8 @@ def train_ibp(name: str, patch=2.4, epochs: int = 20, dataset: str = "cifar10", 
               "ramp": ramp, "kappa_end": kappa_end, "power": power, "clip": clip, "seed": seed,
               "max_train": max_train}
     run_dir = Path(runs_dir or RUNS_DIR) / name
-    run_dir.mkdir(parents=True, exist_ok=True)
-    state_path, log_path = run_dir / "state.pt", run_dir / "log.jsonl"
-    start, elapsed = 0, 0.0
-    if state_path.is_file():
-        st = torch.load(state_path, map_location=device, weights_only=False)
-        if st["config"] != config:
-            raise ValueError(f"{state_path} was made with another configuration {st['config']}; "
-                             f"use another --name or delete the run directory")
-        model.load_state_dict(st["model"]), opt.load_state_dict(st["opt"])
-        start, elapsed = st["epoch"], st["elapsed"]
-        print(f"resuming {name} after epoch {start}", file=sys.stderr)
+    log_path = run_dir / "log.jsonl"
+    start, elapsed = resume_run(run_dir, config, device, model=model, opt=opt)
     gen = torch.Generator().manual_seed(seed)
     eval_idx = _balanced(eval_set, eval_subset, seed)
     pad = max(1, n // 8)
@@ -490,13 +477,7 @@ def train_ibp(name: str, patch=2.4, epochs: int = 20, dataset: str = "cifar10", 
                "cert_acc": certified_accuracy(model, eval_set, _balanced(eval_set, cert_eval, seed)[:cert_eval],
                                               patch, device=device) if cert_eval else None,
                "cert_images": cert_eval, "seconds": dt}
-        with open(log_path, "a") as f:
-            f.write(json.dumps(rec) + "\n")
-        print(json.dumps(rec), file=sys.stderr, flush=True)
-        tmp = state_path.with_suffix(".tmp")
-        torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "epoch": epoch + 1,
-                    "elapsed": elapsed, "config": config}, tmp)
-        os.replace(tmp, state_path)
+        end_epoch(run_dir, rec, config, elapsed, model=model, opt=opt)
     model.eval()
     cert_idx = _balanced(eval_set, final_cert, seed)[:final_cert] if final_cert else []
     t0 = time.time()
@@ -518,16 +499,8 @@ def train_ibp(name: str, patch=2.4, epochs: int = 20, dataset: str = "cifar10", 
 
 def load_ibp(name_or_path, device="cpu") -> IBPNet:
     """Return an IBP model (eval mode) from a checkpoint name or .pt path, after checking its card's sha256."""
-    path = resolve_checkpoint(name_or_path)
-    data = path.read_bytes()
-    card_path = path.with_suffix(".json")
-    card = json.loads(card_path.read_text()) if card_path.is_file() else {}
-    digest = hashlib.sha256(data).hexdigest()
-    if card.get("sha256") != digest:
-        raise ValueError(f"{path}: sha256 {digest[:12]}… does not match its card ({card_path}: "
-                         f"{str(card.get('sha256'))[:12]}…); the file was altered or the card is stale or missing")
-    blob = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    state = {key: v.float() if v.is_floating_point() else v for key, v in blob["state"].items()}
+    blob, card, path = read_checkpoint(name_or_path)
+    state = blob["state"]
     widths, hidden = ARCHS[blob["arch"]]
     fc_in = next(v.shape[1] for key, v in state.items() if key.startswith("body.") and v.dim() == 2)
     n = 4 * math.isqrt(fc_in // widths[-1])

@@ -84,7 +84,7 @@ import torch.nn.functional as F
 from ..defense import check_images, check_labels
 from ..geometry import Geometry, footprint, rect_masks
 from ..windows import patch_pixels, positions
-from . import records_frame
+from . import batch_ids, records_frame
 
 DEFENSE_KINDS = {"CBN": "recovery", "PG-Mask-BN": "recovery", "PatchGuard++": "detection"}
 CLIPS = ("tanh", "clamp")
@@ -245,11 +245,7 @@ def _run(defense: str, core, model, images, labels, patch, batch_size: int, devi
     y = check_labels(labels, x.shape[0], model.num_classes)
     n, nb = x.shape[-1], x.shape[0]
     p = patch_pixels(patch, n)
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-    ids = list(range(nb)) if ids is None else list(ids)
-    if len(ids) != nb:
-        raise ValueError(f"ids must have {nb} entries, got {len(ids)}")
+    ids = batch_ids(batch_size, ids, nb)
     device = torch.device(device)
     model = model.to(device).eval()
     h, w = model.logit_shape(n)

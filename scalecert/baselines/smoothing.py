@@ -85,11 +85,8 @@ Simplifications (say so beside any number made with this module)
 from __future__ import annotations
 
 import argparse
-import hashlib
-import io
 import json
 import math
-import os
 import shlex
 import sys
 import time
@@ -102,10 +99,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..defense import check_images, check_labels, default_chunk
-from ..models import (CHECKPOINT_DIR, CIFAR_STD, IMAGENET_STD, Normalize, SplitNet, build, resolve_checkpoint,
+from ..models import (CHECKPOINT_DIR, CIFAR_STD, IMAGENET_STD, Normalize, SplitNet, build, read_checkpoint,
                       save_checkpoint)
+from ..runstate import end_epoch, resume_run
 from ..windows import patch_pixels
-from . import records_frame, summarise_records
+from . import batch_ids, records_frame, summarise_records
 
 KIND = "recovery"
 DEFENSES = ("DS", "PG-Mask-DS")
@@ -200,20 +198,11 @@ def ds_model(arch: str = "resnet20", num_classes: int = 10, band: int = 4) -> Sp
 
 def load_ds(name_or_path, device="cpu") -> SplitNet:
     """Return a DS base model (eval mode) from a checkpoint name or .pt path, after checking its card's sha256."""
-    path = resolve_checkpoint(name_or_path)
-    data = path.read_bytes()
-    card_path = path.with_suffix(".json")
-    card = json.loads(card_path.read_text()) if card_path.is_file() else {}
-    digest = hashlib.sha256(data).hexdigest()
-    if card.get("sha256") != digest:
-        raise ValueError(f"{path}: sha256 {digest[:12]}… does not match its card ({card_path}: "
-                         f"{str(card.get('sha256'))[:12]}…); the file was altered or the card is stale or missing")
-    blob = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    blob, card, path = read_checkpoint(name_or_path)
     if not str(blob.get("arch", "")).startswith("ds_"):
         raise ValueError(f"{path} is not a DS checkpoint (arch {blob.get('arch')!r})")
-    state = {k: v.float() if v.is_floating_point() else v for k, v in blob["state"].items()}
-    model = ds_model(blob["arch"][3:], blob["num_classes"], int(state["ds_band"]))
-    model.load_state_dict(state)
+    model = ds_model(blob["arch"][3:], blob["num_classes"], int(blob["state"]["ds_band"]))
+    model.load_state_dict(blob["state"])
     model.card = dict(card, path=str(path))
     return model.to(device).eval()
 
@@ -410,11 +399,7 @@ def _setup(model, images, labels, patch, band, threshold, votes):
 def _certify(defense: str, model, images, labels, patch, band, threshold, chunk, device, batch_size, ids,
              votes) -> pd.DataFrame:
     x, b, n, band, p, theta, votes, y_all = _setup(model, images, labels, patch, band, threshold, votes)
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-    ids = list(range(b)) if ids is None else list(ids)
-    if len(ids) != b:
-        raise ValueError(f"ids must have {b} entries, got {len(ids)}")
+    ids = batch_ids(batch_size, ids, b)
     dl = delta(n, p, band)
     recs = []
     for s0 in range(0, b, batch_size):
@@ -565,17 +550,8 @@ def train_ds(name: str, dataset: str = "cifar10", arch: str | None = None, band:
     config = {"arch": arch, "band": band, "epochs": epochs, "batch_size": batch_size, "lr": lr, "wd": wd,
               "seed": seed, "max_train": max_train}
     run_dir = Path(runs_dir or RUNS_DIR) / name
-    run_dir.mkdir(parents=True, exist_ok=True)
-    state_path, log_path = run_dir / "state.pt", run_dir / "log.jsonl"
-    start, elapsed = 0, 0.0
-    if state_path.is_file():
-        st = torch.load(state_path, map_location=device, weights_only=False)
-        if st["config"] != config:
-            raise ValueError(f"{state_path} was made with another configuration {st['config']}; "
-                             "use another --name or delete the run directory")
-        model.load_state_dict(st["model"]), opt.load_state_dict(st["opt"]), sched.load_state_dict(st["sched"])
-        start, elapsed = st["epoch"], st["elapsed"]
-        print(f"resuming {name} after epoch {start}", file=sys.stderr)
+    log_path = run_dir / "log.jsonl"
+    start, elapsed = resume_run(run_dir, config, device, model=model, opt=opt, sched=sched)
     gen = torch.Generator().manual_seed(seed)
     eval_idx = _balanced(eval_set, eval_subset, seed)
     pad = {32: 4, 224: 16}.get(n, max(1, n // 8))
@@ -598,13 +574,7 @@ def train_ds(name: str, dataset: str = "cifar10", arch: str | None = None, band:
                    model, eval_set, _balanced(eval_set, cert_eval, seed)[:cert_eval], cert_patch, theta,
                    device).items()} if cert_eval else {}),
                "lr": sched.get_last_lr()[0], "seconds": round(dt, 1)}
-        with open(log_path, "a") as f:
-            f.write(json.dumps(rec) + "\n")
-        print(json.dumps(rec), file=sys.stderr, flush=True)
-        tmp = state_path.with_suffix(".tmp")
-        torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
-                    "epoch": epoch + 1, "elapsed": elapsed, "config": config}, tmp)
-        os.replace(tmp, state_path)
+        end_epoch(run_dir, rec, config, elapsed, model=model, opt=opt, sched=sched)
     model.eval()
     cert_idx = _balanced(eval_set, final_cert, seed)[:final_cert] if final_cert else []
     t0 = time.time()
