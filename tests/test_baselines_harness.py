@@ -43,3 +43,36 @@ def test_peer_cached_computes_once_then_reads_the_cache(tmp_path, monkeypatch):
     row = H.summarise_peer(b, patch_pct=2.4)
     assert row["images"] == 10 and row["forwards_per_image"] == 1.0
     assert row["certified"] <= row["clean"]  # a detection certificate implies a correct, alert-free output
+
+
+def _peer_checkpoints():
+    from scalecert.models import ARCHS, CHECKPOINT_DIR
+    import json
+    out = []
+    for p in sorted(CHECKPOINT_DIR.glob("*.pt")):
+        card = json.loads(p.with_suffix(".json").read_text())
+        if card["arch"] not in ARCHS:
+            out.append(p.stem)
+    return out
+
+
+@pytest.mark.parametrize("name", _peer_checkpoints())
+def test_peer_card_accuracy_holds_on_a_subset(name):
+    """Each shipped peer checkpoint loads (sha256 checked) and its card's accuracy holds on 200 seeded images (7 points)."""
+    from scalecert import data as D
+    from scalecert.baselines.ibp import clean_accuracy
+    from scalecert.baselines.smoothing import base_accuracy
+    from scalecert.train import evaluate
+    peers = [p for p in H._peers().values() if name in p.checkpoints.values()]
+    assert peers, f"{name} is shipped but no peer of the harness uses it"
+    model = peers[0].loader(name)
+    card = model.card
+    ds = D.load_dataset(card["dataset_key"], "eval")
+    idx = ds.subset(20, seed=123)
+    if card["arch"].startswith("ds_"):
+        acc, ref = base_accuracy(model, ds, idx), card["base_accuracy"]
+    elif card["arch"].startswith("ibp"):
+        acc, ref = clean_accuracy(model, ds, idx), card["clean_accuracy"]
+    else:
+        acc, ref = evaluate(model, ds, idx), card["clean_accuracy"]
+    assert abs(acc - ref) <= 7.0, (acc, ref)
