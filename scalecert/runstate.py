@@ -10,6 +10,7 @@ import os
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
 
 
@@ -38,3 +39,26 @@ def end_epoch(run_dir: Path, record: dict, config: dict, elapsed: float, **state
     state = {key: obj.state_dict() for key, obj in stateful.items()}
     torch.save(dict(state, epoch=record["epoch"], elapsed=elapsed, config=config), run_dir / "state.tmp")
     os.replace(run_dir / "state.tmp", run_dir / "state.pt")
+
+
+def prepare(seed: int, threads: int, dataset: str, train_set=None, eval_set=None):
+    """Seed torch, set the thread count and return (train_set, eval_set, image side) of a training run."""
+    from . import data as D
+    torch.manual_seed(seed)
+    if threads:
+        torch.set_num_threads(threads)
+    if train_set is None or eval_set is None:
+        key = D.check_dataset(dataset)
+        train_set, eval_set = D.load_dataset(key, "train"), D.load_dataset(key, "eval")
+    return train_set, eval_set, int(train_set.images.shape[-1])
+
+
+def epoch_batches(train_set, n_train: int, batch_size: int, pad: int, gen: torch.Generator, seed: int,
+                  epoch: int, device="cpu"):
+    """Yield the augmented (x, y) batches of one epoch: a seeded permutation of the first n_train draws."""
+    from .train import augment
+    gen.manual_seed(seed * 1000 + epoch)
+    perm = torch.randperm(len(train_set), generator=gen)[:n_train].numpy()
+    for s in range(0, n_train, batch_size):
+        x, y = train_set.tensors(np.sort(perm[s: s + batch_size]))
+        yield augment(x, pad, gen).to(device), y.to(device)

@@ -62,7 +62,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -70,7 +69,7 @@ from torch import nn
 from ..geometry import Geometry, units_geometry
 from ..models import CHECKPOINT_DIR, CIFAR_MEAN, CIFAR_STD, IMAGENET_MEAN, IMAGENET_STD, Normalize
 from ..models import read_checkpoint, save_checkpoint
-from ..runstate import end_epoch, resume_run
+from ..runstate import end_epoch, epoch_batches, prepare, resume_run
 
 #: name -> (stem (width, kernel, stride), stages as (blocks, out channels, stride, blocks with a 3x3), mean, std)
 ARCHS = {
@@ -207,14 +206,8 @@ def train_bagnet(name: str, dataset: str = "cifar10", arch: str | None = None, e
     uses only that many training images per epoch and marks the checkpoint provisional.
     """
     from .. import data as D
-    from ..train import RUNS_DIR, augment, evaluate
-    torch.manual_seed(seed)
-    if threads:
-        torch.set_num_threads(threads)
-    if train_set is None or eval_set is None:
-        key = D.check_dataset(dataset)
-        train_set, eval_set = D.load_dataset(key, "train"), D.load_dataset(key, "eval")
-    n = int(train_set.images.shape[-1])
+    from ..train import RUNS_DIR, evaluate
+    train_set, eval_set, n = prepare(seed, threads, dataset, train_set, eval_set)
     arch = arch or DEFAULT_ARCH.get(train_set.name, "bagnet11_cifar" if n <= 64 else "bagnet17_w16")
     model = BagNet(arch, len(train_set.classes)).to(device)
     n_train = min(max_train or len(train_set), len(train_set))
@@ -231,13 +224,9 @@ def train_bagnet(name: str, dataset: str = "cifar10", arch: str | None = None, e
                 if 0 < eval_subset < len(eval_set) else None)
     pad = max(1, n // 8) if n < 224 else 16
     for epoch in range(start, epochs):
-        gen.manual_seed(seed * 1000 + epoch)
         t0 = time.time()
-        perm = torch.randperm(len(train_set), generator=gen)[:n_train].numpy()
         tot, correct, seen = 0.0, 0, 0
-        for s in range(steps):
-            x, y = train_set.tensors(np.sort(perm[s * batch_size: (s + 1) * batch_size]))
-            x, y = augment(x, pad, gen).to(device), y.to(device)
+        for x, y in epoch_batches(train_set, n_train, batch_size, pad, gen, seed, epoch, device):
             loss, right = train_step(model, opt, x, y)
             sched.step()
             tot, correct, seen = tot + loss * len(y), correct + right, seen + len(y)

@@ -77,7 +77,7 @@ from ..audit import patch_positions
 from ..defense import check_images, check_labels, default_chunk
 from ..geometry import rect_masks
 from ..models import CHECKPOINT_DIR, CIFAR_MEAN, CIFAR_STD, Normalize, read_checkpoint, save_checkpoint
-from ..runstate import end_epoch, resume_run
+from ..runstate import end_epoch, epoch_batches, prepare, resume_run
 from ..windows import patch_pixels
 from . import batch_ids, records_frame
 
@@ -427,14 +427,8 @@ def train_ibp(name: str, patch=2.4, epochs: int = 20, dataset: str = "cifar10", 
     images, command). ``train_set``/``eval_set`` (ImageSets) replace the data set (tests).
     """
     from .. import data as D
-    from ..train import RUNS_DIR, augment
-    torch.manual_seed(seed)
-    if threads:
-        torch.set_num_threads(threads)
-    if train_set is None or eval_set is None:
-        key = D.check_dataset(dataset)
-        train_set, eval_set = D.load_dataset(key, "train"), D.load_dataset(key, "eval")
-    n = int(train_set.images.shape[-1])
+    from ..train import RUNS_DIR
+    train_set, eval_set, n = prepare(seed, threads, dataset, train_set, eval_set)
     p = patch_pixels(patch, n)
     model = ibp_cnn(arch, n, len(train_set.classes)).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
@@ -452,17 +446,14 @@ def train_ibp(name: str, patch=2.4, epochs: int = 20, dataset: str = "cifar10", 
     eval_idx = _balanced(eval_set, eval_subset, seed)
     pad = max(1, n // 8)
     for epoch in range(start, epochs):
-        gen.manual_seed(seed * 1000 + epoch)
         t0 = time.time()
-        perm = torch.randperm(len(train_set), generator=gen)[:n_train].numpy()
         sums, seen, rob_seen = {"loss": 0.0, "clean_ce": 0.0, "robust_ce": 0.0, "acc": 0.0}, 0, 0
-        for s in range(steps_per_epoch):
+        batches = epoch_batches(train_set, n_train, batch_size, pad, gen, seed, epoch, device)
+        for s, (xb, yb) in enumerate(batches):
             step = epoch * steps_per_epoch + s
             for g in opt.param_groups:
                 g["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / max(1, total)))
             eps, kappa = ramp_schedule(step, total, warmup, ramp, kappa_end, power)
-            xb, yb = train_set.tensors(np.sort(perm[s * batch_size: (s + 1) * batch_size]))
-            xb, yb = augment(xb, pad, gen).to(device), yb.to(device)
             st = train_step(model, opt, xb, yb, p, eps, kappa, gen, k, selection, candidates, clip)
             for key in sums:
                 sums[key] += (0.0 if math.isnan(st[key]) else st[key]) * len(yb)

@@ -101,7 +101,7 @@ from torch import nn
 from ..defense import check_images, check_labels, default_chunk
 from ..models import (CHECKPOINT_DIR, CIFAR_STD, IMAGENET_STD, Normalize, SplitNet, build, read_checkpoint,
                       save_checkpoint)
-from ..runstate import end_epoch, resume_run
+from ..runstate import end_epoch, epoch_batches, prepare, resume_run
 from ..windows import patch_pixels
 from . import batch_ids, records_frame, summarise_records
 
@@ -530,14 +530,8 @@ def train_ds(name: str, dataset: str = "cifar10", arch: str | None = None, band:
     (tests); ``max_train`` > 0 uses only that many training images per epoch (provisional checkpoint).
     """
     from .. import data as D
-    from ..train import RUNS_DIR, augment
-    torch.manual_seed(seed)
-    if threads:
-        torch.set_num_threads(threads)
-    if train_set is None or eval_set is None:
-        key = D.check_dataset(dataset)
-        train_set, eval_set = D.load_dataset(key, "train"), D.load_dataset(key, "eval")
-    n = int(train_set.images.shape[-1])
+    from ..train import RUNS_DIR
+    train_set, eval_set, n = prepare(seed, threads, dataset, train_set, eval_set)
     arch = arch or ("resnet20" if n <= 64 else "resnet18w16")
     band = _check_band(default_band(n) if band is None else band, n)
     theta = _threshold(threshold, n)
@@ -556,13 +550,9 @@ def train_ds(name: str, dataset: str = "cifar10", arch: str | None = None, band:
     eval_idx = _balanced(eval_set, eval_subset, seed)
     pad = {32: 4, 224: 16}.get(n, max(1, n // 8))
     for epoch in range(start, epochs):
-        gen.manual_seed(seed * 1000 + epoch)
         t0 = time.time()
-        perm = torch.randperm(len(train_set), generator=gen)[:n_train].numpy()
         tot, correct, seen = 0.0, 0, 0
-        for s in range(steps):
-            xb, yb = train_set.tensors(np.sort(perm[s * batch_size: (s + 1) * batch_size]))
-            xb, yb = augment(xb, pad, gen).to(device), yb.to(device)
+        for xb, yb in epoch_batches(train_set, n_train, batch_size, pad, gen, seed, epoch, device):
             loss, right = train_step(model, opt, xb, yb, band, gen)
             sched.step()
             tot, correct, seen = tot + loss * len(yb), correct + right, seen + len(yb)
