@@ -99,8 +99,22 @@ def parse(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def finished_card(a: argparse.Namespace) -> dict | None:
+    """Return the card of this job if its run finished every epoch and its final card was written, else None."""
+    state_path, card_path = RUNS_DIR / a.name / "state.pt", Path(a.out_dir) / f"{a.name}.json"
+    if a.snapshot or not (state_path.is_file() and card_path.is_file()):
+        return None
+    card = json.loads(card_path.read_text())
+    return card if card.get("status") == "final" and card.get("epochs_done", 0) >= a.epochs else None
+
+
 def train(a: argparse.Namespace, argv_text: str = "") -> dict:
     """Run (or resume) one training job; write checkpoint + card; return the card."""
+    done = finished_card(a)
+    if done is not None:
+        # Re-running a finished job would only re-evaluate it and overwrite hand-written card notes.
+        print(f"{a.name} is already final; nothing to do", file=sys.stderr)
+        return done
     torch.manual_seed(a.seed)
     if a.threads:
         torch.set_num_threads(a.threads)

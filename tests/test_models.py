@@ -94,3 +94,22 @@ def test_card_accuracy_holds_on_a_subset(name):
     key = "accuracy_with_sin" if m.sin is not None else "accuracy_without_sin"
     acc = evaluate(m, ds, idx, batch=100)
     assert abs(acc - card[key]) <= 7.0, (acc, card[key])
+
+
+def test_finished_training_job_is_not_redone(tmp_path, monkeypatch):
+    import json
+    from scalecert import train as T
+    monkeypatch.setattr(T, "RUNS_DIR", tmp_path / "runs")
+    a = T.parse(["--name", "m", "--dataset", "cifar10", "--epochs", "4", "--out-dir", str(tmp_path)])
+    assert T.finished_card(a) is None                      # no run yet
+    (tmp_path / "runs" / "m").mkdir(parents=True)
+    (tmp_path / "runs" / "m" / "state.pt").write_bytes(b"x")
+    card = {"name": "m", "status": "provisional: snapshot", "epochs_done": 2, "note": "hand-written"}
+    (tmp_path / "m.json").write_text(json.dumps(card))
+    assert T.finished_card(a) is None                      # provisional card: training continues
+    card.update(status="final", epochs_done=4)
+    (tmp_path / "m.json").write_text(json.dumps(card))
+    assert T.train(a) == card                              # returns at once, card (and its note) untouched
+    assert json.loads((tmp_path / "m.json").read_text())["note"] == "hand-written"
+    assert T.finished_card(T.parse(["--name", "m", "--dataset", "cifar10", "--epochs", "8",
+                                    "--out-dir", str(tmp_path)])) is None   # more epochs asked: resume
