@@ -10,6 +10,9 @@ stop at its first disagreeing window (that already means an alert).
 """
 from __future__ import annotations
 
+import json
+
+import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
@@ -35,17 +38,20 @@ def paste(x: torch.Tensor, patch: torch.Tensor, corners: torch.Tensor) -> torch.
 
 @torch.no_grad()
 def audit_image(engine: Engine, x: torch.Tensor, y: int, contents=CONTENTS, stride: int = 1,
-                attack_steps: int = 5, seed: int = 0, batch: int = 256, attack_batch: int = 32) -> dict:
+                attack_steps: int = 5, seed: int = 0, batch: int = 256, attack_batch: int = 32,
+                attack_stride: int | None = None) -> dict:
     """Return counts {cases, flipped, violations} for one certified image over positions x contents.
 
-    ``batch`` positions are patched at once (``attack_batch`` for the gradient attack).
+    ``batch`` positions are patched at once (``attack_batch`` for the gradient attack). The fixed
+    contents visit every position ``stride`` apart; the attack, which costs ``attack_steps`` forward and
+    backward passes per position and window, visits positions ``attack_stride`` apart (default ``stride``).
     """
     n, p = engine.n, engine.p
-    corners = patch_positions(n, p, stride)
     g = torch.Generator().manual_seed(seed)
     cases = flipped = violations = 0
     examples = []
     for content in contents:
+        corners = patch_positions(n, p, attack_stride or stride if content == "attack" else stride)
         # the attack keeps an autograd graph per (position, window): a small batch bounds its memory
         bs = attack_batch if content == "attack" else batch
         for s in range(0, len(corners), bs):
@@ -80,16 +86,26 @@ def audit_image(engine: Engine, x: torch.Tensor, y: int, contents=CONTENTS, stri
     return {"cases": cases, "flipped": flipped, "violations": violations, "examples": examples}
 
 
+def audit_records(engine: Engine, images: torch.Tensor, labels: torch.Tensor, ids=None, progress: bool = True,
+                  **kw) -> pd.DataFrame:
+    """Return one audit row per image (id, label, certified, cases, flipped, violations, example); uncertified images get zero cases."""
+    recs = engine.run(images, labels)
+    rows = []
+    for i, rec in enumerate(tqdm(recs, disable=not progress, desc=f"audit {engine.mode}")):
+        row = {"id": int(ids[i]) if ids is not None else i, "label": int(labels[i]), "certified": bool(rec["certified"]),
+               "cases": 0, "flipped": 0, "violations": 0, "example": ""}
+        if rec["certified"]:
+            r = audit_image(engine, images[i].to(engine.device), int(labels[i]), **kw)
+            row.update({k: r[k] for k in ("cases", "flipped", "violations")})
+            row["example"] = json.dumps(r["examples"][0]) if r["examples"] else ""
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
 def audit(engine: Engine, images: torch.Tensor, labels: torch.Tensor, progress: bool = True, **kw) -> dict:
     """Return audit totals over the images that ``engine`` certifies (others are skipped)."""
-    recs = engine.run(images, labels)
-    total = {"images": len(images), "certified": 0, "cases": 0, "flipped": 0, "violations": 0, "examples": []}
-    for i, rec in enumerate(tqdm(recs, disable=not progress, desc=f"audit {engine.mode}")):
-        if not rec["certified"]:
-            continue
-        total["certified"] += 1
-        r = audit_image(engine, images[i].to(engine.device), int(labels[i]), **kw)
-        for k in ("cases", "flipped", "violations"):
-            total[k] += r[k]
-        total["examples"] += [dict(e, image=i) for e in r["examples"]]
+    df = audit_records(engine, images, labels, progress=progress, **kw)
+    total = {"images": len(df), "certified": int(df.certified.sum())}
+    total.update({k: int(df[k].sum()) for k in ("cases", "flipped", "violations")})
+    total["examples"] = [dict(json.loads(e), image=i) for i, e in zip(df.id, df.example) if e]
     return total

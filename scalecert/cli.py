@@ -223,7 +223,8 @@ def audit(argv=None) -> int:
     from .audit import audit as run_audit
     p = argparse.ArgumentParser(prog="python -m scalecert audit", description=audit.__doc__)
     _common(p)
-    p.add_argument("--quick", action="store_true", help="10 images, attack of 3 steps")
+    p.add_argument("--quick", action="store_true",
+                   help="10 images, attack of 3 steps at <= 5 positions per axis")
     p.add_argument("--stride", type=int, default=None,
                    help="patch position stride (default 1 = every position; --quick: at most 32 positions per axis)")
     a = p.parse_args(argv)
@@ -234,11 +235,13 @@ def audit(argv=None) -> int:
     if a.stride is None:
         span = x.shape[-1] - patch_pixels(patch, x.shape[-1]) + 1
         a.stride = math.ceil(span / 32) if a.quick else 1
+    attack_stride = math.ceil((x.shape[-1] - patch_pixels(patch, x.shape[-1]) + 1) / 4) if a.quick else a.stride
     out = {}
     for mode in ("sound", "paper"):
         eng = Engine(model, x.shape[-1], patch, r=a.r, tau=a.tau, mode=mode, device=a.device)
-        res = run_audit(eng, x.to(a.device), y, stride=a.stride, attack_steps=3 if a.quick else 10)
-        print(json.dumps({"mode": mode, "stride": a.stride, **{k: v for k, v in res.items()}}), file=sys.stderr)
+        res = run_audit(eng, x.to(a.device), y, stride=a.stride, attack_steps=3 if a.quick else 10,
+                        attack_stride=attack_stride)
+        print(json.dumps({"mode": mode, "stride": a.stride, "attack_stride": attack_stride, **{k: v for k, v in res.items()}}), file=sys.stderr)
         out[mode] = res
     print(json.dumps({"mode_sound_violations": out["sound"]["violations"],
                       "mode_paper_violations": out["paper"]["violations"],

@@ -56,24 +56,52 @@ def certify_cached(dataset: str, checkpoint: str, patch: float, *, per_class: in
     config = {"dataset": dataset, "checkpoint_sha256": model.card["sha256"], "patch": patch, "mode": mode,
               "rule": rule, "tau": tau, "r": r, "layer": model.sin_layer, "rate": model.sin_rate,
               "ids": R.config_key({"ids": ids}), "chunk_images": chunk_images, "early_stop": early}
-    run = R.open_run(config)
-    if force:
-        for f in run.glob("chunk-*.csv"):
-            f.unlink()
-        for f in run.glob("timings-*.csv"):
-            f.unlink()
 
     def one(rg):
         x, y = ds.tensors(ids[rg.start:rg.stop])
         return certify(model, x, y, patch, mode=mode, rule=rule, tau=tau, r=r, device=device,
                        ids=ids[rg.start:rg.stop], early_stop=early)
 
-    R.compute(run, len(ids), chunk_images, one, progress=progress)
+    return _cached(config, ids, chunk_images, one, force, progress)
+
+
+def _cached(config: dict, ids: list, chunk_images: int, fn, force: bool, progress: bool) -> pd.DataFrame:
+    """Return the merged records of a cached run, computing its missing chunks with ``fn(range)`` first."""
+    run = R.open_run(config)
+    if force:
+        for f in [*run.glob("chunk-*.csv"), *run.glob("timings-*.csv")]:
+            f.unlink()
+    R.compute(run, len(ids), chunk_images, fn, progress=progress)
     df = R.merge(run, len(ids), chunk_images, ids)
     t = R.timings(run)
     df.attrs["seconds_per_image"] = float(t.seconds.sum() / max(1, t.images.sum())) if len(t) else float("nan")
     df.attrs["cache"] = str(run)
     return df
+
+
+def audit_cached(dataset: str, checkpoint: str, patch: float, *, per_class: int | None, seed: int = 0,
+                 mode: str = "sound", tau: float | None = None, r: int = 3, stride: int = 1,
+                 attack_stride: int | None = None, attack_steps: int = 10, force: bool = False,
+                 device: str = "cpu", progress: bool = True) -> pd.DataFrame:
+    """Return per-image soundness-audit rows (``scalecert.audit.audit_records``), cached one image per chunk."""
+    from .audit import CONTENTS, audit_records
+    from .defense import Engine
+    dataset = D.check_dataset(dataset)
+    model = load_model(checkpoint, device=device)
+    ds = D.load_dataset(dataset, "eval")
+    ids = list(range(len(ds))) if per_class is None else ds.subset(per_class, seed).tolist()
+    config = {"kind": "audit", "dataset": dataset, "checkpoint_sha256": model.card["sha256"], "patch": patch,
+              "mode": mode, "tau": tau, "r": r, "layer": model.sin_layer, "rate": model.sin_rate,
+              "ids": R.config_key({"ids": ids}), "stride": stride, "attack_stride": attack_stride or stride,
+              "attack_steps": attack_steps, "contents": list(CONTENTS), "seed": seed}
+    engine = Engine(model, D.image_size(dataset), patch, r=r, tau=tau, mode=mode, device=device)
+
+    def one(rg):
+        x, y = ds.tensors(ids[rg.start:rg.stop])
+        return audit_records(engine, x.to(device), y, ids=ids[rg.start:rg.stop], progress=False, stride=stride,
+                             attack_stride=attack_stride, attack_steps=attack_steps, seed=seed)
+
+    return _cached(config, ids, 1, one, force, progress)
 
 
 def summarise(df: pd.DataFrame, **labels) -> dict:

@@ -6,6 +6,7 @@ from conftest import calibration_images, spread_model
 from scalecert.audit import audit, paste, patch_positions
 from scalecert.defense import Engine, certify, detect
 from scalecert.geometry import footprint, rect_masks
+from scalecert.models import load_model, save_checkpoint
 
 
 def images(b=6, n=16, seed=0):
@@ -162,3 +163,34 @@ def test_bench_one_reports_consistent_counts():
     assert row["candidates_mean"] == sum(r["n_candidates"] for r in recs) / 2
     assert 0 < row["efficiency"] < 50 and row["speedup_vs_mr"] > 0
     assert m.sin is not None  # the Minority Reports timing restores the SIN layer
+
+
+def test_audit_attack_stride_only_thins_the_attack_positions():
+    m = spread_model(rate=0.2)
+    x = images(2, seed=5)
+    with torch.no_grad():
+        y = m(x).argmax(1)
+    res = audit(Engine(m, 16, 2), x, y, progress=False, contents=("zeros", "attack"), stride=1,
+                attack_stride=5, attack_steps=1)
+    assert res["certified"] > 0
+    assert len(patch_positions(16, 2, 5)) == 16  # 0, 5, 10 and the last corner 14, per axis
+    assert res["cases"] == res["certified"] * (15 * 15 + 16)
+
+
+def test_audit_cached_matches_audit_and_resumes_from_the_cache(tmp_path, monkeypatch):
+    from scalecert import audit as A, experiments as E, results as R
+    monkeypatch.setattr(R, "CACHE_DIR", tmp_path / "cache")
+    torch.manual_seed(0)
+    path = tmp_path / "m.pt"
+    save_checkpoint(spread_model(rate=0.2), path, {"name": "m"})
+    kw = dict(per_class=1, mode="sound", stride=9, attack_stride=27, attack_steps=1, progress=False)
+    a = E.audit_cached("cifar10", str(path), 2.4, **kw)
+    x, y, ids = E.eval_images("cifar10", 1)
+    tot = audit(Engine(load_model(str(path)), 32, 2.4), x, y, progress=False, stride=9, attack_stride=27,
+                attack_steps=1)
+    assert list(a.id) == ids and len(a) == 10
+    assert (int(a.certified.sum()), int(a.cases.sum()), int(a.flipped.sum()), int(a.violations.sum())) == \
+        (tot["certified"], tot["cases"], tot["flipped"], tot["violations"])
+    assert a.violations.sum() == 0
+    monkeypatch.setattr(A, "audit_records", lambda *a_, **k: pytest.fail("recomputed a cached image"))
+    pd.testing.assert_frame_equal(a, E.audit_cached("cifar10", str(path), 2.4, **kw))
