@@ -57,11 +57,17 @@ def distance_deviation(points: np.ndarray) -> float:
 
 
 def sin_statistics(model, images: torch.Tensor, n: int | None = None, bandwidth: float | None = None,
-                   kind: str = "benign") -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Return (per-image table: clusters, densest cluster and its box; per-cluster table: size, s_c)."""
+                   kind: str = "benign", patch_boxes=None) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Return (per-image table: clusters, densest cluster and its box; per-cluster table: size, s_c).
+
+    With ``patch_boxes`` (pixel boxes (r0, c0, r1, c1) per image) the per-image table also holds
+    ``in_patch_share``: the share of the top-n SINs inside the patch's footprint.
+    """
     n = n or top_n(images.shape[-1])
     pts, (h, w) = top_sin_points(model, images, n)
     bw = bandwidth or 0.1 * h
+    fps = footprint(model.geometry(), torch.as_tensor(np.asarray(patch_boxes)), h, w).numpy() \
+        if patch_boxes is not None else None
     rows, crow = [], []
     for i, p in enumerate(pts):
         labels, _ = cluster_points(p, bw)
@@ -73,6 +79,9 @@ def sin_statistics(model, images: torch.Tensor, n: int | None = None, bandwidth:
         rows.append({"image": i, "kind": kind, "n_clusters": len(sizes), "densest_size": int(sizes[best]),
                      "densest_sc": devs[best], "overall_sc": distance_deviation(p),
                      "box": (int(r0), int(c0), int(r1), int(c1))})
+        if fps is not None:
+            i0, j0, i1, j1 = fps[i]
+            rows[-1]["in_patch_share"] = float(((p[:, 0] >= i0) & (p[:, 0] <= i1) & (p[:, 1] >= j0) & (p[:, 1] <= j1)).mean())
         crow += [{"image": i, "kind": kind, "cluster": c, "size": int(sizes[c]), "s_c": devs[c]}
                  for c in range(len(sizes))]
     return pd.DataFrame(rows), pd.DataFrame(crow)

@@ -125,3 +125,18 @@ def test_recovery_on_a_known_patch_returns_the_true_label():
         if per.recovered[0] == per.label[0]:
             return
     pytest.fail(f"no recovered case among {found} fooled certified images")
+
+
+def test_in_patch_share_counts_the_top_sins_inside_the_patch_footprint():
+    from scalecert.geometry import footprint
+    m = spread_model()
+    x = calibration_images(3, 32, 6)
+    boxes = [(0, 0, 31, 31), (4, 6, 8, 10), (27, 27, 31, 31)]
+    per, _ = A.sin_statistics(m, x, patch_boxes=boxes)
+    pts, (h, w) = A.top_sin_points(m, x, A.top_n(32))
+    assert per.in_patch_share[0] == 1.0  # the whole image
+    for i in (1, 2):
+        i0, j0, i1, j1 = footprint(m.geometry(), torch.tensor([boxes[i]]), h, w)[0].tolist()
+        inside = sum(i0 <= r <= i1 and j0 <= c <= j1 for r, c in pts[i])
+        assert per.in_patch_share[i] == inside / len(pts[i])
+    assert "in_patch_share" not in A.sin_statistics(m, x)[0]
