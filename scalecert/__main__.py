@@ -4,7 +4,7 @@ import sys
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    cmds = ("train", "certify", "bench", "audit", "data")
+    cmds = ("train", "certify", "bench", "audit", "data", "models")
     if not argv or argv[0] not in cmds:
         print(f"usage: python -m scalecert {{{','.join(cmds)}}} [options]  (-h after a command for help)")
         return 0 if argv and argv[0] in ("-h", "--help") else 2

@@ -247,3 +247,29 @@ def audit(argv=None) -> int:
                       "mode_paper_violations": out["paper"]["violations"],
                       "cases": out["sound"]["cases"] + out["paper"]["cases"]}))
     return 0
+
+
+def models_table(checkpoint_dir: Path = CHECKPOINT_DIR) -> "pd.DataFrame":
+    """Return one row per shipped checkpoint card: name, status, data set, arch, SIN, accuracies, epochs, hours."""
+    import pandas as pd
+    rows = []
+    for card_path in sorted(Path(checkpoint_dir).glob("*.json")):
+        c = json.loads(card_path.read_text())
+        sin = f"layer {c['sin_layer']} at {round(100 * c['sin_rate'])}%" if c.get("sin_rate") else "none"
+        acc = c.get("accuracy_with_sin") if c.get("sin_rate") else c.get("accuracy_without_sin", c.get("accuracy"))
+        rows.append({"checkpoint": c.get("name", card_path.stem), "status": str(c.get("status", "?")).split(":")[0],
+                     "dataset": c.get("dataset", "?"), "arch": c.get("arch", "?"), "SIN": sin,
+                     "accuracy_%": None if acc is None else round(float(acc), 2),
+                     "epochs": f"{c.get('epochs_done', '?')}/{c.get('epochs', '?')}",
+                     "train_hours": round(c["train_seconds"] / 3600, 1) if c.get("train_seconds") else None})
+    return pd.DataFrame(rows)
+
+
+def models(argv=None) -> int:
+    """``python -m scalecert models``: a Markdown table of the shipped checkpoints, read from their cards."""
+    p = argparse.ArgumentParser(prog="python -m scalecert models", description=models.__doc__)
+    p.add_argument("--dir", default=str(CHECKPOINT_DIR), help="checkpoint folder")
+    a = p.parse_args(argv)
+    table = models_table(Path(a.dir))
+    print(table.to_markdown(index=False) if len(table) else f"no checkpoint cards in {a.dir}")
+    return 0

@@ -113,3 +113,17 @@ def test_finished_training_job_is_not_redone(tmp_path, monkeypatch):
     assert json.loads((tmp_path / "m.json").read_text())["note"] == "hand-written"
     assert T.finished_card(T.parse(["--name", "m", "--dataset", "cifar10", "--epochs", "8",
                                     "--out-dir", str(tmp_path)])) is None   # more epochs asked: resume
+
+
+def test_models_table_reads_every_card(tmp_path):
+    import json
+    from scalecert.cli import models_table
+    (tmp_path / "a.json").write_text(json.dumps({"name": "a", "status": "final", "sin_layer": 1, "sin_rate": 0.1,
+                                                 "accuracy_with_sin": 70.0, "accuracy_without_sin": 60.0,
+                                                 "epochs_done": 5, "epochs": 5, "train_seconds": 7200}))
+    (tmp_path / "b.json").write_text(json.dumps({"name": "b", "status": "provisional: snapshot", "sin_rate": None,
+                                                 "accuracy_without_sin": 80.0, "epochs_done": 2, "epochs": 9}))
+    t = models_table(tmp_path)
+    assert list(t.checkpoint) == ["a", "b"] and list(t.status) == ["final", "provisional"]
+    assert list(t["accuracy_%"]) == [70.0, 80.0] and list(t.SIN) == ["layer 1 at 10%", "none"]
+    assert list(t.epochs) == ["5/5", "2/9"] and t.train_hours[0] == 2.0
