@@ -92,7 +92,7 @@ def merge(run: Path, n: int, chunk_size: int, ids=None) -> pd.DataFrame:
         path = run / f"chunk-{c:05d}.csv"
         if not path.is_file():
             raise CacheMismatch(f"{path} is missing: the run is incomplete (start it again to resume)")
-        df = pd.read_csv(path)
+        df = pd.read_csv(path, dtype={"config_key": str})  # a hex key like "4590e25..." would parse as a float
         if (df["config_key"] != run.name).any():
             raise CacheMismatch(f"{path} was made with configuration {df['config_key'].iloc[0]}, not {run.name}")
         if len(df) != len(r):

@@ -69,3 +69,11 @@ def test_foreign_shard_is_refused(tmp_path):
     (a / "config.json").write_text('{"x": 3}')
     with pytest.raises(R.CacheMismatch, match="another configuration"):
         R.open_run({"x": 1}, tmp_path)
+
+
+@pytest.mark.parametrize("key", ["4590e25879323460", "0000000000001234", "1e5"])
+def test_numeric_looking_config_keys_still_merge(tmp_path, key):
+    run = tmp_path / key  # keys are hex strings; some look like numbers to a CSV reader
+    run.mkdir()
+    R.compute(run, 2, 2, lambda r: pd.DataFrame({"id": list(r), "pred": [7, 8]}), progress=False)
+    assert R.merge(run, 2, 2, ids=[0, 1])["config_key"].tolist() == [key, key]
