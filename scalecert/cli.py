@@ -232,10 +232,10 @@ def audit(argv=None) -> int:
     patch = a.patch if a.patch is not None else (2.4 if name == "cifar10" else 2.0)
     n = 10 if a.quick else a.images
     x, y, _ = eval_subset(name, n, a.seed)
+    span = x.shape[-1] - patch_pixels(patch, x.shape[-1]) + 1  # patch positions per axis
     if a.stride is None:
-        span = x.shape[-1] - patch_pixels(patch, x.shape[-1]) + 1
         a.stride = math.ceil(span / 32) if a.quick else 1
-    attack_stride = math.ceil((x.shape[-1] - patch_pixels(patch, x.shape[-1]) + 1) / 4) if a.quick else a.stride
+    attack_stride = math.ceil(span / 4) if a.quick else a.stride
     out = {}
     for mode in ("sound", "paper"):
         eng = Engine(model, x.shape[-1], patch, r=a.r, tau=a.tau, mode=mode, device=a.device)

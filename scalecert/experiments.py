@@ -51,7 +51,7 @@ def certify_cached(dataset: str, checkpoint: str, patch: float, *, per_class: in
     if not sin:
         model.set_sin(model.sin_layer, None)
     ds = D.load_dataset(dataset, "eval")
-    ids = list(range(len(ds))) if per_class is None else ds.subset(per_class, seed).tolist()
+    ids = eval_ids(ds, per_class, seed)
     early = (rule == "strict") if early_stop is None else early_stop
     config = {"dataset": dataset, "checkpoint_sha256": model.card["sha256"], "patch": patch, "mode": mode,
               "rule": rule, "tau": tau, "r": r, "layer": model.sin_layer, "rate": model.sin_rate,
@@ -89,7 +89,7 @@ def audit_cached(dataset: str, checkpoint: str, patch: float, *, per_class: int 
     dataset = D.check_dataset(dataset)
     model = load_model(checkpoint, device=device)
     ds = D.load_dataset(dataset, "eval")
-    ids = list(range(len(ds))) if per_class is None else ds.subset(per_class, seed).tolist()
+    ids = eval_ids(ds, per_class, seed)
     config = {"kind": "audit", "dataset": dataset, "checkpoint_sha256": model.card["sha256"], "patch": patch,
               "mode": mode, "tau": tau, "r": r, "layer": model.sin_layer, "rate": model.sin_rate,
               "ids": R.config_key({"ids": ids}), "stride": stride, "attack_stride": attack_stride or stride,
@@ -140,9 +140,14 @@ def cached_universal_patch(dataset: str, checkpoint: str, patch_pct: float, targ
     return patch
 
 
+def eval_ids(ds: D.ImageSet, per_class: int | None, seed: int = 0) -> list[int]:
+    """Return the image indices of a seeded class-balanced subset (every index if per_class is None)."""
+    return list(range(len(ds))) if per_class is None else ds.subset(per_class, seed).tolist()
+
+
 def eval_images(dataset: str, per_class: int | None, seed: int = 0):
     """Return (images, labels, ids) of a class-balanced evaluation subset (the whole split if per_class is None)."""
     ds = D.load_dataset(dataset, "eval")
-    ids = list(range(len(ds))) if per_class is None else ds.subset(per_class, seed).tolist()
+    ids = eval_ids(ds, per_class, seed)
     x, y = ds.tensors(ids)
     return x, y, ids

@@ -14,6 +14,7 @@ import pandas as pd
 
 from .. import data as D
 from .. import results as R
+from ..experiments import eval_ids
 from ..models import CHECKPOINT_DIR
 
 
@@ -76,7 +77,7 @@ def peer_cached(name: str, dataset: str, patch: float, *, per_class: int | None,
         raise ValueError(f"{name} has no {dataset} model (the paper reports it on other data only)")
     model = pr.loader(ck, device=device)
     ds = D.load_dataset(dataset, "eval")
-    ids = list(range(len(ds))) if per_class is None else ds.subset(per_class, seed).tolist()
+    ids = eval_ids(ds, per_class, seed)
     config = {"peer": name, "dataset": dataset, "checkpoint_sha256": model.card["sha256"], "patch": patch,
               "ids": R.config_key({"ids": ids}), "chunk_images": chunk_images}
     run = R.open_run(config)
