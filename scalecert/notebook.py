@@ -23,10 +23,14 @@ def check_datasets(datasets) -> list[str]:
     return [D.check_dataset(d) for d in datasets]
 
 
-def per_class(profile: str, n_per_class: int | None = None) -> int | None:
-    """Return images per class: the explicit value if given, else the profile's."""
+def per_class(profile: str, n_per_class: int | None = None, **profile_sizes: int | None) -> int | None:
+    """Return images per class: the explicit value if given, else the notebook's size for the profile
+    (``profile_sizes``, e.g. ``quick=3`` for a costly sweep), else the profile's default."""
     if n_per_class is not None:
         if int(n_per_class) < 1:
             raise ValueError(f"n_per_class must be >= 1, got {n_per_class}")
         return int(n_per_class)
-    return PROFILES[check_profile(profile)]
+    unknown = set(profile_sizes) - set(PROFILES)
+    if unknown:
+        raise ValueError(f"unknown profile(s) {sorted(unknown)}: expected names from {sorted(PROFILES)}")
+    return profile_sizes.get(check_profile(profile), PROFILES[profile])

@@ -43,3 +43,14 @@ def test_bad_parameter_stops_at_the_first_cell(tmp_path, params, match):
     nb = nbformat.read(tmp_path / "out.ipynb", 4)
     executed = [c for c in nb.cells if c.cell_type == "code" and c.get("execution_count")]
     assert len(executed) <= 3  # parameters, injected parameters, the checking cell
+
+
+def test_per_class_takes_the_explicit_value_then_the_notebook_size_then_the_profile_default():
+    from scalecert import notebook as N
+    assert N.per_class("quick") == 10 and N.per_class("paper") is None
+    assert N.per_class("quick", quick=3) == 3 and N.per_class("tiny", quick=3) == 1
+    assert N.per_class("paper", 5, paper=10) == 5
+    with pytest.raises(ValueError, match="unknown profile"):
+        N.per_class("quick", fast=3)
+    with pytest.raises(ValueError, match=">= 1"):
+        N.per_class("quick", 0)
