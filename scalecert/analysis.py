@@ -17,9 +17,12 @@ Conventions (stated once, used everywhere):
 """
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pandas as pd
 import torch
+from joblib import Parallel, delayed
 from sklearn.cluster import MeanShift
 
 from .geometry import footprint, rect_masks
@@ -57,20 +60,23 @@ def distance_deviation(points: np.ndarray) -> float:
 
 
 def sin_statistics(model, images: torch.Tensor, n: int | None = None, bandwidth: float | None = None,
-                   kind: str = "benign", patch_boxes=None) -> tuple[pd.DataFrame, pd.DataFrame]:
+                   kind: str = "benign", patch_boxes=None, n_jobs: int | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Return (per-image table: clusters, densest cluster and its box; per-cluster table: size, s_c).
 
     With ``patch_boxes`` (pixel boxes (r0, c0, r1, c1) per image) the per-image table also holds
-    ``in_patch_share``: the share of the top-n SINs inside the patch's footprint.
+    ``in_patch_share``: the share of the top-n SINs inside the patch's footprint. MeanShift runs on
+    ``n_jobs`` processes (default: every core once there are 16 images or more; same result).
     """
     n = n or top_n(images.shape[-1])
     pts, (h, w) = top_sin_points(model, images, n)
     bw = bandwidth or 0.1 * h
     fps = footprint(model.geometry(), torch.as_tensor(np.asarray(patch_boxes)), h, w).numpy() \
         if patch_boxes is not None else None
+    if n_jobs is None:
+        n_jobs = (os.cpu_count() or 1) if len(pts) >= 16 else 1
+    fits = Parallel(n_jobs=n_jobs)(delayed(cluster_points)(p, bw) for p in pts)
     rows, crow = [], []
-    for i, p in enumerate(pts):
-        labels, _ = cluster_points(p, bw)
+    for i, (p, (labels, _)) in enumerate(zip(pts, fits)):
         sizes = np.bincount(labels)
         devs = np.array([distance_deviation(p[labels == c]) for c in range(len(sizes))])
         best = sorted(range(len(sizes)), key=lambda c: (-sizes[c], devs[c]))[0]

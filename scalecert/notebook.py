@@ -5,6 +5,8 @@ from . import data as D
 
 #: images per class used by each profile (None = the whole evaluation split)
 PROFILES = {"tiny": 1, "quick": 10, "paper": None}
+#: Adam steps of the universal patches (02-04) per profile; Imagenette patches dominate the quick profile's time
+PATCH_STEPS = {"tiny": 10, "quick": 100, "paper": 500}
 
 
 def check_profile(profile: str) -> str:
@@ -34,3 +36,12 @@ def per_class(profile: str, n_per_class: int | None = None, **profile_sizes: int
     if unknown:
         raise ValueError(f"unknown profile(s) {sorted(unknown)}: expected names from {sorted(PROFILES)}")
     return profile_sizes.get(check_profile(profile), PROFILES[profile])
+
+
+def patch_steps(profile: str, steps: int | None = None) -> int:
+    """Return the universal-patch optimisation steps: the explicit value if given, else the profile's."""
+    if steps is not None:
+        if int(steps) < 1:
+            raise ValueError(f"patch_steps must be >= 1, got {steps}")
+        return int(steps)
+    return PATCH_STEPS[check_profile(profile)]

@@ -1,4 +1,5 @@
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -86,6 +87,14 @@ def test_sin_statistics_and_stability_tables():
         y = m(x).argmax(1)
     tab = A.prediction_stability(m, x, x, y)
     assert list(tab.images) == ["benign", "patched"] and tab.before.eq(100).all()
+
+
+def test_sin_statistics_on_two_processes_equal_the_serial_run():
+    m = spread_model()
+    x = calibration_images(4, 32, 4)
+    serial, par = A.sin_statistics(m, x, n_jobs=1), A.sin_statistics(m, x, n_jobs=2)
+    pd.testing.assert_frame_equal(serial[0], par[0])
+    pd.testing.assert_frame_equal(serial[1], par[1])
 
 
 def test_localised_patch_is_found_by_the_sin_share_detector():

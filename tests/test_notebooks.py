@@ -54,3 +54,10 @@ def test_per_class_takes_the_explicit_value_then_the_notebook_size_then_the_prof
         N.per_class("quick", fast=3)
     with pytest.raises(ValueError, match=">= 1"):
         N.per_class("quick", 0)
+
+
+def test_patch_steps_by_profile_and_explicit():
+    from scalecert import notebook as N
+    assert N.patch_steps("tiny") == 10 and N.patch_steps("quick", 7) == 7
+    with pytest.raises(ValueError, match=">= 1"):
+        N.patch_steps("quick", 0)
