@@ -192,6 +192,18 @@ def bench_one(model, x, patch, tau=None, repeat: int = 1) -> dict:
             "speedup_vs_mr": mr_time / sc_time, "chunk": eng.chunk}
 
 
+def memory_probe(dataset: str, patch: float, tau: float | None, images: int, device: str = "cpu") -> dict:
+    """Return windows and peak RSS (MB) of one certify run in a fresh Python process (RSS is per process)."""
+    import subprocess
+    code = ("import json, sys; from scalecert import cli; "
+            f"m = cli.load_model(cli.default_checkpoint({dataset!r}), device={device!r}); "
+            f"x, _, _ = cli.eval_subset({dataset!r}, max({images}, 10), 0); "
+            f"e = cli.Engine(m, x.shape[-1], {patch!r}, tau={tau!r}); e.run(x[:{images}].to({device!r}), early_stop=False); "
+            "print(json.dumps({'windows': len(e.family), 'chunk': e.chunk, 'peak_rss_mb': round(cli.peak_rss_mb(), 1)}))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return {"dataset": D.DATASET_LABELS[dataset], "tau": tau, **json.loads(out.stdout.strip().splitlines()[-1])}
+
+
 def bench(argv=None) -> int:
     """``python -m scalecert bench``: certify throughput vs plain forwards and vs Minority Reports."""
     p = argparse.ArgumentParser(prog="python -m scalecert bench", description=bench.__doc__)
@@ -199,6 +211,8 @@ def bench(argv=None) -> int:
     p.add_argument("--images", type=int, default=None)
     p.add_argument("--tau", type=float, default=0.3, help="window merging for the 224 case (paper: 0.3; 1 = none)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--memory", action="store_true",
+                   help="also the peak RSS of certify with few and with many windows, each in a fresh process")
     a = p.parse_args(argv)
     n = a.images or (4 if a.quick else 32)
     rows = []
@@ -214,6 +228,11 @@ def bench(argv=None) -> int:
                "windows_total": sum(r["windows_total"] for r in rows),
                "speedup_vs_mr": round(min(r["speedup_vs_mr"] for r in rows), 2),
                "peak_rss_mb": round(peak_rss_mb(), 1)}
+    if a.memory:  # memory must stay flat in the number of windows: CIFAR merged (few) vs unmerged (many)
+        probes = [memory_probe("cifar10", 2.4, tau, n, a.device) for tau in (0.3, None)]
+        for row in probes:
+            print(json.dumps(row))
+        summary["rss_mb_by_windows"] = {str(r["windows"]): r["peak_rss_mb"] for r in probes}
     print(json.dumps(summary))
     return 0
 

@@ -142,6 +142,21 @@ def test_cpu_chunk_follows_the_cache_budget(monkeypatch):
     assert default_chunk(1, "cpu") == 1024  # never above 1024
 
 
+@pytest.mark.parametrize("mode,sin", [("sound", True), ("paper", True), ("sound", False)])
+def test_no_batch_of_occluded_windows_exceeds_the_chunk(monkeypatch, mode, sin):
+    """Memory is flat in the number of windows: every occluded batch holds at most `chunk` windows."""
+    m = spread_model()
+    x = images(2, 32, seed=5)
+    if not sin:
+        m.sin = None
+    eng = Engine(m, 32, 5, chunk=64, mode=mode)
+    sizes = []
+    inner = eng.occluded_labels
+    monkeypatch.setattr(eng, "occluded_labels", lambda x, f, o, img, *a: sizes.append(len(img)) or inner(x, f, o, img, *a))
+    recs = eng.run(x, early_stop=False)
+    assert max(sizes) <= 64 and sum(sizes) == sum(r["n_candidates"] for r in recs) > 64 * 4
+
+
 def test_chunk_size_does_not_change_the_records():
     m = spread_model()
     x = images(3, 32, seed=4)
