@@ -172,7 +172,7 @@ def test_bench_one_reports_consistent_counts():
     from scalecert.cli import bench_one
     m = spread_model()
     x = images(2, 32, seed=5)
-    row = bench_one(m, x, 5)
+    row = bench_one(m, x, 5, repeat=1)
     recs = Engine(m, 32, 5).run(x, early_stop=False)
     assert row["windows_total"] == 26 * 26  # squares of side 5 + 3 - 1 = 7 at stride 1 on 32 px
     assert row["candidates_mean"] == sum(r["n_candidates"] for r in recs) / 2
@@ -209,3 +209,12 @@ def test_audit_cached_matches_audit_and_resumes_from_the_cache(tmp_path, monkeyp
     assert a.violations.sum() == 0
     monkeypatch.setattr(A, "audit_records", lambda *a_, **k: pytest.fail("recomputed a cached image"))
     pd.testing.assert_frame_equal(a, E.audit_cached("cifar10", str(path), 2.4, **kw))
+
+
+@pytest.mark.skipif(not __import__("os").path.exists("/proc/self/clear_refs"), reason="Linux /proc only")
+def test_run_peak_sees_an_allocation_and_resets_between_calls():
+    from scalecert.cli import run_peak_mb
+    before, peak = run_peak_mb(lambda: torch.ones(25_000_000).sum())  # 100 MB, freed on return
+    assert peak - before > 90
+    before, peak = run_peak_mb(lambda: None)
+    assert peak - before < 20
