@@ -17,12 +17,10 @@ Conventions (stated once, used everywhere):
 """
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import pandas as pd
 import torch
-from joblib import Parallel, delayed
+from joblib import Parallel, cpu_count, delayed
 from sklearn.cluster import MeanShift
 
 from .geometry import footprint, rect_masks
@@ -65,15 +63,15 @@ def sin_statistics(model, images: torch.Tensor, n: int | None = None, bandwidth:
 
     With ``patch_boxes`` (pixel boxes (r0, c0, r1, c1) per image) the per-image table also holds
     ``in_patch_share``: the share of the top-n SINs inside the patch's footprint. MeanShift runs on
-    ``n_jobs`` processes (default: every core once there are 16 images or more; same result).
+    ``n_jobs`` processes (default: every core the process may use, once there are 32 images or more; same result).
     """
     n = n or top_n(images.shape[-1])
     pts, (h, w) = top_sin_points(model, images, n)
     bw = bandwidth or 0.1 * h
     fps = footprint(model.geometry(), torch.as_tensor(np.asarray(patch_boxes)), h, w).numpy() \
         if patch_boxes is not None else None
-    if n_jobs is None:
-        n_jobs = (os.cpu_count() or 1) if len(pts) >= 16 else 1
+    if n_jobs is None:  # worker start-up (imports) costs about a second: only worth it for many images
+        n_jobs = min(cpu_count(), len(pts)) if len(pts) >= 32 else 1
     fits = Parallel(n_jobs=n_jobs)(delayed(cluster_points)(p, bw) for p in pts)
     rows, crow = [], []
     for i, (p, (labels, _)) in enumerate(zip(pts, fits)):

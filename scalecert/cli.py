@@ -171,12 +171,17 @@ def bench_one(model, x, patch, tau=None, repeat: int = 3) -> dict:
     Each of the three is timed ``repeat`` times, interleaved, and its fastest time kept (as timeit does),
     so a burst of other work on the machine does not land on one side of the ratio only.
     """
+    if repeat < 1:
+        raise ValueError(f"repeat must be >= 1, got {repeat}")
     eng = Engine(model, x.shape[-1], patch, tau=tau)
     eng.run(x[:1], early_stop=False)  # warm-up
     saved = model.sin
     model.sin = None  # Minority Reports: same family and model, no SIN, every window
-    mr = Engine(model, x.shape[-1], patch, tau=tau)
-    model.sin = saved
+    try:
+        mr = Engine(model, x.shape[-1], patch, tau=tau)
+        mr.run(x[:1], early_stop=False)  # warm-up
+    finally:
+        model.sin = saved
     sc_times, fwd_times, mr_times = [], [], []
     for _ in range(repeat):
         t = time.perf_counter()
@@ -207,7 +212,11 @@ def _vm_kb(field: str) -> int:
 
 
 def run_peak_mb(fn) -> tuple[float, float]:
-    """Return (resident MB before, peak resident MB during fn()): the kernel's peak is reset first (Linux)."""
+    """Return (host resident MB before, peak host resident MB during fn()); the kernel's peak is reset first.
+
+    Linux only (/proc/self/clear_refs and VmHWM); raises OSError elsewhere. Device (CUDA) memory is not
+    included: see ``memory_probe``.
+    """
     Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
     before = _vm_kb("VmRSS")
     fn()
@@ -215,16 +224,21 @@ def run_peak_mb(fn) -> tuple[float, float]:
 
 
 def memory_probe(dataset: str, patch: float, tau: float | None, images: int, device: str = "cpu") -> dict:
-    """Return windows and the resident memory (MB) before and at the peak of one certify run, in a fresh process."""
+    """Return windows and the host resident memory (MB) before and at the peak of one certify run, in a fresh
+    process; on CUDA also the peak device memory allocated during the run."""
     import subprocess
-    code = ("import json; from scalecert import cli; "
+    code = ("import json, torch; from scalecert import cli; "
             f"m = cli.load_model(cli.default_checkpoint({dataset!r}), device={device!r}); "
             f"x, _, _ = cli.eval_subset({dataset!r}, max({images}, 10), 0); x = x[:{images}].to({device!r}); "
             f"e = cli.Engine(m, x.shape[-1], {patch!r}, tau={tau!r}); e.run(x[:1], early_stop=False); "
+            "cuda = x.is_cuda; cuda and torch.cuda.reset_peak_memory_stats(); "
             "b, p = cli.run_peak_mb(lambda: e.run(x, early_stop=False)); "
-            "print(json.dumps({'windows': len(e.family), 'chunk': e.chunk, 'rss_before_mb': round(b, 1), "
-            "'run_peak_rss_mb': round(p, 1)}))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+            "r = {'windows': len(e.family), 'chunk': e.chunk, 'rss_before_mb': round(b, 1), 'run_peak_rss_mb': round(p, 1)}; "
+            "cuda and r.update(run_peak_cuda_mb=round(torch.cuda.max_memory_allocated() / 2**20, 1)); "
+            "print(json.dumps(r))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    if out.returncode:
+        raise RuntimeError(f"memory probe failed ({dataset}, tau={tau}): {out.stderr.strip().splitlines()[-1:]}")
     return {"dataset": D.DATASET_LABELS[dataset], "tau": tau, **json.loads(out.stdout.strip().splitlines()[-1])}
 
 

@@ -35,7 +35,10 @@ def per_class(profile: str, n_per_class: int | None = None, **profile_sizes: int
     unknown = set(profile_sizes) - set(PROFILES)
     if unknown:
         raise ValueError(f"unknown profile(s) {sorted(unknown)}: expected names from {sorted(PROFILES)}")
-    return profile_sizes.get(check_profile(profile), PROFILES[profile])
+    size = profile_sizes.get(check_profile(profile), PROFILES[profile])
+    if size is not None and int(size) < 1:
+        raise ValueError(f"images per class for profile {profile!r} must be >= 1, got {size}")
+    return None if size is None else int(size)
 
 
 def patch_steps(profile: str, steps: int | None = None) -> int:

@@ -178,6 +178,24 @@ def test_bench_one_reports_consistent_counts():
     assert row["candidates_mean"] == sum(r["n_candidates"] for r in recs) / 2
     assert 0 < row["efficiency"] < 50 and row["speedup_vs_mr"] > 0
     assert m.sin is not None  # the Minority Reports timing restores the SIN layer
+    with pytest.raises(ValueError, match="repeat"):
+        bench_one(m, x, 5, repeat=0)
+
+
+def test_bench_one_restores_the_sin_layer_when_minority_reports_fails(monkeypatch):
+    from scalecert import cli
+
+    class Failing(Engine):
+        def __post_init__(self):
+            if self.model.sin is None:
+                raise RuntimeError("no room for Minority Reports")
+            super().__post_init__()
+
+    m = spread_model()
+    monkeypatch.setattr(cli, "Engine", Failing)
+    with pytest.raises(RuntimeError, match="no room"):
+        cli.bench_one(m, images(1, 32, seed=5), 5, repeat=1)
+    assert m.sin is not None
 
 
 def test_audit_attack_stride_only_thins_the_attack_positions():

@@ -53,6 +53,8 @@ def test_per_class_takes_the_explicit_value_then_the_notebook_size_then_the_prof
     with pytest.raises(ValueError, match="unknown profile"):
         N.per_class("quick", fast=3)
     with pytest.raises(ValueError, match=">= 1"):
+        N.per_class("quick", quick=0)
+    with pytest.raises(ValueError, match=">= 1"):
         N.per_class("quick", 0)
 
 
