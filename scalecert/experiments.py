@@ -33,6 +33,14 @@ def available(name: str) -> bool:
     return (CHECKPOINT_DIR / f"{name}.pt").is_file()
 
 
+def paper_figure(item: str) -> float:
+    """Return one number the paper reports outside its tables (data/paper/other_reported_figures.csv)."""
+    df = pd.read_csv(PAPER_DIR / "other_reported_figures.csv").set_index("item")
+    if item not in df.index:
+        raise KeyError(f"{item!r} is not in data/paper/other_reported_figures.csv")
+    return float(df.loc[item, "value"])
+
+
 def paper_table(name: str, dataset: str | None = None) -> pd.DataFrame:
     """Return one of the paper's tables (data/paper/NAME.csv), optionally the rows of a data set's paper counterpart."""
     df = pd.read_csv(PAPER_DIR / f"{name}.csv")

@@ -1,3 +1,4 @@
+import pytest
 import pandas as pd
 
 from scalecert.report import comparisons, sections
@@ -18,3 +19,11 @@ def test_sections_list_every_table_and_its_figures(tmp_path):
     text = "\n".join(sections(tmp_path))
     assert "## 05_certification" in text and "mean -1.0 over 1 rows" in text
     assert "05_certification_cifar10.png" in text and "06_topk" not in text
+
+
+def test_paper_figure_reads_the_papers_reported_numbers():
+    from scalecert import experiments as E
+    assert E.paper_figure("sec4_4_acc_after_patch") == 14.0
+    assert E.paper_figure("fig1e_detection_rate_at_alpha_0.01") == 82.1
+    with pytest.raises(KeyError, match="not in data/paper"):
+        E.paper_figure("fig9_unknown")
