@@ -1,7 +1,10 @@
 """Helpers for the parameterised notebooks: profile sizes and parameter checks."""
 from __future__ import annotations
 
+import math
+
 from . import data as D
+from .windows import patch_pixels
 
 #: images per class used by each profile (None = the whole evaluation split)
 PROFILES = {"tiny": 1, "quick": 10, "paper": None}
@@ -25,26 +28,52 @@ def check_datasets(datasets) -> list[str]:
     return [D.check_dataset(d) for d in datasets]
 
 
+def _positive_int(value, what: str) -> int:
+    """Return value as an int after checking it is >= 1 (ValueError naming ``what`` otherwise)."""
+    if int(value) < 1:
+        raise ValueError(f"{what} must be >= 1, got {value}")
+    return int(value)
+
+
 def per_class(profile: str, n_per_class: int | None = None, **profile_sizes: int | None) -> int | None:
     """Return images per class: the explicit value if given, else the notebook's size for the profile
     (``profile_sizes``, e.g. ``quick=3`` for a costly sweep), else the profile's default."""
     if n_per_class is not None:
-        if int(n_per_class) < 1:
-            raise ValueError(f"n_per_class must be >= 1, got {n_per_class}")
-        return int(n_per_class)
+        return _positive_int(n_per_class, "n_per_class")
     unknown = set(profile_sizes) - set(PROFILES)
     if unknown:
         raise ValueError(f"unknown profile(s) {sorted(unknown)}: expected names from {sorted(PROFILES)}")
     size = profile_sizes.get(check_profile(profile), PROFILES[profile])
-    if size is not None and int(size) < 1:
-        raise ValueError(f"images per class for profile {profile!r} must be >= 1, got {size}")
-    return None if size is None else int(size)
+    return None if size is None else _positive_int(size, f"images per class for profile {profile!r}")
 
 
 def patch_steps(profile: str, steps: int | None = None) -> int:
     """Return the universal-patch optimisation steps: the explicit value if given, else the profile's."""
-    if steps is not None:
-        if int(steps) < 1:
-            raise ValueError(f"patch_steps must be >= 1, got {steps}")
-        return int(steps)
-    return PATCH_STEPS[check_profile(profile)]
+    return by_profile(profile, steps, "patch_steps", **PATCH_STEPS)
+
+
+def by_profile(profile: str, value: int | None, what: str, **sizes: int) -> int:
+    """Return ``value`` if given (checked >= 1), else the size the notebook sets for the profile."""
+    if value is not None:
+        return _positive_int(value, what)
+    missing = set(PROFILES) - set(sizes)
+    if missing:
+        raise ValueError(f"{what} needs a size for every profile; missing {sorted(missing)}")
+    return _positive_int(sizes[check_profile(profile)], what)
+
+
+def check_patch(patch_pct, datasets) -> float | None:
+    """Return the patch size in % as a float (None stays None: the notebook's default) after checking
+    that it is a positive number giving a patch smaller than every data set's images."""
+    if patch_pct is None:
+        return None
+    if isinstance(patch_pct, bool) or not isinstance(patch_pct, (int, float)) or not math.isfinite(patch_pct) \
+            or patch_pct <= 0:
+        raise ValueError(f"patch_pct must be a positive number (% of the image area), got {patch_pct!r}")
+    for name in check_datasets(datasets):
+        n = D.ARCHIVES[name].size if name in D.ARCHIVES else 224
+        p = patch_pixels(float(patch_pct), n) if patch_pct <= 100 else n + 1
+        if p >= n:
+            raise ValueError(f"patch_pct={patch_pct} is a patch of at least {n} px: not smaller than the "
+                             f"{n}x{n} images of {D.DATASET_LABELS[name]}")
+    return float(patch_pct)

@@ -29,11 +29,16 @@ def test_every_notebook_is_covered_by_an_up_to_date_reference(src):
     assert any("parameters" in t for t in tags), f"{src.name} has no papermill parameters cell"
 
 
-@pytest.mark.parametrize("params,match", [({"datasets": "mnist"}, "unknown dataset"),
-                                          ({"profile": "huge"}, "unknown profile")])
-def test_bad_parameter_stops_at_the_first_cell(tmp_path, params, match):
+@pytest.mark.parametrize("notebook,params,match", [
+    ("00_data", {"datasets": "mnist"}, "unknown dataset"),
+    ("00_data", {"profile": "huge"}, "unknown profile"),
+    ("02_sin_localization", {"patch_pct": "150"}, "not smaller than the 32x32 images"),
+    ("09_empirical_recovery", {"patch_pct": "100", "datasets": "imagenette"}, "not smaller than the 224x224"),
+    ("04_adaptive_attack", {"patch_pct": "-2"}, "patch_pct must be a positive number"),
+])
+def test_bad_parameter_stops_at_the_first_cell(tmp_path, notebook, params, match):
     args = [sys.executable, "-m", "papermill", "--log-level", "ERROR", "-k", "python3",
-            str(SOURCES[0]), str(tmp_path / "out.ipynb")]
+            str(ROOT / "notebooks" / f"{notebook}.ipynb"), str(tmp_path / "out.ipynb")]
     for k, v in params.items():
         args += ["-p", k, v]
     run = subprocess.run(args, capture_output=True, text=True, env={"SCALECERT_FIG_DIR": str(tmp_path),
@@ -63,3 +68,31 @@ def test_patch_steps_by_profile_and_explicit():
     assert N.patch_steps("tiny") == 10 and N.patch_steps("quick", 7) == 7
     with pytest.raises(ValueError, match=">= 1"):
         N.patch_steps("quick", 0)
+
+
+def test_check_patch_accepts_patches_smaller_than_every_image_and_names_the_offender():
+    from scalecert import notebook as N
+    assert N.check_patch(None, ["cifar10"]) is None
+    assert N.check_patch(2, ["cifar10", "imagenette"]) == 2.0
+    assert N.check_patch(99.0, "imagenette") == 99.0  # 223 px of 224
+    for bad in (0, -1.0, float("nan"), "5", True):
+        with pytest.raises(ValueError, match="positive number"):
+            N.check_patch(bad, ["cifar10"])
+    with pytest.raises(ValueError, match="Imagenette-224"):
+        N.check_patch(100, ["imagenette"])
+    with pytest.raises(ValueError, match="CIFAR-10"):
+        N.check_patch(99, ["imagenette", "cifar10"])  # 223 of 224 px, but all 32 of 32
+    with pytest.raises(ValueError, match="unknown dataset"):
+        N.check_patch(2, ["mnist"])
+
+
+def test_by_profile_takes_the_explicit_value_else_the_profile_size():
+    from scalecert import notebook as N
+    assert N.by_profile("quick", None, "steps", tiny=1, quick=3, paper=10) == 3
+    assert N.by_profile("paper", 7, "steps", tiny=1, quick=3, paper=10) == 7
+    with pytest.raises(ValueError, match="steps must be >= 1"):
+        N.by_profile("quick", 0, "steps", tiny=1, quick=3, paper=10)
+    with pytest.raises(ValueError, match="missing \\['paper'\\]"):
+        N.by_profile("quick", None, "steps", tiny=1, quick=3)
+    with pytest.raises(ValueError, match="unknown profile"):
+        N.by_profile("huge", None, "steps", tiny=1, quick=3, paper=10)
