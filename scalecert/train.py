@@ -94,6 +94,11 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--eval-subset", type=int, default=0, help="evaluate per epoch on N images (0: all)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--out-dir", default=str(CHECKPOINT_DIR))
+    p.add_argument("--save-every", type=float, default=600.0,
+                   help="also save a mid-epoch state every N seconds (0: after every step), so that an "
+                        "interrupted epoch resumes at the step where it stopped")
+    p.add_argument("--stop-after-steps", type=int, default=0,
+                   help="stop after N optimiser steps of this process, as if interrupted (tests)")
     p.add_argument("--snapshot", action="store_true",
                    help="write a provisional checkpoint from the run's last finished epoch, without training")
     return p.parse_args(argv)
@@ -109,7 +114,8 @@ def finished_card(a: argparse.Namespace) -> dict | None:
 
 
 def train(a: argparse.Namespace, argv_text: str = "") -> dict:
-    """Run (or resume) one training job; write checkpoint + card; return the card."""
+    """Return the card of one training job after running (or resuming) it and writing checkpoint + card;
+    None if it stopped early on ``--stop-after-steps`` (its state saved)."""
     done = finished_card(a)
     if done is not None:
         # Re-running a finished job would only re-evaluate it and overwrite hand-written card notes.
@@ -142,24 +148,47 @@ def train(a: argparse.Namespace, argv_text: str = "") -> dict:
     run_dir = RUNS_DIR / a.name
     run_dir.mkdir(parents=True, exist_ok=True)
     state_path, log_path = run_dir / "state.pt", run_dir / "log.jsonl"
-    start, elapsed = 0, 0.0
+    start, elapsed, partial = 0, 0.0, None
     if state_path.is_file():
         st = torch.load(state_path, map_location=a.device, weights_only=False)
         model.load_state_dict(st["model"]), opt.load_state_dict(st["opt"]), sched.load_state_dict(st["sched"])
-        start, elapsed = st["epoch"], st["elapsed"]
-        print(f"resuming {a.name} after epoch {start}", file=sys.stderr)
+        start, elapsed, partial = st["epoch"], st["elapsed"], st.get("partial")
+        where = f"step {partial['step']} of epoch {start + 1}" if partial else f"epoch {start}"
+        print(f"resuming {a.name} after {where}", file=sys.stderr)
     gen = torch.Generator().manual_seed(a.seed)
     eval_idx = test_ds.subset(a.eval_subset // len(test_ds.classes), a.seed) if a.eval_subset else None
     pad = 4 if n == 32 else 16
+    steps_run = 0
+
+    def save_state(epoch: int, **extra) -> None:
+        tmp = state_path.with_suffix(".tmp")
+        torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
+                    "epoch": epoch, "elapsed": elapsed, **extra}, tmp)
+        os.replace(tmp, state_path)
+
     for epoch in range(start, a.epochs if not a.snapshot else start):
         gen.manual_seed(a.seed * 1000 + epoch)
-        t0 = time.time()
+        t0 = last_save = time.time()
         model.train()
         perm = torch.randperm(len(train_ds), generator=gen)[:n_train].numpy()
-        tot, correct, seen = 0.0, 0, 0
-        bar = tqdm(range(steps_per_epoch), desc=f"{a.name} {epoch + 1}/{a.epochs}", leave=False,
-                   mininterval=5, disable=None)
+        first, tot, correct, seen, dt_before = 0, 0.0, 0, 0, 0.0
+        if partial is not None:
+            # the draws of the finished steps are skipped by restoring the generator where they ended
+            gen.set_state(partial["gen"])
+            first, tot, correct, seen, dt_before = (partial[k] for k in ("step", "tot", "correct", "seen", "seconds"))
+            partial = None
+        bar = tqdm(range(first, steps_per_epoch), initial=first, total=steps_per_epoch,
+                   desc=f"{a.name} {epoch + 1}/{a.epochs}", leave=False, mininterval=5, disable=None)
         for s in bar:
+            now = time.time()
+            stop = a.stop_after_steps and steps_run >= a.stop_after_steps
+            if stop or (s > first and now - last_save >= a.save_every):
+                save_state(epoch, partial={"step": s, "gen": gen.get_state(), "tot": tot, "correct": correct,
+                                           "seen": seen, "seconds": dt_before + now - t0})
+                last_save = now
+                if stop:
+                    print(f"stopped {a.name} at step {s} of epoch {epoch + 1} (state saved)", file=sys.stderr)
+                    return None
             x, y = train_ds.tensors(np.sort(perm[s * a.batch_size: (s + 1) * a.batch_size]))
             x, y = augment(x, pad, gen).to(a.device), y.to(a.device)
             if occl and model.sin is not None:
@@ -186,8 +215,9 @@ def train(a: argparse.Namespace, argv_text: str = "") -> dict:
             tot += loss.item() * len(y)
             correct += (out.argmax(1) == y).sum().item()
             seen += len(y)
+            steps_run += 1
             bar.set_postfix(loss=f"{tot / seen:.3f}", acc=f"{100 * correct / seen:.1f}")
-        dt = time.time() - t0
+        dt = dt_before + time.time() - t0
         elapsed += dt
         acc = evaluate(model, test_ds, eval_idx, device=a.device)
         rec = {"epoch": epoch + 1, "loss": tot / seen, "train_acc": 100 * correct / seen,
@@ -195,16 +225,14 @@ def train(a: argparse.Namespace, argv_text: str = "") -> dict:
         with open(log_path, "a") as f:
             f.write(json.dumps(rec) + "\n")
         print(json.dumps(rec), file=sys.stderr, flush=True)
-        tmp = state_path.with_suffix(".tmp")
-        torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
-                    "epoch": epoch + 1, "elapsed": elapsed}, tmp)
-        os.replace(tmp, state_path)
+        save_state(epoch + 1)
     acc_sin = evaluate(model, test_ds, device=a.device)
     acc_plain = evaluate(model, test_ds, device=a.device, sin=False)
     finished = start if a.snapshot else a.epochs
+    more = f" and {partial['step']} steps of the next" if partial else ""
     card = {"name": a.name, "status": "final" if finished >= a.epochs and not a.max_train else
             f"provisional: trained on the first {a.max_train} images only" if a.max_train else
-            f"provisional: snapshot after epoch {finished} of {a.epochs} (training continues)",
+            f"provisional: snapshot after epoch {finished} of {a.epochs}{more} (training continues)",
             "epochs_done": finished, "dataset": D.DATASET_LABELS[name], "dataset_key": name,
             "epochs": a.epochs, "seed": a.seed, "init": a.init, "occlude_pct": a.occlude, "occlude_tau": a.occlude_tau, "occlude_sides_px": occl,
             "consistency": a.consistency, "lr": a.lr, "batch_size": a.batch_size,

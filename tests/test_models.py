@@ -127,3 +127,33 @@ def test_models_table_reads_every_card(tmp_path):
     assert list(t.checkpoint) == ["a", "b"] and list(t.status) == ["final", "provisional"]
     assert list(t["accuracy_%"]) == [70.0, 80.0] and list(t.SIN) == ["layer 1 at 10%", "none"]
     assert list(t.epochs) == ["5/5", "2/9"] and t.train_hours[0] == 2.0
+
+
+def test_interrupted_epoch_resumes_at_its_step_exactly(tmp_path, monkeypatch):
+    """Stopping mid-epoch and resuming gives the same weights, optimiser, schedule and generator as one run."""
+    from scalecert import train as T
+
+    def run(name, stop):
+        monkeypatch.setattr(T, "RUNS_DIR", tmp_path / "runs")
+        args = ["--name", name, "--dataset", "cifar10", "--sin-rate", "0.2", "--occlude", "2.4", "--consistency", "1",
+                "--epochs", "2", "--max-train", "48", "--batch-size", "16", "--eval-subset", "10", "--threads", "1",
+                "--out-dir", str(tmp_path), "--stop-after-steps", str(stop)]
+        assert T.train(T.parse(args)) is None
+        return torch.load(tmp_path / "runs" / name / "state.pt", weights_only=False)
+
+    whole = run("a", 5)                      # epoch 1 (3 steps) + 2 steps of epoch 2, then stop
+    run("b", 2)                              # stop inside epoch 1 ...
+    resumed = run("b", 3)                    # ... resume: its last step, then 2 steps of epoch 2
+    assert whole["epoch"] == resumed["epoch"] == 1 and whole["partial"]["step"] == resumed["partial"]["step"] == 2
+    for key in ("model", "sched"):
+        a, b = whole[key], resumed[key]
+        assert a.keys() == b.keys()
+        for k in a:
+            assert (torch.equal(a[k], b[k]) if isinstance(a[k], torch.Tensor) else a[k] == b[k]), (key, k)
+    assert torch.equal(whole["partial"]["gen"], resumed["partial"]["gen"])
+    assert whole["partial"]["tot"] == resumed["partial"]["tot"] and whole["partial"]["seen"] == 32
+    for s_a, s_b in zip(whole["opt"]["state"].values(), resumed["opt"]["state"].values()):
+        assert torch.equal(s_a["momentum_buffer"], s_b["momentum_buffer"])
+    logs = [(tmp_path / "runs" / n / "log.jsonl").read_text().splitlines() for n in "ab"]
+    assert [json.loads(x)["epoch"] for x in logs[1]] == [1]   # the interrupted epoch is logged once
+    assert json.loads(logs[0][0])["loss"] == json.loads(logs[1][0])["loss"]
