@@ -1,44 +1,127 @@
-"""Resumable epoch loops: a run folder holds ``state.pt`` (rewritten atomically after every epoch) and ``log.jsonl``.
+"""Resumable epoch loops: a run folder holds ``state.pt`` (rewritten atomically) and ``log.jsonl``.
 
-Any training loop can use it: :func:`resume_run` before the first epoch, :func:`end_epoch` after each.
-A state made with another configuration is refused, so a changed command never continues an old run.
+Any training loop can use :class:`ResumableRun`: it restores the last state, yields the epoch's
+batches (saving the step reached, the generator and the loop's running totals every ``save_every``
+seconds, so an interrupted epoch resumes at that step with the same random draws) and writes the
+state at the end of every epoch. A state made with another configuration is refused, so a changed
+command never continues an old run.
 """
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
 
-def resume_run(run_dir: Path, config: dict, device="cpu", **stateful) -> tuple[int, float]:
-    """Return (epochs done, seconds) of run_dir after loading its state.pt into ``stateful``; (0, 0.0) if new."""
+class Interrupted(RuntimeError):
+    """Raised by :meth:`ResumableRun.batches` after ``stop_after`` steps, its state saved (tests)."""
+
+
+def resume_run(run_dir: Path, config, device="cpu", **stateful) -> tuple[int, float, dict | None]:
+    """Return (epochs done, seconds, mid-epoch partial state or None) of run_dir after loading its
+    state.pt into ``stateful``; (0, 0.0, None) if new."""
     state_path = Path(run_dir) / "state.pt"
     if not state_path.is_file():
-        return 0, 0.0
+        return 0, 0.0, None
     st = torch.load(state_path, map_location=device, weights_only=False)
     if st.get("config") != config:
         raise ValueError(f"{state_path} was made with another configuration {st.get('config')}; "
                          "use another --name or delete the run directory")
     for key, obj in stateful.items():
         obj.load_state_dict(st[key])
-    print(f"resuming {Path(run_dir).name} after epoch {st['epoch']}", file=sys.stderr)
-    return st["epoch"], st["elapsed"]
+    partial = st.get("partial")
+    where = f"step {partial['step']} of epoch {st['epoch'] + 1}" if partial else f"epoch {st['epoch']}"
+    print(f"resuming {Path(run_dir).name} after {where}", file=sys.stderr)
+    return st["epoch"], st["elapsed"], partial
 
 
-def end_epoch(run_dir: Path, record: dict, config: dict, elapsed: float, **stateful) -> None:
+def save_state(run_dir: Path, config, epoch: int, elapsed: float, partial: dict | None = None, **stateful) -> None:
+    """Atomically rewrite run_dir/state.pt: ``epoch`` epochs done (+ the ``partial`` one's step, if given)."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    state = {key: obj.state_dict() for key, obj in stateful.items()}
+    extra = {} if partial is None else {"partial": partial}
+    torch.save(dict(state, epoch=epoch, elapsed=elapsed, config=config, **extra), run_dir / "state.tmp")
+    os.replace(run_dir / "state.tmp", run_dir / "state.pt")
+
+
+def end_epoch(run_dir: Path, record: dict, config, elapsed: float, **stateful) -> None:
     """Append ``record`` (with its "epoch") to run_dir/log.jsonl and atomically rewrite run_dir/state.pt."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     with open(run_dir / "log.jsonl", "a") as f:
         f.write(json.dumps(record) + "\n")
     print(json.dumps(record), file=sys.stderr, flush=True)
-    state = {key: obj.state_dict() for key, obj in stateful.items()}
-    torch.save(dict(state, epoch=record["epoch"], elapsed=elapsed, config=config), run_dir / "state.tmp")
-    os.replace(run_dir / "state.tmp", run_dir / "state.pt")
+    save_state(run_dir, config, record["epoch"], elapsed, **stateful)
+
+
+class ResumableRun:
+    """One training run that survives interruption at any step (see the module docstring).
+
+    ``start``/``elapsed``: epochs done and their seconds after resuming. ``stop_after`` > 0 raises
+    :class:`Interrupted` after that many steps of this process, its state saved (to test resumption).
+    """
+
+    def __init__(self, run_dir: Path, config, device="cpu", save_every: float = 600.0, stop_after: int = 0,
+                 **stateful):
+        self.run_dir, self.config, self.stateful = Path(run_dir), config, stateful
+        self.save_every, self.stop_after, self.steps_run = float(save_every), int(stop_after), 0
+        self.start, self.elapsed, self._partial = resume_run(run_dir, config, device, **stateful)
+        self._t0, self._before = time.time(), 0.0
+
+    @property
+    def partial(self) -> dict | None:
+        """Return the mid-epoch state the next :meth:`batches` call resumes from (None: a fresh epoch)."""
+        return self._partial
+
+    def batches(self, train_set, n_train: int, batch_size: int, pad: int, gen: torch.Generator, seed: int,
+                epoch: int, device="cpu", totals: dict | None = None, desc: str = ""):
+        """Yield the epoch's (x, y) batches as :func:`epoch_batches`, from the saved step if this epoch was
+        interrupted (``totals``, the caller's running sums, are restored in place and saved with the step)."""
+        totals = {} if totals is None else totals
+        partial, self._partial = self._partial, None
+        first, self._before, gen_state = 0, 0.0, None
+        if partial is not None:
+            first, self._before, gen_state = partial["step"], partial["seconds"], partial["gen"]
+            totals.update({k: partial[k] for k in totals})
+        steps = math.ceil(n_train / batch_size)
+        self._t0 = last = time.time()
+        from tqdm.auto import tqdm
+        bar = tqdm(total=steps, initial=first, desc=desc or f"{self.run_dir.name} {epoch + 1}", leave=False,
+                   mininterval=5, disable=None)
+        try:
+            for s, batch in enumerate(epoch_batches(train_set, n_train, batch_size, pad, gen, seed, epoch, device,
+                                                    first, gen_state), first):
+                yield batch
+                self.steps_run += 1
+                bar.update(1)
+                now = time.time()
+                stop = self.stop_after and self.steps_run >= self.stop_after
+                if stop or (s + 1 < steps and now - last >= self.save_every):
+                    save_state(self.run_dir, self.config, epoch, self.elapsed,
+                               {"step": s + 1, "gen": gen.get_state(), "seconds": self.epoch_seconds(), **totals},
+                               **self.stateful)
+                    last = now
+                    if stop:
+                        raise Interrupted(f"stopped {self.run_dir.name} at step {s + 1} of epoch {epoch + 1}")
+        finally:
+            bar.close()
+
+    def epoch_seconds(self) -> float:
+        """Return the seconds spent on the current epoch so far, including those before an interruption."""
+        return self._before + time.time() - self._t0
+
+    def end_epoch(self, record: dict) -> None:
+        """Add the epoch's seconds (``record["seconds"]`` if set) to ``elapsed``, log ``record`` and write the
+        end-of-epoch state."""
+        self.elapsed += record.get("seconds", self.epoch_seconds())
+        end_epoch(self.run_dir, record, self.config, self.elapsed, **self.stateful)
 
 
 def prepare(seed: int, threads: int, dataset: str, train_set=None, eval_set=None):
@@ -54,11 +137,14 @@ def prepare(seed: int, threads: int, dataset: str, train_set=None, eval_set=None
 
 
 def epoch_batches(train_set, n_train: int, batch_size: int, pad: int, gen: torch.Generator, seed: int,
-                  epoch: int, device="cpu"):
-    """Yield the augmented (x, y) batches of one epoch: a seeded permutation of the first n_train draws."""
+                  epoch: int, device="cpu", first_step: int = 0, gen_state: torch.Tensor | None = None):
+    """Yield the augmented (x, y) batches of one epoch: a seeded permutation of the first n_train draws
+    (from batch ``first_step`` on, with the generator set to ``gen_state`` first when resuming)."""
     from .train import augment
     gen.manual_seed(seed * 1000 + epoch)
     perm = torch.randperm(len(train_set), generator=gen)[:n_train].numpy()
-    for s in range(0, n_train, batch_size):
+    if gen_state is not None:
+        gen.set_state(gen_state)
+    for s in range(first_step * batch_size, n_train, batch_size):
         x, y = train_set.tensors(np.sort(perm[s: s + batch_size]))
         yield augment(x, pad, gen).to(device), y.to(device)

@@ -11,20 +11,18 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import shlex
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from . import data as D
 from .geometry import footprint, rect_masks
 from .models import CHECKPOINT_DIR, build, load_model, save_checkpoint
+from .runstate import Interrupted, ResumableRun
 from .windows import patch_pixels, window_side
 
 RUNS_DIR = Path(__file__).resolve().parent.parent / "data" / "runs"
@@ -147,85 +145,51 @@ def train(a: argparse.Namespace, argv_text: str = "") -> dict:
                                                 pct_start=0.15 if not a.init else 0.05)
     run_dir = RUNS_DIR / a.name
     run_dir.mkdir(parents=True, exist_ok=True)
-    state_path, log_path = run_dir / "state.pt", run_dir / "log.jsonl"
-    start, elapsed, partial = 0, 0.0, None
-    if state_path.is_file():
-        st = torch.load(state_path, map_location=a.device, weights_only=False)
-        model.load_state_dict(st["model"]), opt.load_state_dict(st["opt"]), sched.load_state_dict(st["sched"])
-        start, elapsed, partial = st["epoch"], st["elapsed"], st.get("partial")
-        where = f"step {partial['step']} of epoch {start + 1}" if partial else f"epoch {start}"
-        print(f"resuming {a.name} after {where}", file=sys.stderr)
+    # config None: the states of this loop predate configuration checks (see scalecert.runstate)
+    run = ResumableRun(run_dir, None, a.device, a.save_every, a.stop_after_steps, model=model, opt=opt, sched=sched)
+    start = run.start
+    partial = run.partial
     gen = torch.Generator().manual_seed(a.seed)
     eval_idx = test_ds.subset(a.eval_subset // len(test_ds.classes), a.seed) if a.eval_subset else None
     pad = 4 if n == 32 else 16
-    steps_run = 0
-
-    def save_state(epoch: int, **extra) -> None:
-        tmp = state_path.with_suffix(".tmp")
-        torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
-                    "epoch": epoch, "elapsed": elapsed, **extra}, tmp)
-        os.replace(tmp, state_path)
-
-    for epoch in range(start, a.epochs if not a.snapshot else start):
-        gen.manual_seed(a.seed * 1000 + epoch)
-        t0 = last_save = time.time()
-        model.train()
-        perm = torch.randperm(len(train_ds), generator=gen)[:n_train].numpy()
-        first, tot, correct, seen, dt_before = 0, 0.0, 0, 0, 0.0
-        if partial is not None:
-            # the draws of the finished steps are skipped by restoring the generator where they ended
-            gen.set_state(partial["gen"])
-            first, tot, correct, seen, dt_before = (partial[k] for k in ("step", "tot", "correct", "seen", "seconds"))
-            partial = None
-        bar = tqdm(range(first, steps_per_epoch), initial=first, total=steps_per_epoch,
-                   desc=f"{a.name} {epoch + 1}/{a.epochs}", leave=False, mininterval=5, disable=None)
-        for s in bar:
-            now = time.time()
-            stop = a.stop_after_steps and steps_run >= a.stop_after_steps
-            if stop or (s > first and now - last_save >= a.save_every):
-                save_state(epoch, partial={"step": s, "gen": gen.get_state(), "tot": tot, "correct": correct,
-                                           "seen": seen, "seconds": dt_before + now - t0})
-                last_save = now
-                if stop:
-                    print(f"stopped {a.name} at step {s} of epoch {epoch + 1} (state saved)", file=sys.stderr)
-                    return None
-            x, y = train_ds.tensors(np.sort(perm[s * a.batch_size: (s + 1) * a.batch_size]))
-            x, y = augment(x, pad, gen).to(a.device), y.to(a.device)
-            if occl and model.sin is not None:
-                b = len(y)
-                excl = random_window_exclude(model, n, occl, b, gen).to(a.device)
-                keep = torch.rand(b, generator=gen) < a.occlude_prob
-                excl[~keep.to(a.device)] = False
-                if a.consistency > 0:
-                    out = model(torch.cat([x, x]), torch.cat([torch.zeros_like(excl), excl]))
-                    clean, occ = out[:b], out[b:]
-                    loss = (F.cross_entropy(clean, y) + F.cross_entropy(occ, y)) / 2 + a.consistency * \
-                        F.kl_div(F.log_softmax(occ, 1), F.softmax(clean.detach(), 1), reduction="batchmean")
-                    out = clean
+    try:
+        for epoch in range(start, a.epochs if not a.snapshot else start):
+            model.train()
+            t = {"tot": 0.0, "correct": 0, "seen": 0}
+            for x, y in run.batches(train_ds, n_train, a.batch_size, pad, gen, a.seed, epoch, a.device, t,
+                                    desc=f"{a.name} {epoch + 1}/{a.epochs}"):
+                if occl and model.sin is not None:
+                    b = len(y)
+                    excl = random_window_exclude(model, n, occl, b, gen).to(a.device)
+                    keep = torch.rand(b, generator=gen) < a.occlude_prob
+                    excl[~keep.to(a.device)] = False
+                    if a.consistency > 0:
+                        out = model(torch.cat([x, x]), torch.cat([torch.zeros_like(excl), excl]))
+                        clean, occ = out[:b], out[b:]
+                        loss = (F.cross_entropy(clean, y) + F.cross_entropy(occ, y)) / 2 + a.consistency * \
+                            F.kl_div(F.log_softmax(occ, 1), F.softmax(clean.detach(), 1), reduction="batchmean")
+                        out = clean
+                    else:
+                        out = model(x, excl)
+                        loss = F.cross_entropy(out, y)
                 else:
-                    out = model(x, excl)
+                    out = model(x)
                     loss = F.cross_entropy(out, y)
-            else:
-                out = model(x)
-                loss = F.cross_entropy(out, y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            tot += loss.item() * len(y)
-            correct += (out.argmax(1) == y).sum().item()
-            seen += len(y)
-            steps_run += 1
-            bar.set_postfix(loss=f"{tot / seen:.3f}", acc=f"{100 * correct / seen:.1f}")
-        dt = dt_before + time.time() - t0
-        elapsed += dt
-        acc = evaluate(model, test_ds, eval_idx, device=a.device)
-        rec = {"epoch": epoch + 1, "loss": tot / seen, "train_acc": 100 * correct / seen,
-               "test_acc": acc, "seconds": dt, "lr": sched.get_last_lr()[0]}
-        with open(log_path, "a") as f:
-            f.write(json.dumps(rec) + "\n")
-        print(json.dumps(rec), file=sys.stderr, flush=True)
-        save_state(epoch + 1)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+                t["tot"] += loss.item() * len(y)
+                t["correct"] += (out.argmax(1) == y).sum().item()
+                t["seen"] += len(y)
+            dt = run.epoch_seconds()
+            acc = evaluate(model, test_ds, eval_idx, device=a.device)
+            run.end_epoch({"epoch": epoch + 1, "loss": t["tot"] / t["seen"], "train_acc": 100 * t["correct"] / t["seen"],
+                           "test_acc": acc, "seconds": dt, "lr": sched.get_last_lr()[0]})
+    except Interrupted as stop:
+        print(f"{stop} (state saved)", file=sys.stderr)
+        return None
+    elapsed = run.elapsed
     acc_sin = evaluate(model, test_ds, device=a.device)
     acc_plain = evaluate(model, test_ds, device=a.device, sin=False)
     finished = start if a.snapshot else a.epochs

@@ -378,3 +378,23 @@ def test_train_bagnet_writes_a_loadable_checkpoint_and_resumes(tmp_path):
     with pytest.raises(ValueError, match="another configuration"):
         train_bagnet("toy_bagnet", **dict(kw, lr=0.1))
     assert set(ARCHS) >= {"bagnet11_cifar", "bagnet17_w16"}
+
+
+def test_training_interrupted_mid_epoch_resumes_to_the_same_weights(tmp_path):
+    from scalecert.runstate import Interrupted
+    g = torch.Generator().manual_seed(0)
+    y = torch.arange(48) % 3
+    # pixel noise, so that the random crops and flips change the batches
+    x = torch.rand(48, 3, N, N, generator=g) * 0.4 + torch.nn.functional.one_hot(y, 3)[:, :, None, None] * 0.6
+    x = (x * 255).to(torch.uint8).numpy()
+    train = ImageSet(x, y.numpy(), ["a", "b", "c"], "toy", "train")
+    ev = ImageSet(x[:12], y[:12].numpy(), ["a", "b", "c"], "toy", "test")
+    kw = dict(arch="bagnet_tiny", epochs=2, batch_size=16, lr=0.05, runs_dir=tmp_path / "runs",
+              out_dir=tmp_path / "ckpt", train_set=train, eval_set=ev, command="test", threads=1)
+    whole = train_bagnet("whole", **kw)
+    with pytest.raises(Interrupted, match="step 2 of epoch 1"):
+        train_bagnet("cut", **kw, stop_after=2)
+    with pytest.raises(Interrupted, match="step 1 of epoch 2"):
+        train_bagnet("cut", **kw, stop_after=2)        # the rest of epoch 1, then one step of epoch 2
+    assert train_bagnet("cut", **kw)["sha256"] == whole["sha256"]
+    assert len((tmp_path / "runs" / "cut" / "log.jsonl").read_text().splitlines()) == 2

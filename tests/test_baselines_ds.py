@@ -313,3 +313,16 @@ def test_train_ds_tiny_run_writes_card_log_and_resumes(tmp_path):
     assert again["sha256"] == card["sha256"]
     with pytest.raises(ValueError, match="another configuration"):
         train_ds("toy_ds", **dict(kw, lr=0.01))
+
+
+def test_training_interrupted_mid_epoch_resumes_to_the_same_weights(tmp_path):
+    from scalecert.runstate import Interrupted
+    g = torch.Generator().manual_seed(5)
+    x, y = two_colour_images(60, 16, g)
+    tr = ImageSet((x * 255).round().to(torch.uint8).numpy(), y.numpy(), ["r", "g", "b"], "toy", "train")
+    kw = dict(band=2, epochs=1, batch_size=20, lr=0.05, eval_subset=0, cert_eval=0, final_cert=3, cert_patch=2,
+              runs_dir=tmp_path / "runs", out_dir=tmp_path / "ck", train_set=tr, eval_set=tr, threads=1)
+    whole = train_ds("whole", **kw)
+    with pytest.raises(Interrupted, match="step 2 of epoch 1"):   # 3 steps: the band draws of steps 1-2 are skipped
+        train_ds("cut", **kw, stop_after=2)
+    assert train_ds("cut", **kw)["sha256"] == whole["sha256"]

@@ -266,3 +266,20 @@ def test_ramp_schedule_and_cost_estimate():
     cost = ibp_cost(32, 2.4, sample=4, repeats=1)
     assert cost["positions"] == 784 and cost["forwards_per_image"] == 1569
     assert cost["seconds_per_image"] == pytest.approx(cost["plain_forward_seconds"] + 784 * cost["seconds_per_pass"])
+
+
+def test_training_interrupted_mid_epoch_resumes_to_the_same_weights(tmp_path):
+    from scalecert.runstate import Interrupted
+    tr, ev = synthetic_set(48, 16, 0, "train"), synthetic_set(30, 16, 1, "test")
+    ev.labels = np.repeat([0, 1, 2], 10)
+    kw = dict(patch=2, epochs=2, batch_size=16, cert_eval=0, final_cert=3, runs_dir=tmp_path / "runs",
+              out_dir=tmp_path / "ckpt", train_set=tr, eval_set=ev, threads=1)
+    whole = train_ibp("whole", **kw)
+    with pytest.raises(Interrupted, match="step 1 of epoch 2"):
+        train_ibp("cut", **kw, stop_after=4)          # 3 steps per epoch: stops inside epoch 2
+    cut = train_ibp("cut", **kw)
+    assert cut["sha256"] == whole["sha256"]
+    logs = [[json.loads(x) for x in (tmp_path / "runs" / n / "log.jsonl").read_text().splitlines()]
+            for n in ("whole", "cut")]
+    for a, b in zip(*logs, strict=True):
+        assert {k: v for k, v in a.items() if k != "seconds"} == {k: v for k, v in b.items() if k != "seconds"}

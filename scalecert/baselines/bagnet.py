@@ -59,7 +59,6 @@ import json
 import math
 import shlex
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -69,7 +68,7 @@ from torch import nn
 from ..geometry import Geometry, units_geometry
 from ..models import CHECKPOINT_DIR, CIFAR_MEAN, CIFAR_STD, IMAGENET_MEAN, IMAGENET_STD, Normalize
 from ..models import read_checkpoint, save_checkpoint
-from ..runstate import end_epoch, epoch_batches, prepare, resume_run
+from ..runstate import ResumableRun, prepare
 
 #: name -> (stem (width, kernel, stride), stages as (blocks, out channels, stride, blocks with a 3x3), mean, std)
 ARCHS = {
@@ -197,7 +196,8 @@ def train_step(model: BagNet, opt: torch.optim.Optimizer, x: torch.Tensor, y: to
 def train_bagnet(name: str, dataset: str = "cifar10", arch: str | None = None, epochs: int = 30,
                  batch_size: int = 128, lr: float = 0.1, wd: float = 5e-4, seed: int = 0, threads: int = 0,
                  max_train: int = 0, eval_subset: int = 1000, device="cpu", runs_dir=None, out_dir=None,
-                 train_set=None, eval_set=None, command: str = "") -> dict:
+                 train_set=None, eval_set=None, command: str = "",
+                 save_every: float = 600.0, stop_after: int = 0) -> dict:
     """Train (or resume) a BagNet; write runs_dir/NAME/{state.pt,log.jsonl} and out_dir/NAME.{pt,json}; return the card.
 
     One JSON line per epoch in log.jsonl (loss, train accuracy, accuracy on ``eval_subset``
@@ -218,24 +218,22 @@ def train_bagnet(name: str, dataset: str = "cifar10", arch: str | None = None, e
               "max_train": max_train}
     run_dir = Path(runs_dir or RUNS_DIR) / name
     log_path = run_dir / "log.jsonl"
-    start, elapsed = resume_run(run_dir, config, device, model=model, opt=opt, sched=sched)
+    run = ResumableRun(run_dir, config, device, save_every, stop_after, model=model, opt=opt, sched=sched)
     gen = torch.Generator().manual_seed(seed)
     eval_idx = (eval_set.subset(max(1, eval_subset // len(eval_set.classes)), seed)
                 if 0 < eval_subset < len(eval_set) else None)
     pad = max(1, n // 8) if n < 224 else 16
-    for epoch in range(start, epochs):
-        t0 = time.time()
-        tot, correct, seen = 0.0, 0, 0
-        for x, y in epoch_batches(train_set, n_train, batch_size, pad, gen, seed, epoch, device):
+    for epoch in range(run.start, epochs):
+        t = {"tot": 0.0, "correct": 0, "seen": 0}
+        for x, y in run.batches(train_set, n_train, batch_size, pad, gen, seed, epoch, device, t):
             loss, right = train_step(model, opt, x, y)
             sched.step()
-            tot, correct, seen = tot + loss * len(y), correct + right, seen + len(y)
-        dt = time.time() - t0
-        elapsed += dt
-        rec = {"epoch": epoch + 1, "loss": tot / seen, "train_acc": 100 * correct / seen,
-               "test_acc": evaluate(model, eval_set, eval_idx, device=device), "lr": sched.get_last_lr()[0],
-               "seconds": round(dt, 1)}
-        end_epoch(run_dir, rec, config, elapsed, model=model, opt=opt, sched=sched)
+            t["tot"], t["correct"], t["seen"] = t["tot"] + loss * len(y), t["correct"] + right, t["seen"] + len(y)
+        dt = run.epoch_seconds()
+        run.end_epoch({"epoch": epoch + 1, "loss": t["tot"] / t["seen"], "train_acc": 100 * t["correct"] / t["seen"],
+                       "test_acc": evaluate(model, eval_set, eval_idx, device=device), "lr": sched.get_last_lr()[0],
+                       "seconds": round(dt, 1)})
+    elapsed = run.elapsed
     model.eval()
     geo = model.geometry()
     root = D.PROJECT_ROOT.resolve()
@@ -268,6 +266,8 @@ def main(argv=None) -> int:
     t.add_argument("--wd", type=float, default=5e-4)
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--threads", type=int, default=0)
+    t.add_argument("--save-every", type=float, default=600.0,
+                   help="save a mid-epoch state every N seconds (an interrupted epoch resumes at its step)")
     t.add_argument("--max-train", type=int, default=0, help="use only N training images per epoch")
     t.add_argument("--eval-subset", type=int, default=1000, help="images evaluated after each epoch")
     t.add_argument("--device", default="cpu")
@@ -286,7 +286,7 @@ def main(argv=None) -> int:
         return 0
     card = train_bagnet(a.name, a.dataset, a.arch, a.epochs, a.batch_size, a.lr, a.wd, a.seed, a.threads,
                         a.max_train, a.eval_subset, a.device, runs_dir=a.runs_dir, out_dir=a.out_dir,
-                        command="python -m scalecert.baselines.bagnet " + shlex.join(argv))
+                        command="python -m scalecert.baselines.bagnet " + shlex.join(argv), save_every=a.save_every)
     print(json.dumps({k: card[k] for k in ("name", "clean_accuracy", "sha256")}))
     return 0
 

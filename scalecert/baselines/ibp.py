@@ -77,7 +77,7 @@ from ..audit import patch_positions
 from ..defense import check_images, check_labels, default_chunk
 from ..geometry import rect_masks
 from ..models import CHECKPOINT_DIR, CIFAR_MEAN, CIFAR_STD, Normalize, read_checkpoint, save_checkpoint
-from ..runstate import end_epoch, epoch_batches, prepare, resume_run
+from ..runstate import ResumableRun, prepare
 from ..windows import patch_pixels
 from . import batch_ids, records_frame
 
@@ -417,7 +417,8 @@ def train_ibp(name: str, patch=2.4, epochs: int = 20, dataset: str = "cifar10", 
               power: float = 2.0, clip: float | None = 10.0,
               seed: int = 0, threads: int = 0, max_train: int = 0, eval_subset: int = 1000,
               cert_eval: int = 50, final_cert: int = 500, device="cpu", runs_dir=None, out_dir=None,
-              train_set=None, eval_set=None, command: str = "") -> dict:
+              train_set=None, eval_set=None, command: str = "",
+              save_every: float = 600.0, stop_after: int = 0) -> dict:
     """Train (or resume) an IBP patch model; write data/runs/NAME/{state.pt,log.jsonl} and a checkpoint + card.
 
     One JSON line per epoch in log.jsonl (loss, clean/robust CE, train acc, clean test accuracy on
@@ -441,26 +442,27 @@ def train_ibp(name: str, patch=2.4, epochs: int = 20, dataset: str = "cifar10", 
               "max_train": max_train}
     run_dir = Path(runs_dir or RUNS_DIR) / name
     log_path = run_dir / "log.jsonl"
-    start, elapsed = resume_run(run_dir, config, device, model=model, opt=opt)
+    run = ResumableRun(run_dir, config, device, save_every, stop_after, model=model, opt=opt)
     gen = torch.Generator().manual_seed(seed)
     eval_idx = _balanced(eval_set, eval_subset, seed)
     pad = max(1, n // 8)
-    for epoch in range(start, epochs):
-        t0 = time.time()
-        sums, seen, rob_seen = {"loss": 0.0, "clean_ce": 0.0, "robust_ce": 0.0, "acc": 0.0}, 0, 0
-        batches = epoch_batches(train_set, n_train, batch_size, pad, gen, seed, epoch, device)
-        for s, (xb, yb) in enumerate(batches):
+    for epoch in range(run.start, epochs):
+        sums = {"loss": 0.0, "clean_ce": 0.0, "robust_ce": 0.0, "acc": 0.0, "seen": 0, "rob_seen": 0}
+        batches = run.batches(train_set, n_train, batch_size, pad, gen, seed, epoch, device, sums)
+        first = run.partial["step"] if run.partial else 0
+        for s, (xb, yb) in enumerate(batches, first):
             step = epoch * steps_per_epoch + s
             for g in opt.param_groups:
                 g["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / max(1, total)))
             eps, kappa = ramp_schedule(step, total, warmup, ramp, kappa_end, power)
             st = train_step(model, opt, xb, yb, p, eps, kappa, gen, k, selection, candidates, clip)
-            for key in sums:
+            for key in ("loss", "clean_ce", "robust_ce", "acc"):
                 sums[key] += (0.0 if math.isnan(st[key]) else st[key]) * len(yb)
-            seen += len(yb)
-            rob_seen += 0 if math.isnan(st["robust_ce"]) else len(yb)
-        dt = time.time() - t0
-        elapsed += dt
+            sums["seen"] += len(yb)
+            sums["rob_seen"] += 0 if math.isnan(st["robust_ce"]) else len(yb)
+        dt = run.epoch_seconds()
+        eps, kappa = ramp_schedule((epoch + 1) * steps_per_epoch - 1, total, warmup, ramp, kappa_end, power)
+        seen, rob_seen = sums.pop("seen"), sums.pop("rob_seen")
         rec = {"epoch": epoch + 1, **{key: v / max(1, seen) for key, v in sums.items()},
                "robust_ce": sums["robust_ce"] / rob_seen if rob_seen else None,
                "eps": eps, "kappa": kappa, "lr": opt.param_groups[0]["lr"],
@@ -468,7 +470,8 @@ def train_ibp(name: str, patch=2.4, epochs: int = 20, dataset: str = "cifar10", 
                "cert_acc": certified_accuracy(model, eval_set, _balanced(eval_set, cert_eval, seed)[:cert_eval],
                                               patch, device=device) if cert_eval else None,
                "cert_images": cert_eval, "seconds": dt}
-        end_epoch(run_dir, rec, config, elapsed, model=model, opt=opt)
+        run.end_epoch(rec)
+    elapsed = run.elapsed
     model.eval()
     cert_idx = _balanced(eval_set, final_cert, seed)[:final_cert] if final_cert else []
     t0 = time.time()
@@ -566,6 +569,8 @@ def main(argv=None) -> int:
     t.add_argument("--clip", type=float, default=10.0, help="clip the gradient norm to this value (0: off)")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--threads", type=int, default=0)
+    t.add_argument("--save-every", type=float, default=600.0,
+                   help="save a mid-epoch state every N seconds (an interrupted epoch resumes at its step)")
     t.add_argument("--max-train", type=int, default=0, help="use only N training images (tests)")
     t.add_argument("--eval-subset", type=int, default=1000, help="clean accuracy per epoch on N images (0: all)")
     t.add_argument("--cert-eval", type=int, default=50, help="certified accuracy per epoch on N images")

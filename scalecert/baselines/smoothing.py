@@ -101,7 +101,7 @@ from torch import nn
 from ..defense import check_images, check_labels, default_chunk
 from ..models import (CHECKPOINT_DIR, CIFAR_STD, IMAGENET_STD, Normalize, SplitNet, build, read_checkpoint,
                       save_checkpoint)
-from ..runstate import end_epoch, epoch_batches, prepare, resume_run
+from ..runstate import ResumableRun, prepare
 from ..windows import patch_pixels
 from . import batch_ids, records_frame, summarise_records
 
@@ -519,7 +519,8 @@ def train_ds(name: str, dataset: str = "cifar10", arch: str | None = None, band:
              epochs: int = 30, batch_size: int = 128, lr: float = 0.1, wd: float = 5e-4, seed: int = 0,
              threads: int = 0, max_train: int = 0, eval_subset: int = 1000, cert_eval: int = 50,
              final_cert: int = 500, cert_patch=None, threshold="paper", device="cpu", runs_dir=None,
-             out_dir=None, train_set=None, eval_set=None, command: str = "") -> dict:
+             out_dir=None, train_set=None, eval_set=None, command: str = "",
+             save_every: float = 600.0, stop_after: int = 0) -> dict:
     """Train (or resume) a DS base model; write runs_dir/NAME/{state.pt,log.jsonl} and out_dir/NAME.{pt,json}.
 
     One JSON line per epoch in log.jsonl: loss and train accuracy (ablated), base accuracy on
@@ -545,26 +546,25 @@ def train_ds(name: str, dataset: str = "cifar10", arch: str | None = None, band:
               "seed": seed, "max_train": max_train}
     run_dir = Path(runs_dir or RUNS_DIR) / name
     log_path = run_dir / "log.jsonl"
-    start, elapsed = resume_run(run_dir, config, device, model=model, opt=opt, sched=sched)
+    run = ResumableRun(run_dir, config, device, save_every, stop_after, model=model, opt=opt, sched=sched)
     gen = torch.Generator().manual_seed(seed)
     eval_idx = _balanced(eval_set, eval_subset, seed)
     pad = {32: 4, 224: 16}.get(n, max(1, n // 8))
-    for epoch in range(start, epochs):
-        t0 = time.time()
-        tot, correct, seen = 0.0, 0, 0
-        for xb, yb in epoch_batches(train_set, n_train, batch_size, pad, gen, seed, epoch, device):
+    for epoch in range(run.start, epochs):
+        t = {"tot": 0.0, "correct": 0, "seen": 0}
+        for xb, yb in run.batches(train_set, n_train, batch_size, pad, gen, seed, epoch, device, t):
             loss, right = train_step(model, opt, xb, yb, band, gen)
             sched.step()
-            tot, correct, seen = tot + loss * len(yb), correct + right, seen + len(yb)
-        dt = time.time() - t0
-        elapsed += dt
-        rec = {"epoch": epoch + 1, "loss": tot / seen, "train_acc": 100 * correct / seen,
+            t["tot"], t["correct"], t["seen"] = t["tot"] + loss * len(yb), t["correct"] + right, t["seen"] + len(yb)
+        dt = run.epoch_seconds()
+        rec = {"epoch": epoch + 1, "loss": t["tot"] / t["seen"], "train_acc": 100 * t["correct"] / t["seen"],
                "base_acc": base_accuracy(model, eval_set, eval_idx, device=device, seed=seed),
                **({f"{k}_{cert_eval}": v for k, v in smoothed_accuracy(
                    model, eval_set, _balanced(eval_set, cert_eval, seed)[:cert_eval], cert_patch, theta,
                    device).items()} if cert_eval else {}),
                "lr": sched.get_last_lr()[0], "seconds": round(dt, 1)}
-        end_epoch(run_dir, rec, config, elapsed, model=model, opt=opt, sched=sched)
+        run.end_epoch(rec)
+    elapsed = run.elapsed
     model.eval()
     cert_idx = _balanced(eval_set, final_cert, seed)[:final_cert] if final_cert else []
     t0 = time.time()
@@ -609,6 +609,8 @@ def main(argv=None) -> int:
     t.add_argument("--wd", type=float, default=5e-4)
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--threads", type=int, default=0)
+    t.add_argument("--save-every", type=float, default=600.0,
+                   help="save a mid-epoch state every N seconds (an interrupted epoch resumes at its step)")
     t.add_argument("--max-train", type=int, default=0, help="use only N training images per epoch")
     t.add_argument("--eval-subset", type=int, default=1000, help="ablated images evaluated after each epoch")
     t.add_argument("--cert-eval", type=int, default=50, help="images certified after each epoch (0: none)")
