@@ -65,7 +65,9 @@ def chunks(n: int, size: int) -> list[range]:
 
 def compute(run: Path, n: int, chunk_size: int, fn, rank: int = 0, world: int = 1, progress: bool = True,
             fail_after: int | None = None) -> int:
-    """Compute this rank's missing chunks with ``fn(range) -> DataFrame``; return how many were computed."""
+    """Compute this rank's missing chunks with ``fn(range) -> DataFrame``; return how many were computed.
+
+    A chunk's time is its wall time plus ``df.attrs["extra_seconds"]`` (work ``fn`` reused from another configuration)."""
     from tqdm.auto import tqdm
     todo = [(c, r) for c, r in enumerate(chunks(n, chunk_size)) if c % world == rank
             and not (run / f"chunk-{c:05d}.csv").is_file()]
@@ -73,7 +75,7 @@ def compute(run: Path, n: int, chunk_size: int, fn, rank: int = 0, world: int = 
     for c, r in tqdm(todo, disable=not progress or rank != 0, desc=f"chunks (rank {rank})"):
         t = time.perf_counter()
         df = fn(r)
-        secs = time.perf_counter() - t
+        secs = time.perf_counter() - t + float(df.attrs.get("extra_seconds", 0.0))  # work reused from elsewhere
         df = df.drop(columns=[c_ for c_ in TIMING_COLUMNS if c_ in df.columns])
         df.insert(0, "config_key", run.name)
         atomic_write_text(run / f"chunk-{c:05d}.csv", df.to_csv(index=False))

@@ -76,3 +76,36 @@ def test_peer_card_accuracy_holds_on_a_subset(name):
     else:
         acc, ref = evaluate(model, ds, idx), card["clean_accuracy"]
     assert abs(acc - ref) <= 7.0, (acc, ref)
+
+
+def test_ds_votes_are_computed_once_and_charged_to_every_configuration(tmp_path, monkeypatch):
+    from scalecert.baselines import smoothing as S
+    torch.manual_seed(0)
+    path = tmp_path / "tiny_ds.pt"
+    save_checkpoint(S.ds_model("resnet20", 10, 4), path, {"name": "tiny_ds"})
+    calls = []
+
+    def counted(model, x, device):
+        calls.append(len(x))
+        return {"votes": S.ds_votes(model, x, device=device)}
+
+    peers = {n: H.Peer(n, "recovery", S.load_ds, f, {"cifar10": str(path)}, counted)
+             for n, f in (("DS", S.certify_ds), ("PG-Mask-DS", S.certify_pg_mask_ds))}
+    monkeypatch.setattr(H, "_peers", lambda: peers)
+    monkeypatch.setattr(H, "_SHARED", {})
+    monkeypatch.setattr(R, "CACHE_DIR", tmp_path / "cache")
+    got = {(n, pct): H.peer_cached(n, "cifar10", pct, per_class=1, chunk_images=5, progress=False)
+           for n in ("DS", "PG-Mask-DS") for pct in (0.4, 2.4)}
+    assert calls == [5, 5]                                 # one vote pass per chunk of images, for 4 configurations
+    model = S.load_ds(path)
+    from scalecert import data as D
+    from scalecert.experiments import eval_ids
+    ds = D.load_dataset("cifar10", "eval")
+    x, y = ds.tensors(eval_ids(ds, 1, 0))
+    for (n, pct), df in got.items():                       # same records as certifying without sharing
+        alone = peers[n].certify(model, x, y, pct, ids=eval_ids(ds, 1, 0))
+        cols = [c for c in alone.columns if c != "seconds"]
+        pd.testing.assert_frame_equal(df[cols].reset_index(drop=True), alone[cols], check_dtype=False)
+    first, reused = got[("DS", 0.4)].attrs["seconds_per_image"], got[("DS", 2.4)].attrs["seconds_per_image"]
+    vote_secs = sum(v[1] for v in H._SHARED.values()) / 10
+    assert reused >= vote_secs > 0 and first >= vote_secs    # the reusing configuration is charged the votes
