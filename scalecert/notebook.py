@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 
 from . import data as D
 from .windows import patch_pixels
@@ -29,9 +30,10 @@ def check_datasets(datasets) -> list[str]:
 
 
 def _positive_int(value, what: str) -> int:
-    """Return value as an int after checking it is >= 1 (ValueError naming ``what`` otherwise)."""
-    if int(value) < 1:
-        raise ValueError(f"{what} must be >= 1, got {value}")
+    """Return value as an int after checking it is a whole number >= 1 (ValueError naming ``what`` otherwise)."""
+    whole = isinstance(value, numbers.Integral) or (isinstance(value, numbers.Real) and float(value).is_integer())
+    if isinstance(value, bool) or not whole or value < 1:
+        raise ValueError(f"{what} must be a whole number >= 1, got {value!r}")
     return int(value)
 
 
@@ -54,12 +56,10 @@ def patch_steps(profile: str, steps: int | None = None) -> int:
 
 def by_profile(profile: str, value: int | None, what: str, **sizes: int) -> int:
     """Return ``value`` if given (checked >= 1), else the size the notebook sets for the profile."""
-    if value is not None:
-        return _positive_int(value, what)
-    missing = set(PROFILES) - set(sizes)
-    if missing:
-        raise ValueError(f"{what} needs a size for every profile; missing {sorted(missing)}")
-    return _positive_int(sizes[check_profile(profile)], what)
+    check_profile(profile)
+    if set(sizes) != set(PROFILES):
+        raise ValueError(f"{what} needs one size per profile {sorted(PROFILES)}; got {sorted(sizes)}")
+    return _positive_int(sizes[profile] if value is None else value, what)
 
 
 def check_patch(patch_pct, datasets) -> float | None:
@@ -67,11 +67,11 @@ def check_patch(patch_pct, datasets) -> float | None:
     that it is a positive number giving a patch smaller than every data set's images."""
     if patch_pct is None:
         return None
-    if isinstance(patch_pct, bool) or not isinstance(patch_pct, (int, float)) or not math.isfinite(patch_pct) \
+    if isinstance(patch_pct, bool) or not isinstance(patch_pct, numbers.Real) or not math.isfinite(patch_pct) \
             or patch_pct <= 0:
         raise ValueError(f"patch_pct must be a positive number (% of the image area), got {patch_pct!r}")
     for name in check_datasets(datasets):
-        n = D.ARCHIVES[name].size if name in D.ARCHIVES else 224
+        n = D.image_size(name)
         p = patch_pixels(float(patch_pct), n) if patch_pct <= 100 else n + 1
         if p >= n:
             raise ValueError(f"patch_pct={patch_pct} is a patch of at least {n} px: not smaller than the "

@@ -23,19 +23,23 @@ class Interrupted(RuntimeError):
     """Raised by :meth:`ResumableRun.batches` after ``stop_after`` steps, its state saved (tests)."""
 
 
-def resume_run(run_dir: Path, config, device="cpu", **stateful) -> tuple[int, float, dict | None]:
+def resume_run(run_dir: Path, config, device="cpu", accept_legacy: bool = False,
+               **stateful) -> tuple[int, float, dict | None]:
     """Return (epochs done, seconds, mid-epoch partial state or None) of run_dir after loading its
-    state.pt into ``stateful``; (0, 0.0, None) if new."""
+    state.pt into ``stateful``; (0, 0.0, None) if new. ``accept_legacy``: a state saved without a
+    configuration (by older code) is resumed instead of refused."""
     state_path = Path(run_dir) / "state.pt"
     if not state_path.is_file():
         return 0, 0.0, None
     st = torch.load(state_path, map_location=device, weights_only=False)
-    if st.get("config") != config:
+    if not (accept_legacy and "config" not in st) and st.get("config") != config:
         raise ValueError(f"{state_path} was made with another configuration {st.get('config')}; "
                          "use another --name or delete the run directory")
     for key, obj in stateful.items():
         obj.load_state_dict(st[key])
     partial = st.get("partial")
+    if partial is not None:  # map_location moved it; a torch.Generator takes its state on the CPU only
+        partial = dict(partial, gen=partial["gen"].cpu())
     where = f"step {partial['step']} of epoch {st['epoch'] + 1}" if partial else f"epoch {st['epoch']}"
     print(f"resuming {Path(run_dir).name} after {where}", file=sys.stderr)
     return st["epoch"], st["elapsed"], partial
@@ -69,16 +73,21 @@ class ResumableRun:
     """
 
     def __init__(self, run_dir: Path, config, device="cpu", save_every: float = 600.0, stop_after: int = 0,
-                 **stateful):
+                 accept_legacy: bool = False, **stateful):
         self.run_dir, self.config, self.stateful = Path(run_dir), config, stateful
         self.save_every, self.stop_after, self.steps_run = float(save_every), int(stop_after), 0
-        self.start, self.elapsed, self._partial = resume_run(run_dir, config, device, **stateful)
-        self._t0, self._before = time.time(), 0.0
+        self.start, self.elapsed, self._partial = resume_run(run_dir, config, device, accept_legacy, **stateful)
+        self._t0, self._before, self.bar = time.time(), 0.0, None
 
     @property
     def partial(self) -> dict | None:
         """Return the mid-epoch state the next :meth:`batches` call resumes from (None: a fresh epoch)."""
         return self._partial
+
+    @property
+    def first_step(self) -> int:
+        """Return the step the next :meth:`batches` call starts from (0 unless resuming mid-epoch)."""
+        return self._partial["step"] if self._partial else 0
 
     def batches(self, train_set, n_train: int, batch_size: int, pad: int, gen: torch.Generator, seed: int,
                 epoch: int, device="cpu", totals: dict | None = None, desc: str = ""):
@@ -93,8 +102,8 @@ class ResumableRun:
         steps = math.ceil(n_train / batch_size)
         self._t0 = last = time.time()
         from tqdm.auto import tqdm
-        bar = tqdm(total=steps, initial=first, desc=desc or f"{self.run_dir.name} {epoch + 1}", leave=False,
-                   mininterval=5, disable=None)
+        self.bar = bar = tqdm(total=steps, initial=first, desc=desc or f"{self.run_dir.name} {epoch + 1}",
+                              leave=False, mininterval=5, disable=None)
         try:
             for s, batch in enumerate(epoch_batches(train_set, n_train, batch_size, pad, gen, seed, epoch, device,
                                                     first, gen_state), first):
@@ -117,10 +126,10 @@ class ResumableRun:
         """Return the seconds spent on the current epoch so far, including those before an interruption."""
         return self._before + time.time() - self._t0
 
-    def end_epoch(self, record: dict) -> None:
-        """Add the epoch's seconds (``record["seconds"]`` if set) to ``elapsed``, log ``record`` and write the
-        end-of-epoch state."""
-        self.elapsed += record.get("seconds", self.epoch_seconds())
+    def end_epoch(self, record: dict, seconds: float | None = None) -> None:
+        """Add the epoch's seconds (``seconds`` if given, else :meth:`epoch_seconds`) to ``elapsed``, log
+        ``record`` and write the end-of-epoch state."""
+        self.elapsed += self.epoch_seconds() if seconds is None else float(seconds)
         end_epoch(self.run_dir, record, self.config, self.elapsed, **self.stateful)
 
 

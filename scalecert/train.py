@@ -98,7 +98,8 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--stop-after-steps", type=int, default=0,
                    help="stop after N optimiser steps of this process, as if interrupted (tests)")
     p.add_argument("--snapshot", action="store_true",
-                   help="write a provisional checkpoint from the run's last finished epoch, without training")
+                   help="write a provisional checkpoint from the run's last saved state (a finished epoch or a "
+                        "mid-epoch step), without training")
     return p.parse_args(argv)
 
 
@@ -145,8 +146,12 @@ def train(a: argparse.Namespace, argv_text: str = "") -> dict:
                                                 pct_start=0.15 if not a.init else 0.05)
     run_dir = RUNS_DIR / a.name
     run_dir.mkdir(parents=True, exist_ok=True)
-    # config None: the states of this loop predate configuration checks (see scalecert.runstate)
-    run = ResumableRun(run_dir, None, a.device, a.save_every, a.stop_after_steps, model=model, opt=opt, sched=sched)
+    config = {k: getattr(a, k) for k in ("dataset", "arch", "init", "epochs", "batch_size", "lr", "wd", "sin_layer",
+                                         "sin_rate", "occlude", "occlude_prob", "occlude_tau", "consistency", "r",
+                                         "seed", "max_train")}
+    # states written before configurations were recorded are resumed (accept_legacy)
+    run = ResumableRun(run_dir, config, a.device, a.save_every, a.stop_after_steps, accept_legacy=True,
+                       model=model, opt=opt, sched=sched)
     start = run.start
     partial = run.partial
     gen = torch.Generator().manual_seed(a.seed)
@@ -182,14 +187,15 @@ def train(a: argparse.Namespace, argv_text: str = "") -> dict:
                 t["tot"] += loss.item() * len(y)
                 t["correct"] += (out.argmax(1) == y).sum().item()
                 t["seen"] += len(y)
+                run.bar.set_postfix(loss=f"{t['tot'] / t['seen']:.3f}", acc=f"{100 * t['correct'] / t['seen']:.1f}")
             dt = run.epoch_seconds()
             acc = evaluate(model, test_ds, eval_idx, device=a.device)
             run.end_epoch({"epoch": epoch + 1, "loss": t["tot"] / t["seen"], "train_acc": 100 * t["correct"] / t["seen"],
-                           "test_acc": acc, "seconds": dt, "lr": sched.get_last_lr()[0]})
+                           "test_acc": acc, "seconds": dt, "lr": sched.get_last_lr()[0]}, seconds=dt)
     except Interrupted as stop:
         print(f"{stop} (state saved)", file=sys.stderr)
         return None
-    elapsed = run.elapsed
+    elapsed = run.elapsed + (partial["seconds"] if a.snapshot and partial else 0.0)
     acc_sin = evaluate(model, test_ds, device=a.device)
     acc_plain = evaluate(model, test_ds, device=a.device, sin=False)
     finished = start if a.snapshot else a.epochs

@@ -157,3 +157,21 @@ def test_interrupted_epoch_resumes_at_its_step_exactly(tmp_path, monkeypatch):
     logs = [(tmp_path / "runs" / n / "log.jsonl").read_text().splitlines() for n in "ab"]
     assert [json.loads(x)["epoch"] for x in logs[1]] == [1]   # the interrupted epoch is logged once
     assert json.loads(logs[0][0])["loss"] == json.loads(logs[1][0])["loss"]
+
+
+def test_resuming_with_another_configuration_is_refused_but_legacy_states_resume(tmp_path, monkeypatch):
+    from scalecert import train as T
+    monkeypatch.setattr(T, "RUNS_DIR", tmp_path / "runs")
+    args = ["--name", "c", "--dataset", "cifar10", "--epochs", "2", "--max-train", "48", "--batch-size", "16",
+            "--eval-subset", "10", "--threads", "1", "--out-dir", str(tmp_path), "--stop-after-steps", "2"]
+    assert T.train(T.parse(args)) is None
+    with pytest.raises(ValueError, match="another configuration"):
+        T.train(T.parse(args[:-2] + ["--batch-size", "8", "--stop-after-steps", "1"]))
+    state_path = tmp_path / "runs" / "c" / "state.pt"
+    st = torch.load(state_path, weights_only=False)
+    del st["config"]                                        # as written before configurations were recorded
+    torch.save(st, state_path)
+    assert T.train(T.parse(args[:-1] + ["1"])) is None      # resumed at step 2, one more step
+    st = torch.load(state_path, weights_only=False)
+    assert st["partial"]["step"] == 3 and st["config"]["batch_size"] == 16
+    assert st["partial"]["gen"].device.type == "cpu"

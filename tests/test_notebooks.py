@@ -4,6 +4,7 @@ import sys
 from pathlib import Path
 
 import nbformat
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -75,6 +76,7 @@ def test_check_patch_accepts_patches_smaller_than_every_image_and_names_the_offe
     assert N.check_patch(None, ["cifar10"]) is None
     assert N.check_patch(2, ["cifar10", "imagenette"]) == 2.0
     assert N.check_patch(99.0, "imagenette") == 99.0  # 223 px of 224
+    assert N.check_patch(np.float32(2.0), "cifar10") == 2.0
     for bad in (0, -1.0, float("nan"), "5", True):
         with pytest.raises(ValueError, match="positive number"):
             N.check_patch(bad, ["cifar10"])
@@ -90,9 +92,16 @@ def test_by_profile_takes_the_explicit_value_else_the_profile_size():
     from scalecert import notebook as N
     assert N.by_profile("quick", None, "steps", tiny=1, quick=3, paper=10) == 3
     assert N.by_profile("paper", 7, "steps", tiny=1, quick=3, paper=10) == 7
-    with pytest.raises(ValueError, match="steps must be >= 1"):
+    with pytest.raises(ValueError, match="steps must be a whole number >= 1"):
         N.by_profile("quick", 0, "steps", tiny=1, quick=3, paper=10)
-    with pytest.raises(ValueError, match="missing \\['paper'\\]"):
+    with pytest.raises(ValueError, match="one size per profile"):
         N.by_profile("quick", None, "steps", tiny=1, quick=3)
+    with pytest.raises(ValueError, match="one size per profile"):
+        N.by_profile("quick", None, "steps", tiny=1, quik=3, paper=10)
+    for bad in (2.7, True, "3", float("inf"), 0):
+        with pytest.raises(ValueError, match="whole number >= 1"):
+            N.by_profile("quick", bad, "steps", tiny=1, quick=3, paper=10)
+    assert N.by_profile("quick", np.int64(4), "steps", tiny=1, quick=3, paper=10) == 4
+    assert N.by_profile("quick", 5.0, "steps", tiny=1, quick=3, paper=10) == 5
     with pytest.raises(ValueError, match="unknown profile"):
         N.by_profile("huge", None, "steps", tiny=1, quick=3, paper=10)

@@ -232,7 +232,7 @@ def train_bagnet(name: str, dataset: str = "cifar10", arch: str | None = None, e
         dt = run.epoch_seconds()
         run.end_epoch({"epoch": epoch + 1, "loss": t["tot"] / t["seen"], "train_acc": 100 * t["correct"] / t["seen"],
                        "test_acc": evaluate(model, eval_set, eval_idx, device=device), "lr": sched.get_last_lr()[0],
-                       "seconds": round(dt, 1)})
+                       "seconds": round(dt, 1)}, seconds=dt)
     elapsed = run.elapsed
     model.eval()
     geo = model.geometry()

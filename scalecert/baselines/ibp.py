@@ -449,8 +449,7 @@ def train_ibp(name: str, patch=2.4, epochs: int = 20, dataset: str = "cifar10", 
     for epoch in range(run.start, epochs):
         sums = {"loss": 0.0, "clean_ce": 0.0, "robust_ce": 0.0, "acc": 0.0, "seen": 0, "rob_seen": 0}
         batches = run.batches(train_set, n_train, batch_size, pad, gen, seed, epoch, device, sums)
-        first = run.partial["step"] if run.partial else 0
-        for s, (xb, yb) in enumerate(batches, first):
+        for s, (xb, yb) in enumerate(batches, run.first_step):
             step = epoch * steps_per_epoch + s
             for g in opt.param_groups:
                 g["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / max(1, total)))
@@ -470,7 +469,7 @@ def train_ibp(name: str, patch=2.4, epochs: int = 20, dataset: str = "cifar10", 
                "cert_acc": certified_accuracy(model, eval_set, _balanced(eval_set, cert_eval, seed)[:cert_eval],
                                               patch, device=device) if cert_eval else None,
                "cert_images": cert_eval, "seconds": dt}
-        run.end_epoch(rec)
+        run.end_epoch(rec, seconds=dt)
     elapsed = run.elapsed
     model.eval()
     cert_idx = _balanced(eval_set, final_cert, seed)[:final_cert] if final_cert else []

@@ -563,7 +563,7 @@ def train_ds(name: str, dataset: str = "cifar10", arch: str | None = None, band:
                    model, eval_set, _balanced(eval_set, cert_eval, seed)[:cert_eval], cert_patch, theta,
                    device).items()} if cert_eval else {}),
                "lr": sched.get_last_lr()[0], "seconds": round(dt, 1)}
-        run.end_epoch(rec)
+        run.end_epoch(rec, seconds=dt)
     elapsed = run.elapsed
     model.eval()
     cert_idx = _balanced(eval_set, final_cert, seed)[:final_cert] if final_cert else []
