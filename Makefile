@@ -38,7 +38,7 @@ data/imagenette-224/.val-uint8.npy: | $(STAMP)
 
 figures: $(EXECUTED) figures/REPORT.md ## run every notebook with papermill (PROFILE=quick|paper), write figures/
 
-figures/executed/$(PROFILE)/%.ipynb: notebooks/%.ipynb $(STAMP) $(DATA_STAMPS) $(wildcard scalecert/*.py)
+figures/executed/$(PROFILE)/%.ipynb: notebooks/%.ipynb $(STAMP) $(DATA_STAMPS) $(wildcard scalecert/*.py scalecert/baselines/*.py)
 	@mkdir -p $(dir $@)
 	$(PY) -m papermill --log-level WARNING -k python3 $< $@.tmp -p profile $(PROFILE) -p force $(FORCE)
 	mv $@.tmp $@
