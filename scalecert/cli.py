@@ -313,7 +313,9 @@ def models_table(checkpoint_dir: Path = CHECKPOINT_DIR) -> "pd.DataFrame":
     for card_path in sorted(Path(checkpoint_dir).glob("*.json")):
         c = json.loads(card_path.read_text())
         sin = f"layer {c['sin_layer']} at {round(100 * c['sin_rate'])}%" if c.get("sin_rate") else "none"
-        acc = c.get("accuracy_with_sin") if c.get("sin_rate") else c.get("accuracy_without_sin", c.get("accuracy"))
+        # ScaleCert models: with the SIN layer active if they have one; peers: their clean (or DS base) accuracy
+        plain = [c.get(k) for k in ("accuracy_without_sin", "clean_accuracy", "base_accuracy", "accuracy")]
+        acc = c.get("accuracy_with_sin") if c.get("sin_rate") else next((a for a in plain if a is not None), None)
         rows.append({"checkpoint": c.get("name", card_path.stem), "status": str(c.get("status", "?")).split(":")[0],
                      "dataset": c.get("dataset", "?"), "arch": c.get("arch", "?"), "SIN": sin,
                      "accuracy_%": None if acc is None else round(float(acc), 2),

@@ -123,9 +123,11 @@ def test_models_table_reads_every_card(tmp_path):
                                                  "epochs_done": 5, "epochs": 5, "train_seconds": 7200}))
     (tmp_path / "b.json").write_text(json.dumps({"name": "b", "status": "provisional: snapshot", "sin_rate": None,
                                                  "accuracy_without_sin": 80.0, "epochs_done": 2, "epochs": 9}))
+    (tmp_path / "c.json").write_text(json.dumps({"name": "c", "status": "final", "arch": "ibp_small", "sin_rate": None,
+                                                 "clean_accuracy": 47.6, "certified_accuracy": 13.6}))
     t = models_table(tmp_path)
-    assert list(t.checkpoint) == ["a", "b"] and list(t.status) == ["final", "provisional"]
-    assert list(t["accuracy_%"]) == [70.0, 80.0] and list(t.SIN) == ["layer 1 at 10%", "none"]
+    assert list(t.checkpoint) == ["a", "b", "c"] and list(t.status) == ["final", "provisional", "final"]
+    assert list(t["accuracy_%"]) == [70.0, 80.0, 47.6] and list(t.SIN) == ["layer 1 at 10%", "none", "none"]
     assert list(t.epochs) == ["5/5", "2/9"] and t.train_hours[0] == 2.0
 
 
