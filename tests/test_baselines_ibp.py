@@ -283,3 +283,11 @@ def test_training_interrupted_mid_epoch_resumes_to_the_same_weights(tmp_path):
             for n in ("whole", "cut")]
     for a, b in zip(*logs, strict=True):
         assert {k: v for k, v in a.items() if k != "seconds"} == {k: v for k, v in b.items() if k != "seconds"}
+
+
+def test_a_smaller_patch_is_certified_wherever_a_larger_one_is(trained):
+    """A p x p patch lies inside some (p + 1) x (p + 1) patch, and interval bounds only widen with the box."""
+    x, y = colour_images(24, 16, torch.Generator().manual_seed(11))
+    cert = {p: certify_ibp(trained, x, y, p).certified.to_numpy() for p in (1, 2, 3)}
+    assert cert[2].any() and not cert[3].all()  # the property is tested on images that tell the sizes apart
+    assert (cert[1] >= cert[2]).all() and (cert[2] >= cert[3]).all()
