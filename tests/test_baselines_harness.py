@@ -109,3 +109,37 @@ def test_ds_votes_are_computed_once_and_charged_to_every_configuration(tmp_path,
     first, reused = got[("DS", 0.4)].attrs["seconds_per_image"], got[("DS", 2.4)].attrs["seconds_per_image"]
     vote_secs = sum(v[1] for v in H._SHARED.values()) / 10
     assert reused >= vote_secs > 0 and first >= vote_secs    # the reusing configuration is charged the votes
+
+
+def test_bagnet_logits_are_computed_once_for_the_three_bagnet_peers(tmp_path, monkeypatch):
+    from scalecert.baselines import patchguard as G
+    torch.manual_seed(0)
+    path = tmp_path / "tiny_bagnet.pt"
+    save_checkpoint(BagNet("bagnet11_cifar", 10), path, {"name": "tiny_bagnet"})
+    calls = []
+
+    def counted(model, x, device):
+        calls.append(len(x))
+        return {"logits": G.bagnet_logits(model, x, device=device)}
+
+    fns = {"CBN": G.certify_cbn, "PG-Mask-BN": G.certify_pg_mask_bn, "PatchGuard++": G.certify_pgpp}
+    peers = {n: H.Peer(n, "detection" if n == "PatchGuard++" else "recovery", load_bagnet, f, {"cifar10": str(path)},
+                       counted) for n, f in fns.items()}
+    monkeypatch.setattr(H, "_peers", lambda: peers)
+    monkeypatch.setattr(H, "_SHARED", {})
+    monkeypatch.setattr(R, "CACHE_DIR", tmp_path / "cache")
+    got = {(n, pct): H.peer_cached(n, "cifar10", pct, per_class=1, chunk_images=5, progress=False)
+           for n in fns for pct in (0.4, 2.4)}
+    assert calls == [5, 5]                                 # one forward pass per chunk for 6 configurations
+    from scalecert import data as D
+    from scalecert.experiments import eval_ids
+    ds = D.load_dataset("cifar10", "eval")
+    ids = eval_ids(ds, 1, 0)
+    x, y = ds.tensors(ids)
+    model = load_bagnet(path)
+    for (n, pct), df in got.items():                       # same records as certifying without sharing
+        alone = fns[n](model, x, y, pct, ids=ids)
+        cols = [c for c in alone.columns if c != "seconds"]
+        pd.testing.assert_frame_equal(df[cols].reset_index(drop=True), alone[cols], check_dtype=False)
+    with pytest.raises(ValueError, match="logits must have shape"):
+        G.certify_cbn(model, x, y, 2.4, logits=torch.zeros(len(x), 10, 2, 2))

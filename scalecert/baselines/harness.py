@@ -6,9 +6,10 @@ records of one configuration through the same result cache as ScaleCert (``scale
 keyed by the configuration and the checkpoint's sha256, written per chunk and resumed.
 
 Peers that share expensive work across configurations (DS and PG-Mask-DS both aggregate the same
-band votes, at every patch size) declare it as ``shared``: it runs once per checkpoint and chunk of
-images in a process and is reused; a configuration that reuses it is still charged its measured
-seconds, so every row's time is what that configuration would cost alone.
+band votes; CBN, PG-Mask-BN and PatchGuard++ the same BagNet local logits; at every patch size)
+declare it as ``shared``: it runs once per checkpoint and chunk of images in a process and is
+reused; a configuration that reuses it is still charged its measured seconds, so every row's time
+is what that configuration would cost alone.
 """
 from __future__ import annotations
 
@@ -44,17 +45,20 @@ class Peer:
 def _peers() -> dict[str, Peer]:
     from .bagnet import load_bagnet
     from .ibp import certify_ibp, load_ibp
-    from .patchguard import certify_cbn, certify_pg_mask_bn, certify_pgpp
+    from .patchguard import bagnet_logits, certify_cbn, certify_pg_mask_bn, certify_pgpp
     from .smoothing import certify_ds, certify_pg_mask_ds, ds_votes, load_ds
 
     def votes(model, x, device):
         return {"votes": ds_votes(model, x, device=device)}
+
+    def local(model, x, device):
+        return {"logits": bagnet_logits(model, x, device=device)}
     bag = {"cifar10": "cifar10_bagnet11", "imagenette": "imagenette_bagnet17w16"}
     ds = {"cifar10": "cifar10_ds_resnet20", "imagenette": "imagenette_ds_resnet18w16"}
     return {p.name: p for p in (
-        Peer("CBN", "recovery", load_bagnet, certify_cbn, bag),
-        Peer("PG-Mask-BN", "recovery", load_bagnet, certify_pg_mask_bn, bag),
-        Peer("PatchGuard++", "detection", load_bagnet, certify_pgpp, bag),
+        Peer("CBN", "recovery", load_bagnet, certify_cbn, bag, local),
+        Peer("PG-Mask-BN", "recovery", load_bagnet, certify_pg_mask_bn, bag, local),
+        Peer("PatchGuard++", "detection", load_bagnet, certify_pgpp, bag, local),
         Peer("DS", "recovery", load_ds, certify_ds, ds, votes),
         Peer("PG-Mask-DS", "recovery", load_ds, certify_pg_mask_ds, ds, votes),
         # one IBP model trained on 5 px (2.4%) patches certifies every patch size (CIFAR only, as in the paper)

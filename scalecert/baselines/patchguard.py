@@ -237,8 +237,19 @@ def pgpp_local(z: torch.Tensor, labels: torch.Tensor, win: int, clip: str | None
 
 
 # --------------------------------------------------------------------------- harness
-def _run(defense: str, core, model, images, labels, patch, batch_size: int, device, ids) -> pd.DataFrame:
-    """Check the inputs, compute local logits batch by batch, apply ``core`` and return the common records."""
+def bagnet_logits(model, images, batch_size: int = 64, device="cpu") -> torch.Tensor:
+    """Return the BagNet's local logits (B, C, h, w) of images (B, 3, n, n), on the CPU, computed batch by batch."""
+    x = check_images(images)
+    model = model.to(device).eval()
+    with torch.no_grad():
+        return torch.cat([model.local_logits(x[s: s + batch_size].to(device)).float().cpu()
+                          for s in range(0, x.shape[0], batch_size)])
+
+
+def _run(defense: str, core, model, images, labels, patch, batch_size: int, device, ids,
+         logits: torch.Tensor | None = None) -> pd.DataFrame:
+    """Check the inputs, compute local logits batch by batch (or take ``logits``, precomputed by
+    :func:`bagnet_logits` for these images), apply ``core`` and return the common records."""
     if not hasattr(model, "local_logits") or not hasattr(model, "geometry"):
         raise ValueError(f"model must expose local_logits() and geometry() (a BagNet), got {type(model).__name__}")
     x = check_images(images)
@@ -249,6 +260,8 @@ def _run(defense: str, core, model, images, labels, patch, batch_size: int, devi
     device = torch.device(device)
     model = model.to(device).eval()
     h, w = model.logit_shape(n)
+    if logits is not None and tuple(logits.shape) != (nb, model.num_classes, h, w):
+        raise ValueError(f"logits must have shape {(nb, model.num_classes, h, w)}, got {tuple(logits.shape)}")
     win = feature_window(model.geometry(), n, p, min(h, w))
     n_windows = len(window_rects(h, w, win))
     recs = []
@@ -256,7 +269,8 @@ def _run(defense: str, core, model, images, labels, patch, batch_size: int, devi
         t0 = time.perf_counter()
         xb, yb = x[s: s + batch_size].to(device), y[s: s + batch_size].to(device)
         with torch.no_grad():
-            out = core(model.local_logits(xb), yb, win)
+            z = model.local_logits(xb) if logits is None else logits[s: s + batch_size].to(device)
+            out = core(z, yb, win)
         seconds = (time.perf_counter() - t0) / len(xb)
         pred = out["pred"].tolist()
         alert = out.get("alert", torch.zeros_like(yb, dtype=torch.bool)).tolist()
@@ -270,23 +284,25 @@ def _run(defense: str, core, model, images, labels, patch, batch_size: int, devi
 
 
 def certify_cbn(model, images, labels, patch, clip: str = "tanh", a: float = 0.05, b: float = -1.0,
-                rtol: float = 1e-5, batch_size: int = 64, device="cpu", ids=None) -> pd.DataFrame:
+                rtol: float = 1e-5, batch_size: int = 64, device="cpu", ids=None,
+                logits: torch.Tensor | None = None) -> pd.DataFrame:
     """Clipped BagNet: one row per image (common peer records, defense "CBN", kind "recovery").
 
     INPUT: a BagNet; images (B, 3, n, n) in [0, 1]; labels (B,); patch in pixels (int) or % of the
     image (float); clipping ``clip`` in ("tanh", "clamp") with parameters a, b (see the module doc);
-    ``rtol``: float guard of the certificate (see :func:`float_slack`; 0 = exact-arithmetic rule).
+    ``rtol``: float guard of the certificate (see :func:`float_slack`; 0 = exact-arithmetic rule);
+    ``logits``: the local logits of these images from :func:`bagnet_logits` (then no forward pass runs).
     OUTPUT: id, label, pred (argmax of the summed clipped local logits), alert (False),
     clean_correct, certified, forwards (1), seconds, patch_px, window (w, feature positions),
     windows (N), margin (the worst-case margin over windows and classes; certified iff > the guard).
     """
     clip_logits(torch.zeros(1), clip, a, b)  # validate the clipping before any work
     return _run("CBN", lambda z, y, win: cbn_local(z, y, win, clip, a, b, rtol), model, images, labels, patch,
-                batch_size, device, ids)
+                batch_size, device, ids, logits)
 
 
 def certify_pg_mask_bn(model, images, labels, patch, rtol: float = 1e-5, batch_size: int = 64, device="cpu",
-                       ids=None) -> pd.DataFrame:
+                       ids=None, logits: torch.Tensor | None = None) -> pd.DataFrame:
     """PatchGuard robust masking on a BagNet: one row per image (defense "PG-Mask-BN", kind "recovery").
 
     INPUT: as :func:`certify_cbn` without the clipping parameters (the evidence is ReLU-clipped).
@@ -294,11 +310,11 @@ def certify_pg_mask_bn(model, images, labels, patch, rtol: float = 1e-5, batch_s
     L(W0) - max_k U_k(W0); certified iff the prediction is the label and margin > the guard).
     """
     return _run("PG-Mask-BN", lambda z, y, win: pg_mask_local(z, y, win, rtol), model, images, labels, patch,
-                batch_size, device, ids)
+                batch_size, device, ids, logits)
 
 
 def certify_pgpp(model, images, labels, patch, clip: str | None = None, rtol: float = 1e-5, batch_size: int = 64,
-                 device="cpu", ids=None) -> pd.DataFrame:
+                 device="cpu", ids=None, logits: torch.Tensor | None = None) -> pd.DataFrame:
     """PatchGuard++ certified detection on a BagNet: one row per image (defense "PatchGuard++", kind "detection").
 
     INPUT: as :func:`certify_cbn`; ``clip`` None (sum raw local logits) or "relu".
@@ -309,4 +325,4 @@ def certify_pgpp(model, images, labels, patch, clip: str | None = None, rtol: fl
     if clip not in (None, "relu"):
         raise ValueError(f"unknown PatchGuard++ clipping {clip!r}: expected None or 'relu'")
     return _run("PatchGuard++", lambda z, y, win: pgpp_local(z, y, win, clip, rtol), model, images, labels, patch,
-                batch_size, device, ids)
+                batch_size, device, ids, logits)
