@@ -157,3 +157,16 @@ def epoch_batches(train_set, n_train: int, batch_size: int, pad: int, gen: torch
     for s in range(first_step * batch_size, n_train, batch_size):
         x, y = train_set.tensors(np.sort(perm[s: s + batch_size]))
         yield augment(x, pad, gen).to(device), y.to(device)
+
+
+def finished_card(card_path: Path, run: ResumableRun, epochs: int) -> dict | None:
+    """Return the JSON card at ``card_path`` if ``run`` finished all ``epochs`` and the card is final (so nothing
+    is redone and a hand-written card note survives), else None."""
+    card_path = Path(card_path)
+    if run.start < epochs or run.partial is not None or not card_path.is_file():
+        return None
+    card = json.loads(card_path.read_text())
+    if card.get("status") != "final" or card.get("epochs_done", 0) < epochs:
+        return None
+    print(f"{card.get('name', card_path.stem)} is already final; nothing to do", file=sys.stderr)
+    return card

@@ -221,9 +221,12 @@ def test_train_resume_save_load_and_tamper(tmp_path):
     log = [json.loads(line) for line in (tmp_path / "runs" / "t" / "log.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in log] == [1, 2] and log[-1]["eps"] > 0
     assert card["defense"] == "IBP" and card["patch_px"] == 2 and card["certified_images"] == 6
-    again = train_ibp("t", **kw)  # resumes after the last epoch: nothing more to train
+    card_path = tmp_path / "ckpt" / "t.json"
+    card_path.write_text(json.dumps(dict(json.loads(card_path.read_text()), note="hand-written")))
+    again = train_ibp("t", **kw)  # finished and final: nothing is trained or evaluated again, the card stays
     assert len((tmp_path / "runs" / "t" / "log.jsonl").read_text().splitlines()) == 2
-    assert again["sha256"] == card["sha256"]
+    assert again["sha256"] == card["sha256"] and again["note"] == "hand-written"
+    assert json.loads(card_path.read_text())["note"] == "hand-written"
     with pytest.raises(ValueError):
         train_ibp("t", **dict(kw, patch=3))
     path = tmp_path / "ckpt" / "t.pt"

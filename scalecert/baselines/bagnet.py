@@ -68,7 +68,7 @@ from torch import nn
 from ..geometry import Geometry, units_geometry
 from ..models import CHECKPOINT_DIR, CIFAR_MEAN, CIFAR_STD, IMAGENET_MEAN, IMAGENET_STD, Normalize
 from ..models import read_checkpoint, save_checkpoint
-from ..runstate import ResumableRun, prepare
+from ..runstate import ResumableRun, finished_card, prepare
 
 #: name -> (stem (width, kernel, stride), stages as (blocks, out channels, stride, blocks with a 3x3), mean, std)
 ARCHS = {
@@ -219,6 +219,9 @@ def train_bagnet(name: str, dataset: str = "cifar10", arch: str | None = None, e
     run_dir = Path(runs_dir or RUNS_DIR) / name
     log_path = run_dir / "log.jsonl"
     run = ResumableRun(run_dir, config, device, save_every, stop_after, model=model, opt=opt, sched=sched)
+    done = finished_card(Path(out_dir or CHECKPOINT_DIR) / f"{name}.json", run, epochs)
+    if done is not None:
+        return done
     gen = torch.Generator().manual_seed(seed)
     eval_idx = (eval_set.subset(max(1, eval_subset // len(eval_set.classes)), seed)
                 if 0 < eval_subset < len(eval_set) else None)

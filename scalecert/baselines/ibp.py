@@ -77,7 +77,7 @@ from ..audit import patch_positions
 from ..defense import check_images, check_labels, default_chunk
 from ..geometry import rect_masks
 from ..models import CHECKPOINT_DIR, CIFAR_MEAN, CIFAR_STD, Normalize, read_checkpoint, save_checkpoint
-from ..runstate import ResumableRun, prepare
+from ..runstate import ResumableRun, finished_card, prepare
 from ..windows import patch_pixels
 from . import batch_ids, records_frame
 
@@ -443,6 +443,9 @@ def train_ibp(name: str, patch=2.4, epochs: int = 20, dataset: str = "cifar10", 
     run_dir = Path(runs_dir or RUNS_DIR) / name
     log_path = run_dir / "log.jsonl"
     run = ResumableRun(run_dir, config, device, save_every, stop_after, model=model, opt=opt)
+    done = finished_card(Path(out_dir or CHECKPOINT_DIR) / f"{name}.json", run, epochs)
+    if done is not None:
+        return done
     gen = torch.Generator().manual_seed(seed)
     eval_idx = _balanced(eval_set, eval_subset, seed)
     pad = max(1, n // 8)

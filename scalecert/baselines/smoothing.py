@@ -101,7 +101,7 @@ from torch import nn
 from ..defense import check_images, check_labels, default_chunk
 from ..models import (CHECKPOINT_DIR, CIFAR_STD, IMAGENET_STD, Normalize, SplitNet, build, read_checkpoint,
                       save_checkpoint)
-from ..runstate import ResumableRun, prepare
+from ..runstate import ResumableRun, finished_card, prepare
 from ..windows import patch_pixels
 from . import batch_ids, records_frame, summarise_records
 
@@ -547,6 +547,9 @@ def train_ds(name: str, dataset: str = "cifar10", arch: str | None = None, band:
     run_dir = Path(runs_dir or RUNS_DIR) / name
     log_path = run_dir / "log.jsonl"
     run = ResumableRun(run_dir, config, device, save_every, stop_after, model=model, opt=opt, sched=sched)
+    done = finished_card(Path(out_dir or CHECKPOINT_DIR) / f"{name}.json", run, epochs)
+    if done is not None:
+        return done
     gen = torch.Generator().manual_seed(seed)
     eval_idx = _balanced(eval_set, eval_subset, seed)
     pad = {32: 4, 224: 16}.get(n, max(1, n // 8))
