@@ -159,14 +159,18 @@ def epoch_batches(train_set, n_train: int, batch_size: int, pad: int, gen: torch
         yield augment(x, pad, gen).to(device), y.to(device)
 
 
-def finished_card(card_path: Path, run: ResumableRun, epochs: int) -> dict | None:
-    """Return the JSON card at ``card_path`` if ``run`` finished all ``epochs`` and the card is final (so nothing
-    is redone and a hand-written card note survives), else None."""
+def finished_card(card_path: Path, config: dict, epochs: int) -> dict | None:
+    """Return the JSON card at ``card_path`` if it is final with all ``epochs`` done (nothing is redone, a hand-written
+    note survives and the run's state file is not needed), else None; a final card of another configuration is refused."""
     card_path = Path(card_path)
-    if run.start < epochs or run.partial is not None or not card_path.is_file():
+    if not card_path.is_file():
         return None
     card = json.loads(card_path.read_text())
     if card.get("status") != "final" or card.get("epochs_done", 0) < epochs:
         return None
+    differ = sorted(k for k, v in config.items() if k in card and card[k] != v)
+    if differ:
+        raise ValueError(f"{card_path} was made with another configuration (differs in {differ}); "
+                         "use another --name or delete the run directory")
     print(f"{card.get('name', card_path.stem)} is already final; nothing to do", file=sys.stderr)
     return card

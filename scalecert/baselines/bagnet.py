@@ -218,10 +218,10 @@ def train_bagnet(name: str, dataset: str = "cifar10", arch: str | None = None, e
               "max_train": max_train}
     run_dir = Path(runs_dir or RUNS_DIR) / name
     log_path = run_dir / "log.jsonl"
-    run = ResumableRun(run_dir, config, device, save_every, stop_after, model=model, opt=opt, sched=sched)
-    done = finished_card(Path(out_dir or CHECKPOINT_DIR) / f"{name}.json", run, epochs)
+    done = finished_card(Path(out_dir or CHECKPOINT_DIR) / f"{name}.json", config, epochs)
     if done is not None:
         return done
+    run = ResumableRun(run_dir, config, device, save_every, stop_after, model=model, opt=opt, sched=sched)
     gen = torch.Generator().manual_seed(seed)
     eval_idx = (eval_set.subset(max(1, eval_subset // len(eval_set.classes)), seed)
                 if 0 < eval_subset < len(eval_set) else None)

@@ -442,10 +442,10 @@ def train_ibp(name: str, patch=2.4, epochs: int = 20, dataset: str = "cifar10", 
               "max_train": max_train}
     run_dir = Path(runs_dir or RUNS_DIR) / name
     log_path = run_dir / "log.jsonl"
-    run = ResumableRun(run_dir, config, device, save_every, stop_after, model=model, opt=opt)
-    done = finished_card(Path(out_dir or CHECKPOINT_DIR) / f"{name}.json", run, epochs)
+    done = finished_card(Path(out_dir or CHECKPOINT_DIR) / f"{name}.json", config, epochs)
     if done is not None:
         return done
+    run = ResumableRun(run_dir, config, device, save_every, stop_after, model=model, opt=opt)
     gen = torch.Generator().manual_seed(seed)
     eval_idx = _balanced(eval_set, eval_subset, seed)
     pad = max(1, n // 8)

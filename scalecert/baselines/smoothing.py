@@ -546,10 +546,11 @@ def train_ds(name: str, dataset: str = "cifar10", arch: str | None = None, band:
               "seed": seed, "max_train": max_train}
     run_dir = Path(runs_dir or RUNS_DIR) / name
     log_path = run_dir / "log.jsonl"
-    run = ResumableRun(run_dir, config, device, save_every, stop_after, model=model, opt=opt, sched=sched)
-    done = finished_card(Path(out_dir or CHECKPOINT_DIR) / f"{name}.json", run, epochs)
+    done = finished_card(Path(out_dir or CHECKPOINT_DIR) / f"{name}.json",
+                         {k: v for k, v in config.items() if k != "arch"}, epochs)  # the card says ds_<arch>
     if done is not None:
         return done
+    run = ResumableRun(run_dir, config, device, save_every, stop_after, model=model, opt=opt, sched=sched)
     gen = torch.Generator().manual_seed(seed)
     eval_idx = _balanced(eval_set, eval_subset, seed)
     pad = {32: 4, 224: 16}.get(n, max(1, n // 8))
