@@ -27,12 +27,12 @@ def resume_run(run_dir: Path, config, device="cpu", accept_legacy: bool = False,
                **stateful) -> tuple[int, float, dict | None]:
     """Return (epochs done, seconds, mid-epoch partial state or None) of run_dir after loading its
     state.pt into ``stateful``; (0, 0.0, None) if new. ``accept_legacy``: a state saved without a
-    configuration (by older code) is resumed instead of refused."""
+    configuration (by older code: no "config" key, or None) is resumed instead of refused."""
     state_path = Path(run_dir) / "state.pt"
     if not state_path.is_file():
         return 0, 0.0, None
     st = torch.load(state_path, map_location=device, weights_only=False)
-    if not (accept_legacy and "config" not in st) and st.get("config") != config:
+    if not (accept_legacy and st.get("config") is None) and st.get("config") != config:
         raise ValueError(f"{state_path} was made with another configuration {st.get('config')}; "
                          "use another --name or delete the run directory")
     for key, obj in stateful.items():

@@ -161,7 +161,8 @@ def test_interrupted_epoch_resumes_at_its_step_exactly(tmp_path, monkeypatch):
     assert json.loads(logs[0][0])["loss"] == json.loads(logs[1][0])["loss"]
 
 
-def test_resuming_with_another_configuration_is_refused_but_legacy_states_resume(tmp_path, monkeypatch):
+@pytest.mark.parametrize("legacy", ["missing", "None"])
+def test_resuming_with_another_configuration_is_refused_but_legacy_states_resume(tmp_path, monkeypatch, legacy):
     from scalecert import train as T
     monkeypatch.setattr(T, "RUNS_DIR", tmp_path / "runs")
     args = ["--name", "c", "--dataset", "cifar10", "--epochs", "2", "--max-train", "48", "--batch-size", "16",
@@ -171,7 +172,10 @@ def test_resuming_with_another_configuration_is_refused_but_legacy_states_resume
         T.train(T.parse(args[:-2] + ["--batch-size", "8", "--stop-after-steps", "1"]))
     state_path = tmp_path / "runs" / "c" / "state.pt"
     st = torch.load(state_path, weights_only=False)
-    del st["config"]                                        # as written before configurations were recorded
+    if legacy == "missing":
+        del st["config"]                                    # as written before runstate existed
+    else:
+        st["config"] = None                                 # as written by runstate before train.py recorded one
     torch.save(st, state_path)
     assert T.train(T.parse(args[:-1] + ["1"])) is None      # resumed at step 2, one more step
     st = torch.load(state_path, weights_only=False)
