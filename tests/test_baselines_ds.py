@@ -62,7 +62,8 @@ def test_column_ablate_encoding_and_wrap():
             column_ablate(x, 0, bad)
     with pytest.raises(ValueError):
         column_ablate(x, torch.tensor([0.5, 1.0]), 2)
-    assert (default_band(32), default_band(224), default_threshold(32), default_threshold(224)) == (4, 25, 0.3, 0.2)
+    assert (default_band(32), default_band(299), default_band(224), default_threshold(32), default_threshold(224)) == \
+        (4, 25, 19, 0.3, 0.2)
 
 
 # --------------------------------------------------------------------------- (1) hand-computed votes

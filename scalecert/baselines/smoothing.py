@@ -47,10 +47,13 @@ what one patch can do (a position's votes are not independent across classes), s
 
 Band widths and thresholds
 --------------------------
-Band ``b = 4`` for 32 x 32 images (CIFAR-10) and ``b = 25`` for 224 x 224 (ImageNet-sized), the DS
-paper's column widths (:func:`default_band`). Threshold ``theta = 0.3`` for CIFAR-10 and ``0.2`` for
-ImageNet-sized images (:func:`default_threshold`): the values we recall from the DS paper's
-experiments, not re-tuned here; the comparison is ``>=``.
+Band ``b = 4`` for 32 x 32 images (CIFAR-10), the DS paper's column width, and ``b = 19`` for
+224 x 224: the DS paper's 25 columns were for 299 x 299 ImageNet images (its 2 % patch is 42 px), so
+they are scaled to keep the same share of the image, round(25 x 224 / 299) (:func:`default_band`).
+Threshold ``theta = 0.3`` for CIFAR-10 and ``0.2`` for ImageNet-sized images
+(:func:`default_threshold`): the values we recall from the DS paper's experiments, not re-tuned
+here (PatchGuard's Mask-DS code is reported to use 0.2 on CIFAR-10 too; ``--threshold`` / ``threshold=``
+takes another value); the comparison is ``>=``.
 
 Base classifier
 ---------------
@@ -107,15 +110,15 @@ from . import batch_ids, records_frame, summarise_records
 
 KIND = "recovery"
 DEFENSES = ("DS", "PG-Mask-DS")
-#: DS paper's column widths by image side; other sides use round(n * 25 / 224) (at least 1)
-PAPER_BAND = {32: 4, 224: 25}
+#: DS paper's column widths by image side (CIFAR-10 32 px, ImageNet 299 px); other sides use round(25 n / 299)
+PAPER_BAND = {32: 4, 299: 25}
 #: DS softmax vote thresholds by image side (recalled from the DS paper)
 PAPER_THRESHOLD = {32: 0.3, 224: 0.2}
 
 
 def default_band(n: int) -> int:
-    """Return the band width b for n x n images: 4 (CIFAR-10, 32), 25 (224), else round(25 n / 224)."""
-    return PAPER_BAND.get(int(n), max(1, round(25 * int(n) / 224)))
+    """Return the band width b for n x n images: 4 (32), 25 (299), else round(25 n / 299) (19 for 224)."""
+    return PAPER_BAND.get(int(n), max(1, round(25 * int(n) / 299)))
 
 
 def default_threshold(n: int) -> float:
@@ -606,7 +609,8 @@ def main(argv=None) -> int:
     t.add_argument("--name", required=True)
     t.add_argument("--dataset", default="cifar10")
     t.add_argument("--arch", default=None, help="resnet20 (32 px) / resnet18w16 (224 px) by default")
-    t.add_argument("--band", type=int, default=None, help="band width (default 4 for 32 px, 25 for 224 px)")
+    t.add_argument("--band", type=int, default=None,
+                   help="band width (default 4 for 32 px, 19 for 224 px: the DS paper's 25 of 299 px scaled)")
     t.add_argument("--epochs", type=int, default=30)
     t.add_argument("--batch-size", type=int, default=128)
     t.add_argument("--lr", type=float, default=0.1)
