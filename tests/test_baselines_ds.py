@@ -13,8 +13,9 @@ from scalecert.attacks import apply_patch
 from scalecert.audit import patch_positions
 from scalecert.baselines.smoothing import (affected_bands, band_logits, certify_ds, certify_pg_mask_ds,
                                            column_ablate, default_band, default_threshold, delta, ds_certificate,
-                                           ds_model, ds_predict, ds_votes, load_ds, pg_mask_certificate,
-                                           pg_mask_counts, pg_mask_predict, train_ds, train_step, window_sums)
+                                           ds_model, ds_predict, ds_vote_set, ds_votes, load_ds,
+                                           pg_mask_certificate, pg_mask_counts, pg_mask_predict, train_ds,
+                                           train_step, vote_bounds, window_sums, DSVotes, VOTE_EPS)
 from scalecert.data import ImageSet
 from scalecert.models import load_model, save_checkpoint
 
@@ -157,6 +158,105 @@ def test_aggregations_sound_against_every_vote_change():
         assert (pg_pred[pg_ok] == y[pg_ok, None]).all()
     # the DS bound is tight for unconstrained votes: some uncertified, correctly predicted image flips
     assert ((ds_predict(v.sum(1)) == y) & ~ds_ok).any()
+
+
+def test_vote_bounds_hand_made():
+    e = VOTE_EPS
+    logits = torch.tensor([[0.3 + e / 2, 0.5, 0.2 - e / 2],      # one probability just above theta = 0.3
+                           [0.6, 0.35, 0.05],                       # nothing near a decision
+                           [0.3 - e / 2, 0.5, 0.2 + e / 2]]).double().log()
+    low, high = vote_bounds(logits, 0.3)
+    votes = ds_votes_from(logits, 0.3)
+    assert votes.tolist() == [[True, True, False], [True, True, False], [False, True, False]]
+    assert low.tolist() == [[False, True, False], [True, True, False], [False, True, False]]
+    assert high.tolist() == [[True, True, False], [True, True, False], [True, True, False]]
+    # argmax votes: a top-2 gap under 2 eps makes both classes possible and neither certain
+    logits = torch.tensor([[0.4, 0.4 - e, 0.2 + e], [0.6, 0.3, 0.1]]).double().log()
+    low, high = vote_bounds(logits, None)
+    assert ds_votes_from(logits, None).tolist() == [[True, False, False], [True, False, False]]
+    assert low.tolist() == [[False, False, False], [True, False, False]]
+    assert high.tolist() == [[True, True, False], [True, False, False]]
+    assert torch.equal(vote_bounds(logits, None, eps=0)[0], ds_votes_from(logits, None))
+    with pytest.raises(ValueError):
+        vote_bounds(logits, 0.3, eps=-1e-3)
+
+
+def ds_votes_from(logits, threshold):
+    from scalecert.baselines.smoothing import votes_from_logits
+    return votes_from_logits(logits, threshold)
+
+
+def test_certificates_use_the_float_noise_bounds():
+    # DS: n_y = 5 vs n_c = 3 at Delta = 1 is certified (c > y); one fragile vote for c makes n_c up to 4
+    c, hi = torch.tensor([[5, 3, 0]]), torch.tensor([[5, 4, 0]])
+    assert ds_certificate(c, [0], 1).tolist() == [True] and ds_certificate(c, [0], 1, upper=hi).tolist() == [False]
+    assert ds_certificate(c - torch.tensor([[1, 0, 0]]), [0], 1, upper=c).tolist() == [False]  # a fragile y vote
+    # PG-Mask-DS: y everywhere (n = 10, Delta = 2): L = 6; c's fragile votes raise U_c
+    v = votes_of([[1] * 10, [0] * 10])
+    up = votes_of([[1] * 10, [1, 0, 1, 0, 1, 0, 1, 0, 1, 0]])
+    assert pg_mask_certificate(v, [0], 2, upper=up)[1].tolist() == [6 - 4]
+    with pytest.raises(ValueError):
+        pg_mask_certificate(v, [0], 2, upper=up[:, :5])
+
+
+def test_aggregations_sound_under_float_noise_and_every_vote_change():
+    """Votes outside the patch's window may take any value between the low and high bounds (float noise),
+    inside it anything: certificates computed with the bounds hold; computed on the votes alone they break."""
+    g = torch.Generator().manual_seed(2)
+    n, c, d, b, draws = 6, 3, 2, 300, 12
+    v = torch.rand(b, n, c, generator=g) < torch.rand(b, 1, c, generator=g)
+    fragile = torch.rand(b, n, c, generator=g) < 0.08
+    low, high = v & ~fragile, v | fragile
+    y = torch.randint(0, c, (b,), generator=g)
+    ds_ok = ds_certificate(low.sum(1), y, d, upper=high.sum(1)) & (ds_predict(v.sum(1)) == y)
+    pg_ok = pg_mask_certificate(low, y, d, upper=high)[0] & (pg_mask_predict(v, d) == y)
+    exact_ds = ds_certificate(v.sum(1), y, d) & (ds_predict(v.sum(1)) == y)
+    exact_pg = pg_mask_certificate(v, y, d)[0] & (pg_mask_predict(v, d) == y)
+    assert 0 < ds_ok.sum() < exact_ds.sum() and 0 < pg_ok.sum() < exact_pg.sum()
+    patterns = torch.tensor(list(itertools.product([False, True], repeat=d * c))).view(-1, d, c)  # 64
+    broken = {"DS": 0, "PG": 0}
+    for t in range(n):
+        w0 = [(t + k) % n for k in range(d)]
+        for _ in range(draws):  # one float-noise draw between the bounds outside W0, every pattern inside
+            noisy = torch.where(fragile, torch.rand(b, n, c, generator=g) < 0.5, v)
+            adv = noisy[:, None].repeat(1, len(patterns), 1, 1)
+            adv[:, :, w0] = patterns[None]
+            adv = adv.view(-1, n, c)
+            ds_pred = ds_predict(adv.sum(1)).view(b, -1)
+            pg_pred = pg_mask_predict(adv, d).view(b, -1)
+            assert (ds_pred[ds_ok] == y[ds_ok, None]).all()
+            assert (pg_pred[pg_ok] == y[pg_ok, None]).all()
+            broken["DS"] += int((ds_pred[exact_ds] != y[exact_ds, None]).any(1).sum())
+            broken["PG"] += int((pg_pred[exact_pg] != y[exact_pg, None]).any(1).sum())
+    assert broken["DS"] > 0 and broken["PG"] > 0, broken  # the bounds are needed: exact certificates break
+
+
+def test_vote_set_matches_votes_and_is_checked_by_certify():
+    r, gr, bl = [1.0, 0, 0], [0, 1.0, 0], [0, 0, 1.0]
+    x = column_images([r, r, gr, bl, bl, bl], 6)[None].repeat(2, 1, 1, 1)
+    model = ColourNet(scale=10.0, mode="mean")
+    vs = ds_vote_set(model, x, band=2, threshold=None)
+    assert isinstance(vs, DSVotes) and (vs.band, vs.threshold) == (2, None)
+    assert torch.equal(vs.votes, ds_votes(model, x, band=2, threshold=None))
+    assert (vs.low <= vs.votes).all() and (vs.votes <= vs.high).all()
+    # the exact ties of bands 1, 2 and 5 (means (.5, .5, 0), (0, .5, .5), (.5, 0, .5)) are fragile
+    assert (vs.low != vs.high).any(-1)[0].tolist() == [False, True, True, False, False, True]
+    df = certify_ds(model, x, [0, 2], 1, band=2, threshold=None, votes=vs)
+    assert df.fragile_bands.tolist() == [3, 3]
+    assert df.equals(certify_ds(model, x, [0, 2], 1, band=2, threshold=None).assign(seconds=df.seconds))
+    assert vs.batch(slice(1, 2)).shape == (1, 6, 3)
+    # certify takes y's evidence from low and the others' from high: exact votes certify, the bounds do not
+    v = votes_of([[1] * 6, [1, 0, 0, 0, 0, 0], [0] * 6])
+    hi = votes_of([[1] * 6, [1, 1, 1, 0, 1, 0], [0] * 6])
+    for fn in (certify_ds, certify_pg_mask_ds):
+        exact = fn(model, x[:1], [0], 1, band=2, threshold=None, votes=v)
+        noisy = fn(model, x[:1], [0], 1, band=2, threshold=None, votes=DSVotes(v, v, hi, 2, None))
+        assert exact.certified.tolist() == [True] and noisy.certified.tolist() == [False]
+        assert (exact.pred.tolist(), noisy.fragile_bands.tolist()) == ([0], [3])
+    with pytest.raises(ValueError, match="band 2 and threshold None"):
+        certify_pg_mask_ds(model, x, [0, 2], 1, band=3, threshold=None, votes=vs)
+    with pytest.raises(ValueError, match="threshold"):
+        certify_ds(model, x, [0, 2], 1, band=2, threshold=0.3, votes=vs)
 
 
 # --------------------------------------------------------------------------- (3) Delta, exhaustively

@@ -40,6 +40,12 @@ def test_peer_cached_computes_once_then_reads_the_cache(tmp_path, monkeypatch):
     b = H.peer_cached("PatchGuard++", "cifar10", 2.4, per_class=1, chunk_images=4, progress=False)
     pd.testing.assert_frame_equal(a, b)
     assert stamp == {p: p.stat().st_mtime_ns for p in run.glob("chunk-*.csv")}  # nothing recomputed
+    # another version of the certificate is another configuration: computed afresh, beside the first
+    monkeypatch.setattr(H, "_peers", lambda: {"PatchGuard++": H.dataclasses.replace(fake, version=2)})
+    c = H.peer_cached("PatchGuard++", "cifar10", 2.4, per_class=1, chunk_images=4, progress=False)
+    assert len(list((tmp_path / "cache").iterdir())) == 2
+    assert (c.config_key != a.config_key).all()
+    assert c[["id", "pred", "certified"]].equals(a[["id", "pred", "certified"]])
     row = H.summarise_peer(b, patch_pct=2.4)
     assert row["images"] == 10 and row["forwards_per_image"] == 1.0
     assert row["certified"] <= row["clean"]  # a detection certificate implies a correct, alert-free output

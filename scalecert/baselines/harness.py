@@ -13,6 +13,7 @@ is what that configuration would cost alone.
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -29,13 +30,16 @@ from ..models import CHECKPOINT_DIR
 class Peer:
     """A peer defence: its loader, its certify function, its checkpoint name per data set and, optionally,
     ``shared(model, images, device) -> dict`` of keyword arguments for ``certify`` that other configurations reuse
-    (it must compute what ``certify`` would with its defaults: peers share an entry only if they share the function)."""
+    (it must compute what ``certify`` would with its defaults: peers share an entry only if they share the function),
+    and the ``version`` of its certificate (cached records of another version are not reused)."""
     name: str
     kind: str
     loader: Callable
     certify: Callable
     checkpoints: dict
     shared: Callable | None = None
+    #: part of the cache key: bump it when the peer's certificate or its defaults change, so cached rows are redone
+    version: int = 1
 
     def checkpoint(self, dataset: str) -> str | None:
         """Return the checkpoint name this peer uses on a data set (None where the paper has no row)."""
@@ -46,10 +50,10 @@ def _peers() -> dict[str, Peer]:
     from .bagnet import load_bagnet
     from .ibp import certify_ibp, load_ibp
     from .patchguard import bagnet_logits, certify_cbn, certify_pg_mask_bn, certify_pgpp
-    from .smoothing import certify_ds, certify_pg_mask_ds, ds_votes, load_ds
+    from .smoothing import certify_ds, certify_pg_mask_ds, ds_vote_set, load_ds
 
     def votes(model, x, device):
-        return {"votes": ds_votes(model, x, device=device)}
+        return {"votes": ds_vote_set(model, x, device=device)}
 
     def local(model, x, device):
         return {"logits": bagnet_logits(model, x, device=device)}
@@ -59,8 +63,9 @@ def _peers() -> dict[str, Peer]:
         Peer("CBN", "recovery", load_bagnet, certify_cbn, bag, local),
         Peer("PG-Mask-BN", "recovery", load_bagnet, certify_pg_mask_bn, bag, local),
         Peer("PatchGuard++", "detection", load_bagnet, certify_pgpp, bag, local),
-        Peer("DS", "recovery", load_ds, certify_ds, ds, votes),
-        Peer("PG-Mask-DS", "recovery", load_ds, certify_pg_mask_ds, ds, votes),
+        # version 2: float-noise vote bounds (smoothing.VOTE_EPS)
+        Peer("DS", "recovery", load_ds, certify_ds, ds, votes, version=2),
+        Peer("PG-Mask-DS", "recovery", load_ds, certify_pg_mask_ds, ds, votes, version=2),
         # one IBP model trained on 5 px (2.4%) patches certifies every patch size (CIFAR only, as in the paper)
         Peer("IBP", "recovery", load_ibp, certify_ibp, {"cifar10": "cifar10_ibp_small"}),
     )}
@@ -74,8 +79,17 @@ _SHARED: dict = {}
 _SHARED_MAX_BYTES = 512 << 20
 
 
-def _nbytes(kw: dict) -> int:
-    return sum(v.element_size() * v.nelement() for v in kw.values() if hasattr(v, "element_size"))
+def _nbytes(obj) -> int:
+    """Return the bytes of the tensors in obj (a tensor, or a dict / tuple / dataclass of them, nested)."""
+    if hasattr(obj, "element_size"):
+        return obj.element_size() * obj.nelement()
+    if dataclasses.is_dataclass(obj):
+        obj = vars(obj)
+    if isinstance(obj, dict):
+        return sum(_nbytes(v) for v in obj.values())
+    if isinstance(obj, (tuple, list)):
+        return sum(_nbytes(v) for v in obj)
+    return 0
 
 
 def shared_work(pr: Peer, model, x, ids, device) -> tuple[dict, float, bool]:
@@ -119,7 +133,8 @@ def peer_cached(name: str, dataset: str, patch: float, *, per_class: int | None,
     model = pr.loader(ck, device=device)
     ds = D.load_dataset(dataset, "eval")
     ids = eval_ids(ds, per_class, seed)
-    config = {"peer": name, "dataset": dataset, "checkpoint_sha256": model.card["sha256"], "patch": patch,
+    config = {"peer": name, "version": pr.version, "dataset": dataset, "checkpoint_sha256": model.card["sha256"],
+              "patch": patch,
               "ids": R.config_key({"ids": ids}), "chunk_images": chunk_images}
     run = R.open_run(config)
     if force:

@@ -26,6 +26,13 @@ class c != y
 
 which is the DS certificate with its tie-breaking made exact (:func:`ds_certificate`).
 
+Floating point: a band the patch does not reach sees the same ablated input, but evaluated in
+another batch its softmax may differ in the last bits, and a probability that lies on the threshold
+could vote the other way. :func:`ds_vote_set` therefore also returns the votes that hold for any
+probability within ``VOTE_EPS`` (``low``) and those that may hold (``high``, ``low`` ⊆ votes ⊆
+``high``); the certificates take y's evidence from ``low`` and every other class's from ``high``
+(exact arithmetic is the special case ``low = high``). Records count such ``fragile_bands``.
+
 **PG-Mask-DS** — Xiang, Bhagoji, Sehwag and Mittal, "PatchGuard: A provably robust defense against
 adversarial patches via small receptive fields and masking", USENIX Security 2021: robust masking
 applied to the DS votes. Each class's votes form a 1-D evidence sequence ``u_c`` (0/1) over the n
@@ -94,6 +101,7 @@ import shlex
 import sys
 import time
 from pathlib import Path
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
@@ -114,6 +122,28 @@ DEFENSES = ("DS", "PG-Mask-DS")
 PAPER_BAND = {32: 4, 299: 25}
 #: DS softmax vote thresholds by image side (recalled from the DS paper)
 PAPER_THRESHOLD = {32: 0.3, 224: 0.2}
+#: a softmax probability may differ by this much between two evaluations of the same ablated input in
+#: different batches (float32 reassociation moves it by ~1e-7): votes that close to a decision are fragile
+VOTE_EPS = 1e-5
+
+
+@dataclass(frozen=True)
+class DSVotes:
+    """DS votes (B, n, C) bool as computed, with ``low`` ⊆ ``votes`` ⊆ ``high`` under float noise, band and threshold."""
+    votes: torch.Tensor
+    low: torch.Tensor
+    high: torch.Tensor
+    band: int
+    threshold: float | None
+
+    @property
+    def shape(self) -> torch.Size:
+        """Return the votes' shape (B, n, C)."""
+        return self.votes.shape
+
+    def batch(self, sl: slice) -> "DSVotes":
+        """Return the votes of the images ``sl``."""
+        return DSVotes(self.votes[sl], self.low[sl], self.high[sl], self.band, self.threshold)
 
 
 def default_band(n: int) -> int:
@@ -273,6 +303,32 @@ def votes_from_logits(logits: torch.Tensor, threshold=None) -> torch.Tensor:
     return logits.float().softmax(-1) >= threshold
 
 
+def vote_bounds(logits: torch.Tensor, threshold=None, eps: float = VOTE_EPS) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return (low, high) bool (..., C): the votes that hold for every, resp. for some, softmax whose entries
+    lie within ``eps`` of the computed ones (``low`` ⊆ :func:`votes_from_logits` ⊆ ``high``)."""
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 <= eps < 0.5:
+        raise ValueError(f"eps must be a float in [0, 0.5), got {eps!r}")
+    votes = votes_from_logits(logits, threshold)
+    p = logits.float().softmax(-1)
+    if threshold is None:  # argmax votes: a class within 2 eps of the top may be the argmax, the top surely is if
+        top = p.amax(-1, keepdim=True)  # every other class lies more than 2 eps below it
+        high = p >= top - 2 * eps
+        low = votes & (high.sum(-1, keepdim=True) == 1)
+        return low, high
+    return (p >= threshold + eps) & votes, (p + eps >= threshold) | votes
+
+
+def ds_vote_set(model: nn.Module, images: torch.Tensor, band: int | None = None, threshold="paper",
+                chunk: int | None = None, device=None, eps: float = VOTE_EPS) -> DSVotes:
+    """Return the :class:`DSVotes` of images (B, 3, n, n): votes as :func:`ds_votes`, their float-noise bounds
+    (:func:`vote_bounds`), the band and the threshold used."""
+    x = check_images(images)
+    n = x.shape[-1]
+    band, theta = _model_band(model, band, n), _threshold(threshold, n)
+    logits = band_logits(model, x, band, chunk, device)
+    return DSVotes(votes_from_logits(logits, theta), *vote_bounds(logits, theta, eps), band, theta)
+
+
 def ds_votes(model: nn.Module, images: torch.Tensor, band: int | None = None, threshold="paper",
              chunk: int | None = None, device=None) -> torch.Tensor:
     """Return the DS votes (B, n, C) bool of images (B, 3, n, n): position i votes for class c or not.
@@ -319,20 +375,24 @@ def _tie_ok(lower: torch.Tensor, upper: torch.Tensor, y: torch.Tensor, cls_dim: 
     return torch.where(c < yv, lower > upper, lower >= upper) | (c == yv)
 
 
-def ds_certificate(counts: torch.Tensor, labels, delta_: int) -> torch.Tensor:
+def ds_certificate(counts: torch.Tensor, labels, delta_: int, upper: torch.Tensor | None = None) -> torch.Tensor:
     """Return DS certificates (B,) bool from vote counts (B, C) for labels (B,) and Delta band positions.
 
     Certified iff n_y > n_c + 2 Delta for every c < y and n_y >= n_c + 2 Delta for every c > y (the
     prediction, ties to the smaller class, stays y whatever the Delta affected positions vote).
+    ``upper``: counts (B, C) that bound the other classes' counts (default ``counts``; with float-noise
+    bounds, y's count comes from the ``low`` votes and ``upper`` from the ``high`` ones).
     """
     if not isinstance(counts, torch.Tensor) or counts.dim() != 2 or counts.shape[1] < 2:
         raise ValueError(f"counts must be a (B, C) tensor with C >= 2, got {getattr(counts, 'shape', counts)}")
     if isinstance(delta_, bool) or not isinstance(delta_, (int, np.integer)) or delta_ < 0:
         raise ValueError(f"Delta must be a non-negative int, got {delta_!r}")
     y = check_labels(labels, counts.shape[0], counts.shape[1]).to(counts.device)
-    counts = counts.long()
-    ny = counts.gather(1, y[:, None])
-    return _tie_ok(ny, counts + 2 * int(delta_), y, 1).all(1)
+    upper = counts if upper is None else upper
+    if not isinstance(upper, torch.Tensor) or upper.shape != counts.shape:
+        raise ValueError(f"upper must be a tensor of shape {tuple(counts.shape)}, got {getattr(upper, 'shape', upper)}")
+    ny = counts.long().gather(1, y[:, None])
+    return _tie_ok(ny, upper.long() + 2 * int(delta_), y, 1).all(1)
 
 
 def window_sums(u: torch.Tensor, d: int) -> torch.Tensor:
@@ -357,21 +417,28 @@ def pg_mask_predict(votes: torch.Tensor, delta_: int) -> torch.Tensor:
     return _first_argmax(pg_mask_counts(votes, delta_))
 
 
-def pg_mask_certificate(votes: torch.Tensor, labels, delta_: int) -> tuple[torch.Tensor, torch.Tensor]:
+def pg_mask_certificate(votes: torch.Tensor, labels, delta_: int,
+                        upper: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Return (certified (B,) bool, worst margin (B,) long) of PatchGuard robust masking on DS votes.
 
     For every patch window W0 (the n circular windows of d = min(Delta, n) positions):
     L(W0) = T_y - max_W |u_y on W u W0| and U_c(W0) = T_c - W0_c; certified iff L > U_c for c < y and
     L >= U_c for c > y, for every W0. ``margin`` = min over W0 and c != y of L(W0) - U_c(W0).
+    ``upper``: votes (B, n, C) ⊇ ``votes`` for the other classes' evidence (default ``votes``; with
+    float-noise bounds, ``votes`` = the ``low`` votes and ``upper`` = the ``high`` ones; both bounds
+    are monotone in the evidence).
     """
     votes, y = _check_votes(votes, labels)
+    upper = votes if upper is None else _check_votes(upper)
+    if upper.shape != votes.shape:
+        raise ValueError(f"upper must have the votes' shape {tuple(votes.shape)}, got {tuple(upper.shape)}")
     if isinstance(delta_, bool) or not isinstance(delta_, (int, np.integer)) or delta_ < 1:
         raise ValueError(f"Delta must be a positive int, got {delta_!r}")
     b, n, _ = votes.shape
     d = min(int(delta_), n)
     u = votes.long().transpose(1, 2)                                   # (B, C, n)
-    total = u.sum(-1)                                                  # (B, C)
-    upper = total[:, :, None] - window_sums(u, d)                      # (B, C, n): U_c(W0 starting at t)
+    uh = upper.long().transpose(1, 2)
+    upper = uh.sum(-1)[:, :, None] - window_sums(uh, d)                # (B, C, n): U_c(W0 starting at t)
     uy = u[torch.arange(b, device=u.device), y]                        # (B, n)
     inside = (torch.arange(n, device=u.device)[None, :] - torch.arange(n, device=u.device)[:, None]) % n < d
     zeroed = uy[:, None, :] * (~inside).long()[None]                   # (B, n W0, n): y's evidence outside W0
@@ -391,7 +458,15 @@ def _setup(model, images, labels, patch, band, threshold, votes):
     p = patch_pixels(patch, n)
     theta = _threshold(threshold, n)
     if votes is not None:
-        votes = _check_votes(votes)
+        if isinstance(votes, DSVotes):
+            if (votes.band, votes.threshold) != (band, theta):
+                raise ValueError(f"votes were made with band {votes.band} and threshold {votes.threshold}, "
+                                 f"not band {band} and threshold {theta}")
+            for v in (votes.votes, votes.low, votes.high):
+                _check_votes(v)
+        else:  # plain votes: exact arithmetic assumed (no float-noise bounds)
+            votes = _check_votes(votes)
+            votes = DSVotes(votes, votes, votes, band, theta)
         if votes.shape[:2] != (b, n):
             raise ValueError(f"votes must have shape ({b}, {n}, C), got {tuple(votes.shape)}")
     classes = votes.shape[2] if votes is not None else getattr(model, "num_classes", None)
@@ -407,24 +482,29 @@ def _certify(defense: str, model, images, labels, patch, band, threshold, chunk,
     recs = []
     for s0 in range(0, b, batch_size):
         t0 = time.perf_counter()
-        vb = (votes[s0: s0 + batch_size] if votes is not None else
-              votes_from_logits(band_logits(model, x[s0: s0 + batch_size], band, chunk, device), theta))
+        if votes is not None:
+            vs = votes.batch(slice(s0, s0 + batch_size))
+        else:
+            logits = band_logits(model, x[s0: s0 + batch_size], band, chunk, device)
+            vs = DSVotes(votes_from_logits(logits, theta), *vote_bounds(logits, theta), band, theta)
+        vb = vs.votes
         if y_all is None:
             y_all = check_labels(labels, b, vb.shape[2])
         yb = y_all[s0: s0 + batch_size].to(vb.device)
         counts = vb.long().sum(1)
         if defense == "DS":
             pred = ds_predict(counts)
-            cert = ds_certificate(counts, yb, dl) & (pred == yb)
+            cert = ds_certificate(vs.low.long().sum(1), yb, dl, upper=vs.high.long().sum(1)) & (pred == yb)
             ny = counts.gather(1, yb[:, None])[:, 0]
             other = counts.scatter(1, yb[:, None], -1).amax(1)
             extra = {"votes_label": ny.tolist(), "votes_other": other.tolist()}
         else:
             masked = pg_mask_counts(vb, dl)
             pred = _first_argmax(masked)
-            ok, margin = pg_mask_certificate(vb, yb, dl)
+            ok, margin = pg_mask_certificate(vs.low, yb, dl, upper=vs.high)
             cert = ok & (pred == yb)
             extra = {"masked_label": masked.gather(1, yb[:, None])[:, 0].tolist(), "margin": margin.tolist()}
+        extra["fragile_bands"] = (vs.low != vs.high).any(-1).sum(1).tolist()
         seconds = (time.perf_counter() - t0) / len(vb)
         for j, (lab, pr, ok_) in enumerate(zip(yb.tolist(), pred.tolist(), cert.tolist())):
             recs.append({"id": ids[s0 + j], "label": lab, "pred": pr, "alert": False, "clean_correct": pr == lab,
@@ -434,23 +514,26 @@ def _certify(defense: str, model, images, labels, patch, band, threshold, chunk,
 
 
 def certify_ds(model, images, labels, patch, band: int | None = None, threshold="paper", chunk: int | None = None,
-               device=None, batch_size: int = 64, ids=None, votes: torch.Tensor | None = None) -> pd.DataFrame:
+               device=None, batch_size: int = 64, ids=None, votes: DSVotes | torch.Tensor | None = None) -> pd.DataFrame:
     """De-randomized (column) smoothing: one row per image (common peer records, defense "DS", kind "recovery").
 
     INPUT: a base model on 6-channel ablated images (e.g. :func:`ds_model`); images (B, 3, n, n) in
     [0, 1]; labels (B,); patch in pixels (int) or % of the image (float); band (default: the
     model's ``ds_band``); threshold as in :func:`ds_votes`; ``votes`` (B, n, C) precomputed by
-    :func:`ds_votes` for these images (then no forward pass runs and ``seconds`` is the aggregation only).
+    :func:`ds_vote_set` for these images with this band and threshold (then no forward pass runs and
+    ``seconds`` is the aggregation only; a plain bool tensor from :func:`ds_votes` is taken as exact, with no
+    float-noise bounds).
     OUTPUT: id, label, pred (most votes, ties to the smaller class), alert (False), clean_correct,
     certified (:func:`ds_certificate` with Delta = min(n, p + b - 1)), forwards (n), seconds,
-    patch_px, band, delta, threshold, votes_label (n_y), votes_other (max over c != y of n_c).
+    patch_px, band, delta, threshold, votes_label (n_y), votes_other (max over c != y of n_c),
+    fragile_bands (band positions with a vote within ``VOTE_EPS`` of changing; see the module docstring).
     """
     return _certify("DS", model, images, labels, patch, band, threshold, chunk, device, batch_size, ids, votes)
 
 
 def certify_pg_mask_ds(model, images, labels, patch, band: int | None = None, threshold="paper",
                        chunk: int | None = None, device=None, batch_size: int = 64, ids=None,
-                       votes: torch.Tensor | None = None) -> pd.DataFrame:
+                       votes: DSVotes | torch.Tensor | None = None) -> pd.DataFrame:
     """PatchGuard robust masking on the DS votes: one row per image (defense "PG-Mask-DS", kind "recovery").
 
     INPUT: as :func:`certify_ds`.
