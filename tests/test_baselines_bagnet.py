@@ -131,7 +131,8 @@ def _scores(name, z, win):
 
 def _unsound(z, y, win):
     """Deliberately unsound certificates (the audit must catch them): CBN with a quarter of the clipping
-    penalty, and robust masking whose true-class bound forgets that the mask removes a second window."""
+    penalty, robust masking whose true-class bound forgets that the mask removes a second window, and
+    PatchGuard++ that trusts the unmasked prediction without checking the masked ones."""
     c, lo, hi = clip_logits(z.double(), "clamp", -1.0, 1.0)
     tot, ws = c.sum((2, 3)), window_sums(c, win)
     yy = y.view(-1, 1)
@@ -142,7 +143,8 @@ def _unsound(z, y, win):
     upper = (tot[:, :, None] - ws).scatter(1, yy[:, :, None].expand(-1, 1, ws.shape[2]), float("-inf")).amax(1)
     lower = tot.gather(1, yy) - ws.gather(1, yy[:, :, None].expand(-1, 1, ws.shape[2]))[:, 0]
     return {"CBN-clamp": (cbn_predict(z, **CBN_CLIPS["clamp"]) == y) & (m.amin((1, 2)) > 0),
-            "PG-Mask-BN": (pg_mask_predict(z, win) == y) & ((lower - upper).amin(1) > 0)}
+            "PG-Mask-BN": (pg_mask_predict(z, win) == y) & ((lower - upper).amin(1) > 0),
+            "PatchGuard++": z.sum((2, 3)).argmax(1) == y}
 
 
 @pytest.fixture(scope="module")
@@ -203,8 +205,8 @@ def test_exhaustive_audit_never_breaks_a_certificate(audited):
 
 def test_the_audit_catches_unsound_certificates(audited):
     """The same audit breaks deliberately loosened bounds, so the soundness test above can fail."""
-    for name in ("CBN-clamp", "PG-Mask-BN"):
-        broken = sum(bool(unsound[name][i]) and bool((out[name] != y[i]).any())
+    for name in ("CBN-clamp", "PG-Mask-BN", "PatchGuard++"):
+        broken = sum(bool(unsound[name][i]) and bool(((out[name] != y[i]) & (out[name] != -1)).any())
                      for _, _, y, _, _, outs, unsound in audited for i, out in enumerate(outs))
         assert broken > 0, name
 

@@ -107,6 +107,9 @@ def test_votes_of_hand_built_model_match_hand_computed():
 def test_ds_certificate_hand_made(counts, label, d, flag):
     c = torch.tensor([counts])
     assert ds_certificate(c, [label], d).tolist() == [flag]
+
+
+def test_ds_predict_breaks_ties_to_the_smaller_class():
     assert ds_predict(torch.tensor([[2, 2, 0], [0, 3, 3], [1, 0, 1]])).tolist() == [0, 1, 0]
 
 
