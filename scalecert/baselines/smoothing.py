@@ -594,7 +594,7 @@ def _balanced(ds, n_images: int, seed: int) -> np.ndarray:
 def smoothed_accuracy(model: nn.Module, ds, idx, patch, threshold="paper", device="cpu") -> dict:
     """Return {ds_clean, ds_certified, pg_clean, pg_certified} (%) on ds[idx] from one set of votes."""
     x, y = ds.tensors(idx)
-    votes = ds_votes(model, x, threshold=threshold, device=device)
+    votes = ds_vote_set(model, x, threshold=threshold, device=device)
     a = certify_ds(model, x, y, patch, threshold=threshold, votes=votes)
     b = certify_pg_mask_ds(model, x, y, patch, threshold=threshold, votes=votes)
     return {"ds_clean": 100 * float(a.clean_correct.mean()), "ds_certified": 100 * float(a.certified.mean()),
