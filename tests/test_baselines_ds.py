@@ -138,6 +138,15 @@ def test_pg_mask_hand_made():
     assert pg_mask_predict(votes_of([[0, 1, 1], [1, 1, 1]]), 5).tolist() == [0]
 
 
+def rewritten_predictions(votes, patterns, w0, d):
+    """Return the DS and PG-Mask-DS predictions (B, P) of votes (B, n, C) with bands w0 rewritten by each pattern."""
+    b, n, c = votes.shape
+    adv = votes[:, None].repeat(1, len(patterns), 1, 1)
+    adv[:, :, w0] = patterns[None]
+    adv = adv.view(-1, n, c)
+    return ds_predict(adv.sum(1)).view(b, -1), pg_mask_predict(adv, d).view(b, -1)
+
+
 def test_aggregations_sound_against_every_vote_change():
     """Exhaustive adversary on random votes: every window W0 of Delta positions, every way of rewriting the
     votes (all classes) there; certified images keep their prediction under DS and under PG masking."""
@@ -151,12 +160,7 @@ def test_aggregations_sound_against_every_vote_change():
     assert 0 < ds_ok.sum() < b and 0 < pg_ok.sum() < b
     patterns = torch.tensor(list(itertools.product([False, True], repeat=d * c))).view(-1, d, c)  # 64
     for t in range(n):
-        w0 = [(t + k) % n for k in range(d)]
-        adv = v[:, None].repeat(1, len(patterns), 1, 1)
-        adv[:, :, w0] = patterns[None]
-        adv = adv.view(-1, n, c)
-        ds_pred = ds_predict(adv.sum(1)).view(b, -1)
-        pg_pred = pg_mask_predict(adv, d).view(b, -1)
+        ds_pred, pg_pred = rewritten_predictions(v, patterns, [(t + k) % n for k in range(d)], d)
         assert (ds_pred[ds_ok] == y[ds_ok, None]).all()
         assert (pg_pred[pg_ok] == y[pg_ok, None]).all()
     # the DS bound is tight for unconstrained votes: some uncertified, correctly predicted image flips
@@ -219,14 +223,9 @@ def test_aggregations_sound_under_float_noise_and_every_vote_change():
     patterns = torch.tensor(list(itertools.product([False, True], repeat=d * c))).view(-1, d, c)  # 64
     broken = {"DS": 0, "PG": 0}
     for t in range(n):
-        w0 = [(t + k) % n for k in range(d)]
         for _ in range(draws):  # one float-noise draw between the bounds outside W0, every pattern inside
             noisy = torch.where(fragile, torch.rand(b, n, c, generator=g) < 0.5, v)
-            adv = noisy[:, None].repeat(1, len(patterns), 1, 1)
-            adv[:, :, w0] = patterns[None]
-            adv = adv.view(-1, n, c)
-            ds_pred = ds_predict(adv.sum(1)).view(b, -1)
-            pg_pred = pg_mask_predict(adv, d).view(b, -1)
+            ds_pred, pg_pred = rewritten_predictions(noisy, patterns, [(t + k) % n for k in range(d)], d)
             assert (ds_pred[ds_ok] == y[ds_ok, None]).all()
             assert (pg_pred[pg_ok] == y[pg_ok, None]).all()
             broken["DS"] += int((ds_pred[exact_ds] != y[exact_ds, None]).any(1).sum())
