@@ -21,6 +21,9 @@ def test_every_peer_of_table_2_is_registered():
         for ds in set(table[table.defense == name].dataset):
             assert p.checkpoint({"imagenet": "imagenette"}.get(ds, ds)) is not None, (name, ds)
     assert H.peer("IBP").checkpoint("imagenette") is None  # CIFAR only, as in the paper
+    # shared work is keyed by its function: every lookup must return the same one, or nothing is ever reused
+    assert H.peer("DS").shared is H.peer("PG-Mask-DS").shared is H.peer("DS").shared is not None
+    assert H.peer("CBN").shared is H.peer("PatchGuard++").shared is H.peer("PG-Mask-BN").shared is not None
     with pytest.raises(ValueError, match="unknown peer"):
         H.peer("PatchCleanser")
 

@@ -14,6 +14,7 @@ is what that configuration would cost alone.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -46,6 +47,7 @@ class Peer:
         return self.checkpoints.get(D.check_dataset(dataset))
 
 
+@functools.lru_cache(maxsize=None)  # one set of shared-work functions per process: they key the _SHARED cache
 def _peers() -> dict[str, Peer]:
     from .bagnet import load_bagnet
     from .ibp import certify_ibp, load_ibp
