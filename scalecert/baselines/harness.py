@@ -136,8 +136,7 @@ def peer_cached(name: str, dataset: str, patch: float, *, per_class: int | None,
     ds = D.load_dataset(dataset, "eval")
     ids = eval_ids(ds, per_class, seed)
     config = {"peer": name, "version": pr.version, "dataset": dataset, "checkpoint_sha256": model.card["sha256"],
-              "patch": patch,
-              "ids": R.config_key({"ids": ids}), "chunk_images": chunk_images}
+              "patch": patch, "ids": R.config_key({"ids": ids}), "chunk_images": chunk_images}
     run = R.open_run(config)
     if force:
         for f in [*run.glob("chunk-*.csv"), *run.glob("timings-*.csv")]:

@@ -141,6 +141,11 @@ class DSVotes:
         """Return the votes' shape (B, n, C)."""
         return self.votes.shape
 
+    @classmethod
+    def from_logits(cls, logits: torch.Tensor, band: int, threshold, eps: float = VOTE_EPS) -> "DSVotes":
+        """Return the votes of band logits (B, n, C) with their float-noise bounds (:func:`vote_bounds`)."""
+        return cls(votes_from_logits(logits, threshold), *vote_bounds(logits, threshold, eps), band, threshold)
+
     def batch(self, sl: slice) -> "DSVotes":
         """Return the votes of the images ``sl``."""
         return DSVotes(self.votes[sl], self.low[sl], self.high[sl], self.band, self.threshold)
@@ -325,8 +330,7 @@ def ds_vote_set(model: nn.Module, images: torch.Tensor, band: int | None = None,
     x = check_images(images)
     n = x.shape[-1]
     band, theta = _model_band(model, band, n), _threshold(threshold, n)
-    logits = band_logits(model, x, band, chunk, device)
-    return DSVotes(votes_from_logits(logits, theta), *vote_bounds(logits, theta, eps), band, theta)
+    return DSVotes.from_logits(band_logits(model, x, band, chunk, device), band, theta, eps)
 
 
 def ds_votes(model: nn.Module, images: torch.Tensor, band: int | None = None, threshold="paper",
@@ -485,8 +489,7 @@ def _certify(defense: str, model, images, labels, patch, band, threshold, chunk,
         if votes is not None:
             vs = votes.batch(slice(s0, s0 + batch_size))
         else:
-            logits = band_logits(model, x[s0: s0 + batch_size], band, chunk, device)
-            vs = DSVotes(votes_from_logits(logits, theta), *vote_bounds(logits, theta), band, theta)
+            vs = DSVotes.from_logits(band_logits(model, x[s0: s0 + batch_size], band, chunk, device), band, theta)
         vb = vs.votes
         if y_all is None:
             y_all = check_labels(labels, b, vb.shape[2])
