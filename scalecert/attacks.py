@@ -61,8 +61,8 @@ def universal_patch(model, images: torch.Tensor, target: int, p: int, steps: int
         loss = F.cross_entropy(model(xp), torch.full((batch,), target, device=dev))
         if alpha:
             loss = loss + alpha * patch_activation(model, xp, corners.to(dev), p).mean()
-        opt.zero_grad()
-        loss.backward()
+        # grad w.r.t. the patch only: backward() would also compute (and accumulate) every weight's gradient
+        patch.grad, = torch.autograd.grad(loss, patch)
         opt.step()
         with torch.no_grad():
             patch.clamp_(0, 1)

@@ -11,6 +11,9 @@ from .windows import patch_pixels
 PROFILES = {"tiny": 1, "quick": 10, "paper": None}
 #: Adam steps of the universal patches (02-04) per profile; Imagenette patches dominate the quick profile's time
 PATCH_STEPS = {"tiny": 10, "quick": 100, "paper": 500}
+#: the adaptive attack's penalty weights (Eq. 6) per profile: each is one universal patch to train;
+#: the quick profile leaves out 10, where the measured attack success is already near 1% at alpha = 1
+ALPHAS = {"tiny": [0.0, 0.01, 0.1, 1.0, 10.0], "quick": [0.0, 0.01, 0.1, 1.0], "paper": [0.0, 0.01, 0.1, 1.0, 10.0]}
 
 
 def check_profile(profile: str) -> str:
@@ -52,6 +55,22 @@ def per_class(profile: str, n_per_class: int | None = None, **profile_sizes: int
 def patch_steps(profile: str, steps: int | None = None) -> int:
     """Return the universal-patch optimisation steps: the explicit value if given, else the profile's."""
     return by_profile(profile, steps, "patch_steps", **PATCH_STEPS)
+
+
+def alphas(profile: str, values=None) -> list[float]:
+    """Return the adaptive attack's alphas: the explicit list if given (each finite and >= 0), else the profile's."""
+    check_profile(profile)
+    values = ALPHAS[profile] if values is None else values
+    if isinstance(values, (str, bytes)) or not hasattr(values, "__iter__"):
+        raise ValueError(f"alphas must be a list of numbers >= 0, got {values!r}")
+    out = []
+    for a in values:
+        if isinstance(a, bool) or not isinstance(a, numbers.Real) or not math.isfinite(a) or a < 0:
+            raise ValueError(f"alphas must be a list of numbers >= 0, got {a!r} in {values!r}")
+        out.append(float(a))
+    if not out:
+        raise ValueError("alphas must name at least one value")
+    return out
 
 
 def by_profile(profile: str, value: int | None, what: str, **sizes: int) -> int:

@@ -30,6 +30,7 @@ def test_universal_patch_raises_target_probability():
         p_rand = m(T.apply_patch(held, torch.rand(3, 6, 6, generator=g), corners)).softmax(1)[:, target].mean()
     assert p_adv > 0.1 and p_adv > 5 * p_rand
     assert 0 <= patch.min() and patch.max() <= 1
+    assert all(w.grad is None for w in m.parameters())  # only the patch's gradient is computed
 
 
 def test_pgd_stays_inside_its_square_and_the_image_range():

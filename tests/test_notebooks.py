@@ -36,6 +36,7 @@ def test_every_notebook_is_covered_by_an_up_to_date_reference(src):
     ("02_sin_localization", {"patch_pct": "150"}, "not smaller than the 32x32 images"),
     ("09_empirical_recovery", {"patch_pct": "100", "datasets": "imagenette"}, "not smaller than the 224x224"),
     ("04_adaptive_attack", {"patch_pct": "-2"}, "patch_pct must be a positive number"),
+    ("04_adaptive_attack", {"alphas": "[0, -1]"}, "alphas must be a list of numbers >= 0"),
 ])
 def test_bad_parameter_stops_at_the_first_cell(tmp_path, notebook, params, match):
     args = [sys.executable, "-m", "papermill", "--log-level", "ERROR", "-k", "python3",
@@ -69,6 +70,15 @@ def test_patch_steps_by_profile_and_explicit():
     assert N.patch_steps("tiny") == 10 and N.patch_steps("quick", 7) == 7
     with pytest.raises(ValueError, match=">= 1"):
         N.patch_steps("quick", 0)
+
+
+def test_alphas_by_profile_and_explicit():
+    from scalecert import notebook as N
+    assert N.alphas("quick") == [0.0, 0.01, 0.1, 1.0] and N.alphas("paper")[-1] == 10.0
+    assert N.alphas("paper", [0, 2]) == [0.0, 2.0] and N.alphas("quick", np.array([0.5])) == [0.5]
+    for bad in ([-1.0], [float("nan")], ["1"], [True], "0.1", 0.1, []):
+        with pytest.raises(ValueError, match="alphas must"):
+            N.alphas("quick", bad)
 
 
 def test_check_patch_accepts_patches_smaller_than_every_image_and_names_the_offender():
