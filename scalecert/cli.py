@@ -1,4 +1,4 @@
-"""Commands ``python -m scalecert certify | bench | audit``."""
+"""Commands ``python -m scalecert certify | bench | audit | models | cache``."""
 from __future__ import annotations
 
 import argparse
@@ -331,4 +331,23 @@ def models(argv=None) -> int:
     a = p.parse_args(argv)
     table = models_table(Path(a.dir))
     print(table.to_markdown(index=False) if len(table) else f"no checkpoint cards in {a.dir}")
+    return 0
+
+
+def cache(argv=None) -> int:
+    """``python -m scalecert cache``: progress of every cached run (chunks and images done, seconds, ETA); last line is JSON."""
+    import pandas as pd
+    from . import results as R
+    p = argparse.ArgumentParser(prog="python -m scalecert cache", description=cache.__doc__)
+    p.add_argument("--dir", default=str(R.CACHE_DIR), help="cache folder")
+    p.add_argument("--unfinished", action="store_true",
+                   help="only runs with chunks left (runs cached before sizes were recorded have no total and are left out)")
+    a = p.parse_args(argv)
+    table = R.status(Path(a.dir))
+    if a.unfinished:
+        table = table[table.chunks.notna() & (table.chunks_done < table.chunks)] if "chunks" in table else table.iloc[:0]
+    with pd.option_context("display.width", 200, "display.max_columns", None):
+        print(table.to_string(index=False) if len(table) else f"no cached runs in {a.dir}")
+    known = table.dropna(subset=["eta_hours"]) if "eta_hours" in table else table.iloc[:0]
+    print(json.dumps({"runs": len(table), "eta_hours": round(float(known.eta_hours.sum()), 2) if len(known) else 0.0}))
     return 0

@@ -69,6 +69,9 @@ def compute(run: Path, n: int, chunk_size: int, fn, rank: int = 0, world: int = 
 
     A chunk's time is its wall time plus ``df.attrs["extra_seconds"]`` (work ``fn`` reused from another configuration)."""
     from tqdm.auto import tqdm
+    size = run / "size.json"  # outside config.json (which names the run), so old runs keep their key
+    if not size.is_file():
+        atomic_write_text(size, json.dumps({"images": n, "chunk_images": chunk_size}))
     todo = [(c, r) for c, r in enumerate(chunks(n, chunk_size)) if c % world == rank
             and not (run / f"chunk-{c:05d}.csv").is_file()]
     done = 0
@@ -112,3 +115,31 @@ def timings(run: Path) -> pd.DataFrame:
     """Return the per-chunk timings of a run (chunk, images, seconds), from every rank."""
     frames = [pd.read_csv(p, names=["chunk", "images", "seconds"]) for p in sorted(run.glob("timings-rank*.csv"))]
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["chunk", "images", "seconds"])
+
+
+#: configuration fields shown by ``status`` (whichever a run has), in this order
+STATUS_FIELDS = ("dataset", "kind", "peer", "mode", "rule", "patch", "patch_pct", "tau", "layer", "rate")
+
+
+def status(cache_dir: Path | None = None) -> pd.DataFrame:
+    """Return one row per cached run: its main settings, chunks and images done of its total, seconds, ETA."""
+    rows = []
+    for meta in sorted(Path(cache_dir or CACHE_DIR).glob("*/config.json")):
+        run, config = meta.parent, json.loads(meta.read_text())
+        size = json.loads((run / "size.json").read_text()) if (run / "size.json").is_file() else None
+        done = sorted(int(p.stem.split("-")[1]) for p in run.glob("chunk-*.csv"))
+        row = {"key": run.name, **{k: config[k] for k in STATUS_FIELDS if k in config}, "chunks_done": len(done)}
+        t = timings(run)
+        row["seconds"] = round(float(t.seconds.sum()), 1)
+        if size:
+            parts = chunks(size["images"], size["chunk_images"])
+            row["chunks"] = len(parts)
+            row["images_done"] = sum(len(parts[c]) for c in done if c < len(parts))
+            row["images"] = size["images"]
+            left = row["images"] - row["images_done"]
+            per_image = t.seconds.sum() / max(1, t.images.sum())
+            row["eta_hours"] = round(left * per_image / 3600, 2) if len(t) else None
+        rows.append(row)
+    cols = ["key", *STATUS_FIELDS, "chunks_done", "chunks", "images_done", "images", "seconds", "eta_hours"]
+    out = pd.DataFrame(rows)
+    return out[[c for c in cols if c in out.columns]] if len(out) else pd.DataFrame(columns=cols)

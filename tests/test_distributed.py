@@ -1,4 +1,5 @@
 """Sharded certification: 2 gloo processes equal 1 process; killed runs resume; foreign shards are refused."""
+import json
 import os
 import subprocess
 import sys
@@ -77,3 +78,21 @@ def test_numeric_looking_config_keys_still_merge(tmp_path, key):
     run.mkdir()
     R.compute(run, 2, 2, lambda r: pd.DataFrame({"id": list(r), "pred": [7, 8]}), progress=False)
     assert R.merge(run, 2, 2, ids=[0, 1])["config_key"].tolist() == [key, key]
+
+
+def test_cache_status_counts_chunks_and_images_and_survives_an_interruption(tmp_path, capsys):
+    from scalecert import cli
+    run = R.open_run({"dataset": "cifar10", "mode": "sound", "patch": 2.4}, tmp_path)
+    fn = lambda r: pd.DataFrame({"id": list(r), "pred": [0] * len(r)})  # noqa: E731
+    with pytest.raises(KeyboardInterrupt):
+        R.compute(run, 5, 2, fn, progress=False, fail_after=1)
+    row = R.status(tmp_path).iloc[0]
+    assert (row.chunks_done, row.chunks, row.images_done, row.images) == (1, 3, 2, 5)
+    assert row.dataset == "cifar10" and row["mode"] == "sound" and row.eta_hours >= 0
+    assert cli.cache(["--dir", str(tmp_path), "--unfinished"]) == 0
+    assert json.loads(capsys.readouterr().out.splitlines()[-1])["runs"] == 1
+    R.compute(run, 5, 2, fn, progress=False)
+    row = R.status(tmp_path).iloc[0]
+    assert (row.chunks_done, row.images_done, row.eta_hours) == (3, 5, 0)
+    cli.cache(["--dir", str(tmp_path), "--unfinished"])
+    assert json.loads(capsys.readouterr().out.splitlines()[-1]) == {"runs": 0, "eta_hours": 0.0}
