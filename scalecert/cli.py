@@ -347,7 +347,8 @@ def cache(argv=None) -> int:
     if a.unfinished:
         table = table[table.chunks.notna() & (table.chunks_done < table.chunks)] if "chunks" in table else table.iloc[:0]
     with pd.option_context("display.width", 200, "display.max_columns", None):
-        print(table.to_string(index=False) if len(table) else f"no cached runs in {a.dir}")
+        print(table.to_string(index=False) if len(table) else
+              f"no {'unfinished ' if a.unfinished else ''}cached runs in {a.dir}")
     known = table.dropna(subset=["eta_hours"]) if "eta_hours" in table else table.iloc[:0]
     print(json.dumps({"runs": len(table), "eta_hours": round(float(known.eta_hours.sum()), 2) if len(known) else 0.0}))
     return 0
