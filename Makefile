@@ -8,7 +8,16 @@ PROFILE ?= quick
 FORCE ?= 0
 DATASETS ?= cifar10 imagenette
 NOTEBOOKS := $(sort $(wildcard notebooks/[0-9]*.ipynb))
-EXECUTED := $(patsubst notebooks/%.ipynb,figures/executed/$(PROFILE)/%.ipynb,$(NOTEBOOKS))
+EXEC_DIR := figures/executed/$(PROFILE)
+# `make figures` runs FIG_JOBS notebooks side by side with FIG_THREADS torch threads each (on this
+# 2-core CPU two one-thread notebooks finish sooner than one two-thread notebook at a time), the
+# longest first so that the job slots finish together
+NPROC := $(shell nproc 2>/dev/null || echo 1)
+FIG_JOBS ?= $(if $(filter 1,$(NPROC)),1,2)
+FIG_THREADS ?= $(shell n=$$(( $(NPROC) / $(FIG_JOBS) )); echo $$(( n > 0 ? n : 1 )))
+LONGEST := 05_certification 02_sin_localization 07_window_merging 04_adaptive_attack
+EXECUTED := $(addprefix $(EXEC_DIR)/,$(addsuffix .ipynb,$(filter $(basename $(notdir $(NOTEBOOKS))),$(LONGEST)) \
+  $(filter-out $(LONGEST),$(basename $(notdir $(NOTEBOOKS))))))
 DATA_STAMPS := data/cifar10-jpeg/.test-uint8.npy data/imagenette-224/.val-uint8.npy
 KERNEL := scalecert
 
@@ -36,12 +45,18 @@ data/cifar10-jpeg/.test-uint8.npy: | $(STAMP)
 data/imagenette-224/.val-uint8.npy: | $(STAMP)
 	$(PY) -m scalecert.data --decode imagenette
 
-figures: $(EXECUTED) figures/REPORT.md ## run every notebook with papermill (PROFILE=quick|paper), write figures/
+figures: $(STAMP) $(DATA_STAMPS) ## run every notebook with papermill (PROFILE=quick|paper; FIG_JOBS side by side), write figures/
+	$(MAKE) --no-print-directory -j$(FIG_JOBS) $(EXECUTED)
+	$(MAKE) --no-print-directory figures/REPORT.md
 
-figures/executed/$(PROFILE)/%.ipynb: notebooks/%.ipynb $(STAMP) $(DATA_STAMPS) $(wildcard scalecert/*.py scalecert/baselines/*.py)
+$(EXEC_DIR)/%.ipynb: notebooks/%.ipynb $(STAMP) $(DATA_STAMPS) $(wildcard scalecert/*.py scalecert/baselines/*.py)
 	@mkdir -p $(dir $@)
-	$(PY) -m papermill --log-level WARNING -k python3 $< $@.tmp -p profile $(PROFILE) -p force $(FORCE)
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-$(FIG_THREADS)} \
+	  $(PY) -m papermill --log-level WARNING -k python3 $< $@.tmp -p profile $(PROFILE) -p force $(FORCE)
 	mv $@.tmp $@
+
+# 03 and 04 reuse the universal patch that 02 trains: run them after it, not beside it
+$(EXEC_DIR)/03_prediction_stability.ipynb $(EXEC_DIR)/04_adaptive_attack.ipynb: | $(EXEC_DIR)/02_sin_localization.ipynb
 
 figures/REPORT.md: $(EXECUTED)
 	$(PY) -m scalecert.report --profile $(PROFILE) > $@.tmp && mv $@.tmp $@
