@@ -7,12 +7,10 @@
 # Hours to days on a 2-core CPU; never run in CI.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-# With the kernel's autogroup scheduling, nice only ranks processes within one session: run in a
-# session of our own and lower that session's weight, so training jobs elsewhere keep the cores.
-if [[ -z ${PAPER_PROFILE_SESSION:-} ]] && command -v setsid >/dev/null; then
-  PAPER_PROFILE_SESSION=1 exec setsid --wait "$0" "$@"
-fi
-[[ -w /proc/self/autogroup ]] && { echo "${NICE:-19}" > /proc/self/autogroup; } 2>/dev/null || true
+# With the kernel's autogroup scheduling, nice only ranks processes within one session, and the
+# notebook kernel (which does the work) starts a session of its own: lower that session's weight,
+# so that training jobs elsewhere keep the cores.
+lower() { for k in $(pgrep -P "$1"); do { echo "${NICE:-19}" > "/proc/$k/autogroup"; } 2>/dev/null || true; done; }
 PY=.venv/bin/python
 export OMP_NUM_THREADS=${THREADS:-1} SCALECERT_FIG_DIR=$PWD/build/paper/figures
 order=(05_certification 06_topk_rate 08_layer_selection 02_sin_localization 03_prediction_stability
@@ -24,6 +22,9 @@ for nb in "${order[@]}"; do
   echo "$(date -u +%FT%TZ) start $nb"
   start=$(date +%s)
   $PY -m papermill --log-level WARNING -k python3 "notebooks/$nb.ipynb" "build/paper/executed/$nb.ipynb" \
-    -p profile paper
+    -p profile paper &
+  pm=$!
+  while kill -0 "$pm" 2>/dev/null; do lower "$pm"; sleep 10; done
+  wait "$pm"
   echo "$(date -u +%FT%TZ) done $nb in $(( $(date +%s) - start )) s"
 done
