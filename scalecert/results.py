@@ -142,4 +142,7 @@ def status(cache_dir: Path | None = None) -> pd.DataFrame:
         rows.append(row)
     cols = ["key", *STATUS_FIELDS, "chunks_done", "chunks", "images_done", "images", "seconds", "eta_hours"]
     out = pd.DataFrame(rows)
+    for c in ("chunks", "images_done", "images", "layer"):  # whole numbers, some unknown
+        if c in out.columns:
+            out[c] = out[c].astype("Int64")
     return out[[c for c in cols if c in out.columns]] if len(out) else pd.DataFrame(columns=cols)
