@@ -350,5 +350,6 @@ def cache(argv=None) -> int:
         print(table.to_string(index=False) if len(table) else
               f"no {'unfinished ' if a.unfinished else ''}cached runs in {a.dir}")
     known = table.dropna(subset=["eta_hours"]) if "eta_hours" in table else table.iloc[:0]
-    print(json.dumps({"runs": len(table), "eta_hours": round(float(known.eta_hours.sum()), 2) if len(known) else 0.0}))
+    print(json.dumps({"runs": len(table), "eta_hours": round(float(known.eta_hours.sum()), 2) if len(known) else 0.0,
+                      "eta_unknown": len(table) - len(known)}))  # no size recorded, or no chunk timed yet
     return 0

@@ -1,6 +1,7 @@
 """Experiment runners the notebooks call: cached certification configs, paper tables, model lookup."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pandas as pd
@@ -142,7 +143,7 @@ def cached_universal_patch(dataset: str, checkpoint: str, patch_pct: float, targ
     x, _ = ds.tensors(idx)
     patch = universal_patch(model, x, target, p, steps=steps, batch=32, alpha=alpha, seed=seed).cpu()
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # notebooks running side by side may race
     torch.save(patch, tmp)
     tmp.replace(path)
     return patch

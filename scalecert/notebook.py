@@ -1,6 +1,7 @@
 """Helpers for the parameterised notebooks: profile sizes and parameter checks."""
 from __future__ import annotations
 
+import ast
 import math
 import numbers
 
@@ -61,6 +62,13 @@ def alphas(profile: str, values=None) -> list[float]:
     """Return the adaptive attack's alphas: the explicit list if given (each finite and >= 0), else the profile's."""
     check_profile(profile)
     values = ALPHAS[profile] if values is None else values
+    if isinstance(values, str):  # papermill -p passes "[0, 0.1]" as a string
+        try:
+            values = ast.literal_eval(values)
+        except (ValueError, SyntaxError):
+            raise ValueError(f"alphas must be a list of numbers >= 0, got {values!r}") from None
+    if isinstance(values, numbers.Real) and not isinstance(values, bool):
+        values = [values]
     if isinstance(values, (str, bytes)) or not hasattr(values, "__iter__"):
         raise ValueError(f"alphas must be a list of numbers >= 0, got {values!r}")
     out = []

@@ -95,4 +95,4 @@ def test_cache_status_counts_chunks_and_images_and_survives_an_interruption(tmp_
     row = R.status(tmp_path).iloc[0]
     assert (row.chunks_done, row.images_done, row.eta_hours) == (3, 5, 0)
     cli.cache(["--dir", str(tmp_path), "--unfinished"])
-    assert json.loads(capsys.readouterr().out.splitlines()[-1]) == {"runs": 0, "eta_hours": 0.0}
+    assert json.loads(capsys.readouterr().out.splitlines()[-1]) == {"runs": 0, "eta_hours": 0.0, "eta_unknown": 0}

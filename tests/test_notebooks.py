@@ -76,7 +76,8 @@ def test_alphas_by_profile_and_explicit():
     from scalecert import notebook as N
     assert N.alphas("quick") == [0.0, 0.01, 0.1, 1.0] and N.alphas("paper")[-1] == 10.0
     assert N.alphas("paper", [0, 2]) == [0.0, 2.0] and N.alphas("quick", np.array([0.5])) == [0.5]
-    for bad in ([-1.0], [float("nan")], ["1"], [True], "0.1", 0.1, []):
+    assert N.alphas("quick", "[0, 0.5]") == [0.0, 0.5] and N.alphas("quick", 0.1) == [0.1]  # papermill -p
+    for bad in ([-1.0], [float("nan")], ["1"], [True], "[0, -1]", "0.1x", "'a'", True, []):
         with pytest.raises(ValueError, match="alphas must"):
             N.alphas("quick", bad)
 

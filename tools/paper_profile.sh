@@ -25,6 +25,6 @@ for nb in "${order[@]}"; do
     -p profile paper &
   pm=$!
   while kill -0 "$pm" 2>/dev/null; do lower "$pm"; sleep 10; done
-  wait "$pm"
+  wait "$pm" || { rc=$?; echo "$(date -u +%FT%TZ) FAILED $nb (exit $rc); the notebooks after it did not run" >&2; exit $rc; }
   echo "$(date -u +%FT%TZ) done $nb in $(( $(date +%s) - start )) s"
 done
