@@ -110,15 +110,20 @@ def predict_without(model, images: torch.Tensor, boxes) -> torch.Tensor:
 def prediction_stability(model, benign: torch.Tensor, patched: torch.Tensor, labels: torch.Tensor,
                          n: int | None = None) -> pd.DataFrame:
     """Return accuracy (%) of benign and patched images before and after removing their most localised SINs."""
-    out = []
+    per = {"label": labels.numpy()}
     for kind, x in (("benign", benign), ("patched", patched)):
         stats, _ = sin_statistics(model, x, n, kind=kind)
-        before = model(x.to(next(model.parameters()).device)).argmax(1).cpu()
-        after = predict_without(model, x, stats["box"])
-        out.append({"images": kind, "before": round(100 * (before == labels).float().mean().item(), 1),
-                    "after_removing_localised_sins": round(100 * (after == labels).float().mean().item(), 1),
-                    "n": len(x)})
-    return pd.DataFrame(out)
+        per[f"{kind}_before"] = model(x.to(next(model.parameters()).device)).argmax(1).cpu().numpy()
+        per[f"{kind}_after"] = predict_without(model, x, stats["box"]).numpy()
+    return stability_table(pd.DataFrame(per))
+
+
+def stability_table(per: pd.DataFrame) -> pd.DataFrame:
+    """Return the stability table (Fig. 1d) from per-image predictions: label, {benign,patched}_{before,after}."""
+    return pd.DataFrame([{"images": kind,
+                          "before": round(100 * (per[f"{kind}_before"] == per.label).mean(), 1),
+                          "after_removing_localised_sins": round(100 * (per[f"{kind}_after"] == per.label).mean(), 1),
+                          "n": len(per)} for kind in ("benign", "patched")])
 
 
 def sin_share_detector(model, images: torch.Tensor, p: int, n: int | None = None, threshold: float = 0.9):
@@ -143,6 +148,24 @@ def sin_share_detector(model, images: torch.Tensor, p: int, n: int | None = None
         r0, c0 = i * geo.stride - geo.pad + (geo.rf - 1) // 2, j * geo.stride - geo.pad + (geo.rf - 1) // 2
         boxes.append((r0, c0, r0 + side * geo.stride - 1, c0 + side * geo.stride - 1))
     return np.array(detected), boxes
+
+
+@torch.no_grad()
+def share_detection(model, images: torch.Tensor, p: int, patch_boxes=None) -> pd.DataFrame:
+    """Return per image: the model's prediction, ``detected`` (``sin_share_detector``) and ``localised`` (detected on the patch box)."""
+    pred = model(images.to(next(model.parameters()).device)).argmax(1).cpu().numpy()
+    det, boxes = sin_share_detector(model, images, p)
+    hit = [bool(d) and patch_boxes is not None and boxes_overlap(b, pb) for d, b, pb in
+           zip(det, boxes, patch_boxes if patch_boxes is not None else [None] * len(det))]
+    return pd.DataFrame({"pred": pred, "detected": det.astype(bool), "localised": hit})
+
+
+def adaptive_summary(benign: pd.DataFrame, patched: pd.DataFrame, target: int) -> dict:
+    """Return Fig. 1e's numbers (%): attack success on images not of the target class, detection rate, benign false alarms."""
+    keep = patched.label != target
+    return {"attack_success": round(100 * (patched.pred[keep] == target).mean(), 1),
+            "detection_rate": round(100 * patched.localised.mean(), 1),
+            "benign_false_alarms": round(100 * benign.detected.mean(), 1)}
 
 
 def boxes_overlap(a, b) -> bool:
@@ -182,9 +205,13 @@ def empirical_recovery(engine, images: torch.Tensor, labels: torch.Tensor, patch
                         "patch_box": [tuple(c) + (c[0] + p - 1, c[1] + p - 1) for c in corners.tolist()],
                         "suspected_box": [r["suspected_box"] for r in recs]})
     per["localised"] = [s is not None and boxes_overlap(s, b) for s, b in zip(per.suspected_box, per.patch_box)]
-    summary = pd.DataFrame([{"images": len(per), "clean_acc": 100 * (per.clean == per.label).mean(),
-                             "patched_acc": 100 * (per.patched == per.label).mean(),
-                             "recovered_acc": 100 * (per.recovered == per.label).mean(),
-                             "alert_rate": 100 * per.alert.mean(),
-                             "patch_localised": 100 * per.localised.mean()}])
-    return summary, per
+    return recovery_summary(per), per
+
+
+def recovery_summary(per: pd.DataFrame) -> pd.DataFrame:
+    """Return the one-row summary (images, clean/patched/recovered accuracy, alert rate, patch localised; %) of a per-image table."""
+    return pd.DataFrame([{"images": len(per), "clean_acc": 100 * (per.clean == per.label).mean(),
+                          "patched_acc": 100 * (per.patched == per.label).mean(),
+                          "recovered_acc": 100 * (per.recovered == per.label).mean(),
+                          "alert_rate": 100 * per.alert.mean(),
+                          "patch_localised": 100 * per.localised.mean()}])

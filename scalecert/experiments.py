@@ -1,7 +1,10 @@
 """Experiment runners the notebooks call: cached certification configs, paper tables, model lookup."""
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
@@ -143,10 +146,17 @@ def cached_universal_patch(dataset: str, checkpoint: str, patch_pct: float, targ
     x, _ = ds.tensors(idx)
     patch = universal_patch(model, x, target, p, steps=steps, batch=32, alpha=alpha, seed=seed).cpu()
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # notebooks running side by side may race
-    torch.save(patch, tmp)
-    tmp.replace(path)
+    _atomic_torch_save(patch, path)
     return patch
+
+
+def _atomic_torch_save(obj, path: Path) -> None:
+    """Save a torch object through a temporary file named per process and a rename (notebooks run side by side)."""
+    import torch
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
 
 
 def eval_ids(ds: D.ImageSet, per_class: int | None, seed: int = 0) -> list[int]:
@@ -160,3 +170,219 @@ def eval_images(dataset: str, per_class: int | None, seed: int = 0):
     ids = eval_ids(ds, per_class, seed)
     x, y = ds.tensors(ids)
     return x, y, ids
+
+
+# --- per-image analyses of the SIN (02, 03, 04, 09), cached chunk by chunk like certification ---------------
+
+@dataclass
+class Chunk:
+    """One chunk of evaluation images handed to a per-image analysis: images, labels, ids, patch corners, position."""
+    x: object
+    y: object
+    ids: list
+    corners: object
+    start: int
+    run: Path
+
+
+def _tensor_key(t) -> str:
+    """Return a short hash of a tensor's values (a patch is part of the configuration it is applied in)."""
+    return hashlib.sha256(t.detach().cpu().contiguous().numpy().tobytes()).hexdigest()[:16]
+
+
+def patch_corners(n_images: int, dataset: str, patch_pct: float, seed: int = 0):
+    """Return the seeded random top-left corners (n_images, 2) of a patch of patch_pct % in a data set's images."""
+    import torch
+
+    from .attacks import random_corners
+    from .windows import patch_pixels
+    n = D.image_size(dataset)
+    return random_corners(n_images, n, patch_pixels(patch_pct, n), torch.Generator().manual_seed(seed))
+
+
+def _per_image_cached(kind: str, dataset: str, checkpoint: str, patch_pct: float, settings: dict, fn, *,
+                      per_class: int | None, seed: int, device: str, chunk_images: int, force: bool,
+                      progress: bool):
+    """Return (records, model) of a per-image analysis ``fn(model, Chunk) -> DataFrame``, computed chunk by chunk and cached."""
+    dataset = D.check_dataset(dataset)
+    model = load_model(checkpoint, device=device)
+    ds = D.load_dataset(dataset, "eval")
+    ids = eval_ids(ds, per_class, seed)
+    corners = patch_corners(len(ids), dataset, patch_pct, seed)
+    config = {"kind": kind, "dataset": dataset, "checkpoint_sha256": model.card["sha256"], "layer": model.sin_layer,
+              "rate": model.sin_rate, "ids": R.config_key({"ids": ids}), "chunk_images": chunk_images, "seed": seed,
+              "patch_pct": patch_pct, **settings}
+    run = R.open_run(config)
+
+    def one(rg):
+        x, y = ds.tensors(ids[rg.start:rg.stop])
+        df = fn(model, Chunk(x, y, ids[rg.start:rg.stop], corners[rg.start:rg.stop], rg.start, run))
+        df.insert(0, "id", ids[rg.start:rg.stop])
+        return df
+
+    return _cached(config, ids, chunk_images, one, force, progress), model
+
+
+def _boxes(corners, p: int) -> list[tuple]:
+    """Return the inclusive pixel boxes (r0, c0, r1, c1) of p x p patches at the given corners."""
+    return [(a, b, a + p - 1, b + p - 1) for a, b in corners.tolist()]
+
+
+def _loads_box(s):
+    """Return a box tuple from its JSON text (None for null or a missing value)."""
+    return None if not isinstance(s, str) else (tuple(v) if (v := json.loads(s)) is not None else None)
+
+
+def patched_examples(dataset: str, patch_pct: float, patch, *, per_class: int | None, seed: int = 0, k: int = 1):
+    """Return (benign, patched) images of the first k evaluation images, the patch at their ``patch_corners``."""
+    from .attacks import apply_patch
+    ds = D.load_dataset(dataset, "eval")
+    ids = eval_ids(ds, per_class, seed)
+    x, _ = ds.tensors(ids[:k])
+    return x, apply_patch(x, patch, patch_corners(len(ids), dataset, patch_pct, seed)[:k])
+
+
+def sin_statistics_cached(dataset: str, checkpoint: str, patch_pct: float, *, per_class: int | None, seed: int = 0,
+                          patch=None, force: bool = False, device: str = "cpu", chunk_images: int = 50,
+                          progress: bool = True):
+    """Return (per-image, per-cluster) SIN statistics (``analysis.sin_statistics``) of the benign images, or of the
+    patched ones when ``patch`` (3, p, p) is given (pasted at ``patch_corners``); cached chunk by chunk."""
+    from .analysis import sin_statistics
+    from .attacks import apply_patch
+    from .windows import patch_pixels
+    p = patch_pixels(patch_pct, D.image_size(dataset))
+    kind = "benign" if patch is None else "patched"
+
+    def fn(model, ch):
+        x = ch.x if patch is None else apply_patch(ch.x, patch, ch.corners)
+        per, cl = sin_statistics(model, x, kind=kind, patch_boxes=_boxes(ch.corners, p))
+        per["image"] += ch.start
+        per["box"] = [json.dumps(list(b)) for b in per.box]
+        per["clusters"] = [json.dumps([[int(a), float(b)] for a, b in zip(g["size"], g["s_c"])])
+                           for _, g in cl.groupby("image", sort=True)]
+        return per
+
+    settings = {"images": kind, "patch_sha256": None if patch is None else _tensor_key(patch)}
+    df, _ = _per_image_cached("sin_statistics", dataset, checkpoint, patch_pct, settings, fn, per_class=per_class,
+                              seed=seed, device=device, chunk_images=chunk_images, force=force, progress=progress)
+    attrs = dict(df.attrs)
+    clusters = pd.DataFrame([{"image": im, "kind": kind, "cluster": c, "size": a, "s_c": b}
+                             for im, text in zip(df.image, df.clusters) for c, (a, b) in enumerate(json.loads(text))])
+    per = df.drop(columns=["config_key", "clusters"])
+    per["box"] = per.box.map(_loads_box)
+    per.attrs = attrs
+    return per, clusters
+
+
+def prediction_stability_cached(dataset: str, checkpoint: str, patch_pct: float, patch, *, per_class: int | None,
+                                seed: int = 0, force: bool = False, device: str = "cpu", chunk_images: int = 50,
+                                progress: bool = True):
+    """Return (Fig. 1d table over the correctly classified images, per-image predictions before and after removing
+    the most localised SINs), reusing the SIN statistics of 02; cached chunk by chunk.
+
+    ``force`` recomputes this run only: the SIN statistics are read from 02's cache (computed there if missing)."""
+    import torch
+
+    from .analysis import predict_without, stability_table
+    from .attacks import apply_patch
+    kw = dict(per_class=per_class, seed=seed, device=device, chunk_images=chunk_images, progress=progress)
+    stats = {"benign": sin_statistics_cached(dataset, checkpoint, patch_pct, **kw)[0],
+             "patched": sin_statistics_cached(dataset, checkpoint, patch_pct, patch=patch, **kw)[0]}
+
+    @torch.no_grad()
+    def fn(model, ch):
+        out = {"label": ch.y.numpy()}
+        for kind, x in (("benign", ch.x), ("patched", apply_patch(ch.x, patch, ch.corners))):
+            boxes = stats[kind].box.iloc[ch.start:ch.start + len(ch.ids)]
+            out[f"{kind}_before"] = model(x.to(device)).argmax(1).cpu().numpy()
+            out[f"{kind}_after"] = predict_without(model, x, boxes).numpy()
+        return pd.DataFrame(out)
+
+    settings = {"patch_sha256": _tensor_key(patch), "stats": [Path(s.attrs["cache"]).name for s in stats.values()]}
+    per, _ = _per_image_cached("prediction_stability", dataset, checkpoint, patch_pct, settings, fn, force=force, **kw)
+    return stability_table(per[per.benign_before == per.label]), per
+
+
+def share_detection_cached(dataset: str, checkpoint: str, patch_pct: float, *, per_class: int | None, seed: int = 0,
+                           patch=None, force: bool = False, device: str = "cpu", chunk_images: int = 200,
+                           progress: bool = True) -> pd.DataFrame:
+    """Return per image the prediction and the SIN-share detector's verdict (``analysis.share_detection``) on the
+    benign images, or on the patched ones when ``patch`` is given; cached chunk by chunk (Fig. 1e)."""
+    from .analysis import share_detection
+    from .attacks import apply_patch
+    from .windows import patch_pixels
+    p = patch_pixels(patch_pct, D.image_size(dataset))
+
+    def fn(model, ch):
+        if patch is None:
+            return share_detection(model, ch.x, p).assign(label=ch.y.numpy())
+        return share_detection(model, apply_patch(ch.x, patch, ch.corners), p,
+                               _boxes(ch.corners, p)).assign(label=ch.y.numpy())
+
+    settings = {"images": "benign" if patch is None else "patched",
+                "patch_sha256": None if patch is None else _tensor_key(patch)}
+    df, _ = _per_image_cached("share_detection", dataset, checkpoint, patch_pct, settings, fn, per_class=per_class,
+                              seed=seed, device=device, chunk_images=chunk_images, force=force, progress=progress)
+    return df
+
+
+def recovery_cached(dataset: str, checkpoint: str, patch_pct: float, *, per_class: int | None, seed: int = 0,
+                    steps: int = 100, tau: float | None = None, examples: int = 4, force: bool = False,
+                    device: str = "cpu", chunk_images: int = 50, progress: bool = True):
+    """Return (summary, per-image table, examples) of empirical recovery (Sec. 4.4) on the correctly classified
+    images: per-image PGD patch at ``patch_corners``, detect, occlude the suspected window; cached chunk by chunk.
+
+    ``examples`` is (clean images, patched images, their rows of the table) of the first few attacked images,
+    kept beside the run so that a cached run shows the very images it measured."""
+    import torch
+
+    from .analysis import empirical_recovery, recovery_summary
+    from .attacks import apply_patch, pgd_patch
+    from .defense import Engine
+    from .windows import patch_pixels
+    p = patch_pixels(patch_pct, D.image_size(dataset))
+    engines = {}
+
+    def fn(model, ch):
+        eng = engines.setdefault("e", Engine(model, D.image_size(dataset), patch_pct, tau=tau, device=device))
+        with torch.no_grad():
+            ok = (model(ch.x.to(device)).argmax(1).cpu() == ch.y).numpy()
+        out = pd.DataFrame({"label": ch.y.numpy(), "correct": ok})
+        for col in ("clean", "patched", "recovered", "alert", "localised", "patch_box", "suspected_box"):
+            out[col] = None  # stays empty for the images the model gets wrong (they are not attacked)
+        xp, c = ch.x[:0], ch.corners[:0]
+        if ok.any():
+            x, y, c = ch.x[ok], ch.y[ok], ch.corners[ok]
+            xp, c = pgd_patch(model, x, y, p, corners=c, steps=steps, seed=seed + ch.start)
+            _, per = empirical_recovery(eng, x, y, xp.cpu(), c)
+            for col in ("clean", "patched", "recovered", "alert", "localised"):
+                out.loc[ok, col] = per[col].to_numpy()
+            for col in ("patch_box", "suspected_box"):
+                out.loc[ok, col] = [json.dumps(None if b is None else list(b)) for b in per[col]]
+        if ch.start == 0:
+            k = min(examples, len(xp))
+            crops = torch.stack([xp[i, :, a:a + p, b:b + p].cpu() for i, (a, b) in enumerate(c[:k].tolist())]) \
+                if k else torch.zeros(0, 3, p, p)
+            _atomic_torch_save({"ids": [i for i, o in zip(ch.ids, ok) if o][:k], "corners": c[:k].cpu(),
+                                "crops": crops}, ch.run / "examples.pt")
+        return out
+
+    settings = {"steps": steps, "tau": tau, "examples": examples, "attack": "pgd_patch"}
+    df, _ = _per_image_cached("empirical_recovery", dataset, checkpoint, patch_pct, settings, fn,
+                              per_class=per_class, seed=seed, device=device, chunk_images=chunk_images, force=force,
+                              progress=progress)
+    per = df[df.correct.astype(bool)].drop(columns=["config_key"]).reset_index(drop=True)
+    for col in ("clean", "patched", "recovered"):
+        per[col] = per[col].astype(int)
+    for col in ("alert", "localised"):
+        per[col] = per[col].astype(bool)
+    for col in ("patch_box", "suspected_box"):
+        per[col] = per[col].map(_loads_box)
+    saved = Path(df.attrs["cache"]) / "examples.pt"
+    if not saved.is_file():
+        raise R.CacheMismatch(f"{saved} is missing: run again with force=1 to recompute this run")
+    ex = torch.load(saved)
+    xs, _ = D.load_dataset(dataset, "eval").tensors(ex["ids"])
+    xp = apply_patch(xs, ex["crops"], ex["corners"]) if len(ex["ids"]) else xs
+    rows = per.set_index("id").loc[ex["ids"]].reset_index()
+    return recovery_summary(per), per, (xs, xp, rows)
