@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -151,12 +150,9 @@ def cached_universal_patch(dataset: str, checkpoint: str, patch_pct: float, targ
 
 
 def _atomic_torch_save(obj, path: Path) -> None:
-    """Save a torch object through a temporary file named per process and a rename (notebooks run side by side)."""
+    """Save a torch object through a temporary file and a rename."""
     import torch
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    R.atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
 def eval_ids(ds: D.ImageSet, per_class: int | None, seed: int = 0) -> list[int]:

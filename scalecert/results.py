@@ -34,13 +34,18 @@ def config_key(config: dict) -> str:
     return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write text to path through a temporary file and a rename."""
+def atomic_write(path: Path, write) -> None:
+    """Write a file with ``write(tmp_path)`` to a temporary file named per process, then rename it to path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # per process: notebooks may run side by side
+    write(tmp)
     os.replace(tmp, path)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write text to path through a temporary file and a rename."""
+    atomic_write(path, lambda tmp: tmp.write_text(text))
 
 
 def open_run(config: dict, cache_dir: Path | None = None) -> Path:
