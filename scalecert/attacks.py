@@ -87,12 +87,14 @@ def targeted_success(model, patch: torch.Tensor, images: torch.Tensor, labels: t
 
 def pgd_patch(model, images: torch.Tensor, labels: torch.Tensor, p: int, corners: torch.Tensor | None = None,
               steps: int = 40, step_size: float = 0.1, restarts: int = 1, search: int = 0, seed: int = 0,
-              loss_fn=None) -> tuple[torch.Tensor, torch.Tensor]:
+              loss_fn=None, init: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Return (patched images, corners) of an untargeted PGD patch attack per image.
 
     With ``corners`` given, the patch sits there; with ``search`` > 0 each image tries that many
     random positions (plus ``restarts`` random starts) and keeps the one with the lowest margin.
-    ``loss_fn(model, x_patched, labels)`` (to maximise) defaults to the cross-entropy.
+    ``loss_fn(model, x_patched, labels)`` (to maximise) defaults to the cross-entropy. ``init``
+    (B, 3, p, p) replaces the first random start (e.g. seeded per image, so that a result does not
+    depend on which images share its batch).
     """
     dev = next(model.parameters()).device
     gen = torch.Generator().manual_seed(seed)
@@ -104,8 +106,9 @@ def pgd_patch(model, images: torch.Tensor, labels: torch.Tensor, p: int, corners
     best_margin = torch.full((b,), float("inf"), device=dev)
     model.eval()
     for c in tries:
-        for _ in range(restarts):
-            patch = torch.rand(b, 3, p, p, generator=gen).to(dev)
+        for k in range(restarts):
+            given = init is not None and k == 0 and c is tries[0]
+            patch = (init if given else torch.rand(b, 3, p, p, generator=gen)).to(dev)
             for _ in range(steps):
                 patch.requires_grad_(True)
                 loss = loss_fn(model, apply_patch(x, patch, c), y).sum()

@@ -21,7 +21,6 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 
-import numpy as np
 import pandas as pd
 import torch
 

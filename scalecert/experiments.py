@@ -79,10 +79,7 @@ def certify_cached(dataset: str, checkpoint: str, patch: float, *, per_class: in
 def _cached(config: dict, ids: list, chunk_images: int, fn, force: bool, progress: bool) -> pd.DataFrame:
     """Return the merged records of a cached run, computing its missing chunks with ``fn(range)`` first."""
     run = R.open_run(config)
-    if force:
-        for f in [*run.glob("chunk-*.csv"), *run.glob("timings-*.csv")]:
-            f.unlink()
-    R.compute(run, len(ids), chunk_images, fn, progress=progress)
+    R.compute(run, len(ids), chunk_images, fn, progress=progress, redo=force)
     df = R.merge(run, len(ids), chunk_images, ids)
     t = R.timings(run)
     df.attrs["seconds_per_image"] = float(t.seconds.sum() / max(1, t.images.sum())) if len(t) else float("nan")
@@ -198,16 +195,21 @@ def patch_corners(n_images: int, dataset: str, patch_pct: float, seed: int = 0):
 
 def _per_image_cached(kind: str, dataset: str, checkpoint: str, patch_pct: float, settings: dict, fn, *,
                       per_class: int | None, seed: int, device: str, chunk_images: int, force: bool,
-                      progress: bool):
-    """Return (records, model) of a per-image analysis ``fn(model, Chunk) -> DataFrame``, computed chunk by chunk and cached."""
+                      progress: bool, corner_seed: int | None = None) -> pd.DataFrame:
+    """Return the records of a per-image analysis ``fn(model, Chunk) -> DataFrame``, computed chunk by chunk and cached.
+
+    ``seed`` draws the image subset; the patch corners come from ``corner_seed`` (default: the same seed)."""
     dataset = D.check_dataset(dataset)
     model = load_model(checkpoint, device=device)
     ds = D.load_dataset(dataset, "eval")
     ids = eval_ids(ds, per_class, seed)
-    corners = patch_corners(len(ids), dataset, patch_pct, seed)
+    corner_seed = seed if corner_seed is None else corner_seed
+    corners = patch_corners(len(ids), dataset, patch_pct, corner_seed)
     config = {"kind": kind, "dataset": dataset, "checkpoint_sha256": model.card["sha256"], "layer": model.sin_layer,
               "rate": model.sin_rate, "ids": R.config_key({"ids": ids}), "chunk_images": chunk_images, "seed": seed,
               "patch_pct": patch_pct, **settings}
+    if corner_seed != seed:  # only then: runs cached before this option keep their key
+        config["corner_seed"] = corner_seed
     run = R.open_run(config)
 
     def one(rg):
@@ -216,7 +218,7 @@ def _per_image_cached(kind: str, dataset: str, checkpoint: str, patch_pct: float
         df.insert(0, "id", ids[rg.start:rg.stop])
         return df
 
-    return _cached(config, ids, chunk_images, one, force, progress), model
+    return _cached(config, ids, chunk_images, one, force, progress).drop(columns="config_key")
 
 
 def _boxes(corners, p: int) -> list[tuple]:
@@ -259,12 +261,12 @@ def sin_statistics_cached(dataset: str, checkpoint: str, patch_pct: float, *, pe
         return per
 
     settings = {"images": kind, "patch_sha256": None if patch is None else _tensor_key(patch)}
-    df, _ = _per_image_cached("sin_statistics", dataset, checkpoint, patch_pct, settings, fn, per_class=per_class,
+    df = _per_image_cached("sin_statistics", dataset, checkpoint, patch_pct, settings, fn, per_class=per_class,
                               seed=seed, device=device, chunk_images=chunk_images, force=force, progress=progress)
     attrs = dict(df.attrs)
     clusters = pd.DataFrame([{"image": im, "kind": kind, "cluster": c, "size": a, "s_c": b}
                              for im, text in zip(df.image, df.clusters) for c, (a, b) in enumerate(json.loads(text))])
-    per = df.drop(columns=["config_key", "clusters"])
+    per = df.drop(columns="clusters")
     per["box"] = per.box.map(_loads_box)
     per.attrs = attrs
     return per, clusters
@@ -295,15 +297,17 @@ def prediction_stability_cached(dataset: str, checkpoint: str, patch_pct: float,
         return pd.DataFrame(out)
 
     settings = {"patch_sha256": _tensor_key(patch), "stats": [Path(s.attrs["cache"]).name for s in stats.values()]}
-    per, _ = _per_image_cached("prediction_stability", dataset, checkpoint, patch_pct, settings, fn, force=force, **kw)
+    per = _per_image_cached("prediction_stability", dataset, checkpoint, patch_pct, settings, fn, force=force, **kw)
     return stability_table(per[per.benign_before == per.label]), per
 
 
 def share_detection_cached(dataset: str, checkpoint: str, patch_pct: float, *, per_class: int | None, seed: int = 0,
-                           patch=None, force: bool = False, device: str = "cpu", chunk_images: int = 200,
-                           progress: bool = True) -> pd.DataFrame:
+                           corner_seed: int | None = None, patch=None, force: bool = False, device: str = "cpu",
+                           chunk_images: int = 200, progress: bool = True) -> pd.DataFrame:
     """Return per image the prediction and the SIN-share detector's verdict (``analysis.share_detection``) on the
-    benign images, or on the patched ones when ``patch`` is given; cached chunk by chunk (Fig. 1e)."""
+    benign images, or on the patched ones when ``patch`` is given; cached chunk by chunk (Fig. 1e).
+
+    ``seed`` draws the images, ``corner_seed`` (default: ``seed``) the patch positions."""
     from .analysis import share_detection
     from .attacks import apply_patch
     from .windows import patch_pixels
@@ -317,68 +321,84 @@ def share_detection_cached(dataset: str, checkpoint: str, patch_pct: float, *, p
 
     settings = {"images": "benign" if patch is None else "patched",
                 "patch_sha256": None if patch is None else _tensor_key(patch)}
-    df, _ = _per_image_cached("share_detection", dataset, checkpoint, patch_pct, settings, fn, per_class=per_class,
-                              seed=seed, device=device, chunk_images=chunk_images, force=force, progress=progress)
-    return df
+    return _per_image_cached("share_detection", dataset, checkpoint, patch_pct, settings, fn, per_class=per_class,
+                             seed=seed, corner_seed=corner_seed, device=device, chunk_images=chunk_images,
+                             force=force, progress=progress)
+
+
+#: example images kept beside each recovery run (the first ones attacked)
+RECOVERY_EXAMPLES = 8
+
+
+def pgd_init(ids, p: int, seed: int = 0):
+    """Return the seeded random start (len(ids), 3, p, p) of a PGD patch per image id (the same whatever the batch)."""
+    import torch
+    return torch.stack([torch.rand(3, p, p, generator=torch.Generator().manual_seed(seed * 1_000_003 + int(i)))
+                        for i in ids]) if len(ids) else torch.zeros(0, 3, p, p)
 
 
 def recovery_cached(dataset: str, checkpoint: str, patch_pct: float, *, per_class: int | None, seed: int = 0,
                     steps: int = 100, tau: float | None = None, examples: int = 4, force: bool = False,
                     device: str = "cpu", chunk_images: int = 50, progress: bool = True):
     """Return (summary, per-image table, examples) of empirical recovery (Sec. 4.4) on the correctly classified
-    images: per-image PGD patch at ``patch_corners``, detect, occlude the suspected window; cached chunk by chunk.
+    images: a PGD patch per image at ``patch_corners`` (seeded start per image id), detect, occlude the suspected
+    window; cached chunk by chunk.
 
-    ``examples`` is (clean images, patched images, their rows of the table) of the first few attacked images,
-    kept beside the run so that a cached run shows the very images it measured."""
+    ``examples`` (at most ``RECOVERY_EXAMPLES``) is (clean images, patched images, their rows of the table) of the
+    first attacked images, kept beside the run so that a cached run shows the very images it measured."""
+    import numpy as np
     import torch
 
     from .analysis import empirical_recovery, recovery_summary
     from .attacks import apply_patch, pgd_patch
     from .defense import Engine
     from .windows import patch_pixels
+    if not 0 <= examples <= RECOVERY_EXAMPLES:
+        raise ValueError(f"examples must be between 0 and {RECOVERY_EXAMPLES}, got {examples}")
     p = patch_pixels(patch_pct, D.image_size(dataset))
     engines = {}
 
     def fn(model, ch):
-        eng = engines.setdefault("e", Engine(model, D.image_size(dataset), patch_pct, tau=tau, device=device))
+        if "e" not in engines:
+            engines["e"] = Engine(model, D.image_size(dataset), patch_pct, tau=tau, device=device)
         with torch.no_grad():
             ok = (model(ch.x.to(device)).argmax(1).cpu() == ch.y).numpy()
         out = pd.DataFrame({"label": ch.y.numpy(), "correct": ok})
         for col in ("clean", "patched", "recovered", "alert", "localised", "patch_box", "suspected_box"):
             out[col] = None  # stays empty for the images the model gets wrong (they are not attacked)
         xp, c = ch.x[:0], ch.corners[:0]
+        kept = [i for i, o in zip(ch.ids, ok) if o]
         if ok.any():
             x, y, c = ch.x[ok], ch.y[ok], ch.corners[ok]
-            xp, c = pgd_patch(model, x, y, p, corners=c, steps=steps, seed=seed + ch.start)
-            _, per = empirical_recovery(eng, x, y, xp.cpu(), c)
+            xp, c = pgd_patch(model, x, y, p, corners=c, steps=steps, init=pgd_init(kept, p, seed))
+            _, per = empirical_recovery(engines["e"], x, y, xp.cpu(), c)
             for col in ("clean", "patched", "recovered", "alert", "localised"):
                 out.loc[ok, col] = per[col].to_numpy()
             for col in ("patch_box", "suspected_box"):
                 out.loc[ok, col] = [json.dumps(None if b is None else list(b)) for b in per[col]]
         if ch.start == 0:
-            k = min(examples, len(xp))
+            k = min(RECOVERY_EXAMPLES, len(xp))
             crops = torch.stack([xp[i, :, a:a + p, b:b + p].cpu() for i, (a, b) in enumerate(c[:k].tolist())]) \
                 if k else torch.zeros(0, 3, p, p)
-            _atomic_torch_save({"ids": [i for i, o in zip(ch.ids, ok) if o][:k], "corners": c[:k].cpu(),
-                                "crops": crops}, ch.run / "examples.pt")
+            _atomic_torch_save({"ids": kept[:k], "corners": c[:k].cpu(), "crops": crops}, ch.run / "examples.pt")
         return out
 
-    settings = {"steps": steps, "tau": tau, "examples": examples, "attack": "pgd_patch"}
-    df, _ = _per_image_cached("empirical_recovery", dataset, checkpoint, patch_pct, settings, fn,
-                              per_class=per_class, seed=seed, device=device, chunk_images=chunk_images, force=force,
-                              progress=progress)
-    per = df[df.correct.astype(bool)].drop(columns=["config_key"]).reset_index(drop=True)
+    settings = {"steps": steps, "tau": tau, "attack": "pgd_patch, start seeded per image id"}
+    df = _per_image_cached("empirical_recovery", dataset, checkpoint, patch_pct, settings, fn, per_class=per_class,
+                           seed=seed, device=device, chunk_images=chunk_images, force=force, progress=progress)
+    run = Path(df.attrs["cache"])
+    per = df[df.correct.astype(bool)].drop(columns="correct").reset_index(drop=True)
     for col in ("clean", "patched", "recovered"):
         per[col] = per[col].astype(int)
     for col in ("alert", "localised"):
         per[col] = per[col].astype(bool)
     for col in ("patch_box", "suspected_box"):
         per[col] = per[col].map(_loads_box)
-    saved = Path(df.attrs["cache"]) / "examples.pt"
-    if not saved.is_file():
-        raise R.CacheMismatch(f"{saved} is missing: run again with force=1 to recompute this run")
-    ex = torch.load(saved)
-    xs, _ = D.load_dataset(dataset, "eval").tensors(ex["ids"])
-    xp = apply_patch(xs, ex["crops"], ex["corners"]) if len(ex["ids"]) else xs
-    rows = per.set_index("id").loc[ex["ids"]].reset_index()
+    if not (run / "examples.pt").is_file():
+        raise R.CacheMismatch(f"{run / 'examples.pt'} is missing: run again with force=1 to recompute this run")
+    ex = torch.load(run / "examples.pt")
+    ids = np.asarray(ex["ids"][:examples], dtype=np.int64)
+    xs, _ = D.load_dataset(dataset, "eval").tensors(ids)
+    xp = apply_patch(xs, ex["crops"][:len(ids)], ex["corners"][:len(ids)])
+    rows = per.set_index("id").loc[ids].reset_index()
     return recovery_summary(per), per, (xs, xp, rows)

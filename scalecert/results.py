@@ -69,16 +69,20 @@ def chunks(n: int, size: int) -> list[range]:
 
 
 def compute(run: Path, n: int, chunk_size: int, fn, rank: int = 0, world: int = 1, progress: bool = True,
-            fail_after: int | None = None) -> int:
-    """Compute this rank's missing chunks with ``fn(range) -> DataFrame``; return how many were computed.
+            fail_after: int | None = None, redo: bool = False) -> int:
+    """Compute this rank's missing chunks (every chunk with ``redo``) with ``fn(range) -> DataFrame``; return how many.
 
-    A chunk's time is its wall time plus ``df.attrs["extra_seconds"]`` (work ``fn`` reused from another configuration)."""
+    A chunk's time is its wall time plus ``df.attrs["extra_seconds"]`` (work ``fn`` reused from another configuration).
+    ``redo`` overwrites each chunk in place (atomically) rather than deleting the run first, so that a process
+    reading the same run meanwhile always finds every chunk."""
     from tqdm.auto import tqdm
     size = run / "size.json"  # outside config.json (which names the run), so old runs keep their key
     if not size.is_file():
         atomic_write_text(size, json.dumps({"images": n, "chunk_images": chunk_size}))
+    if redo:
+        (run / f"timings-rank{rank}.csv").unlink(missing_ok=True)
     todo = [(c, r) for c, r in enumerate(chunks(n, chunk_size)) if c % world == rank
-            and not (run / f"chunk-{c:05d}.csv").is_file()]
+            and (redo or not (run / f"chunk-{c:05d}.csv").is_file())]
     done = 0
     for c, r in tqdm(todo, disable=not progress or rank != 0, desc=f"chunks (rank {rank})"):
         t = time.perf_counter()

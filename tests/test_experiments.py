@@ -7,6 +7,7 @@ from scalecert import analysis as A
 from scalecert import attacks as T
 from scalecert import experiments as E
 from scalecert import results as R
+from scalecert.defense import Engine
 from scalecert.windows import patch_pixels
 
 CKPT = "cifar10_resnet20_sin1_r20"
@@ -74,16 +75,49 @@ def test_prediction_stability_cached_equals_the_direct_table(cache, setup, monke
 
 
 def test_share_detection_cached_equals_the_direct_run(cache, setup):
-    model, x, y, ids, p, patch, corners = setup
+    model, x, y, ids, p, patch, _ = setup
+    corners = E.patch_corners(len(ids), "cifar10", 5.0, seed=7)  # images from seed 0, corners from seed 7
     boxes = [(a, b, a + p - 1, b + p - 1) for a, b in corners.tolist()]
-    got = E.share_detection_cached("cifar10", CKPT, 5.0, patch=patch, **KW)
+    got = E.share_detection_cached("cifar10", CKPT, 5.0, patch=patch, corner_seed=7, **KW)
     want = A.share_detection(model, T.apply_patch(x, patch, corners), p, boxes).assign(label=y.numpy())
-    pd.testing.assert_frame_equal(got.drop(columns=["id", "config_key"]), want, check_dtype=False)
-    benign = E.share_detection_cached("cifar10", CKPT, 5.0, **KW)
-    assert not benign.localised.any()  # no patch, nothing to localise
-    s = A.adaptive_summary(benign, got, target=3)
-    keep = got.label != 3
-    assert s["attack_success"] == round(100 * (got.pred[keep] == 3).mean(), 1)
+    assert list(got.id) == ids
+    pd.testing.assert_frame_equal(got.drop(columns="id"), want, check_dtype=False)
+    assert not got.equals(E.share_detection_cached("cifar10", CKPT, 5.0, patch=patch, **KW))  # other corners
+
+
+def test_adaptive_summary_hand_computed():
+    benign = pd.DataFrame({"detected": [True, False, False, False]})
+    patched = pd.DataFrame({"label": [3, 1, 2, 5], "pred": [3, 3, 2, 3], "localised": [True, True, False, False]})
+    assert A.adaptive_summary(benign, patched, target=3) == \
+        {"attack_success": 66.7, "detection_rate": 50.0, "benign_false_alarms": 25.0}  # 2 of the 3 non-cats
+
+
+def test_stability_table_hand_computed():
+    per = pd.DataFrame({"label": [0, 1, 2, 3], "benign_before": [0, 1, 2, 0], "benign_after": [0, 1, 0, 0],
+                        "patched_before": [5, 5, 2, 3], "patched_after": [0, 1, 2, 5]})
+    t = A.stability_table(per)
+    assert t.to_dict("records") == [
+        {"images": "benign", "before": 75.0, "after_removing_localised_sins": 50.0, "n": 4},
+        {"images": "patched", "before": 50.0, "after_removing_localised_sins": 75.0, "n": 4}]
+
+
+def test_force_recomputes_in_place_and_gives_the_same_records(cache, setup, monkeypatch):
+    *_, patch, _ = setup
+    a = E.share_detection_cached("cifar10", CKPT, 5.0, patch=patch, **KW)
+    stamps = _stamps(cache)
+    seen = []
+    real = A.share_detection
+
+    def counting(*args, **kw):  # while the run is redone, a reader of it still finds every chunk
+        seen.append(len(list(cache.glob("*/chunk-*.csv"))))
+        return real(*args, **kw)
+    monkeypatch.setattr(A, "share_detection", counting)
+    b = E.share_detection_cached("cifar10", CKPT, 5.0, patch=patch, force=True, **KW)
+    pd.testing.assert_frame_equal(a, b)
+    new = _stamps(cache)
+    assert new.keys() == stamps.keys() and all(new[f] != stamps[f] for f in new) and seen == [3, 3, 3]
+    (run,) = cache.iterdir()
+    assert len(R.timings(run)) == 3  # the old timings were replaced, not added to
 
 
 def test_recovery_cached_resumes_and_keeps_its_examples(cache, setup, monkeypatch):
@@ -101,8 +135,11 @@ def test_recovery_cached_resumes_and_keeps_its_examples(cache, setup, monkeypatc
         outside[a:a + p, b:b + p] = False
         assert torch.equal(xp[i][:, outside], xs[i][:, outside])
         assert rows.patch_box[i] == (a, b, a + p - 1, b + p - 1)
-    with torch.no_grad():
-        assert (model(xp).argmax(1).numpy() == rows.patched.to_numpy()).all()
+    # the stored images give the recorded outcome when detection and recovery run on them again
+    eng = Engine(model, 32, 5.0)
+    _, direct = A.empirical_recovery(eng, xs, torch.tensor(rows.label.to_numpy()), xp, corners[ok][:3])
+    for col in ("clean", "patched", "recovered", "alert", "localised", "suspected_box"):
+        assert list(direct[col]) == list(rows[col]), col
     # a lost chunk is recomputed alone, identically; the others are read back
     (run,) = cache.iterdir()
     (run / "chunk-00001.csv").unlink()
@@ -113,3 +150,28 @@ def test_recovery_cached_resumes_and_keeps_its_examples(cache, setup, monkeypatc
     assert len(calls) == 1
     pd.testing.assert_frame_equal(again[1], per)
     pd.testing.assert_frame_equal(again[0], summary)
+    # without its examples file the run is refused with a clear message
+    (run / "examples.pt").unlink()
+    with pytest.raises(R.CacheMismatch, match="examples.pt is missing"):
+        E.recovery_cached("cifar10", CKPT, 5.0, **kw)
+
+
+def test_recovery_does_not_depend_on_the_chunking(cache):
+    kw = dict(per_class=1, steps=2, progress=False)
+    a = E.recovery_cached("cifar10", CKPT, 5.0, chunk_images=3, **kw)[1]
+    b = E.recovery_cached("cifar10", CKPT, 5.0, chunk_images=10, **kw)[1]
+    pd.testing.assert_frame_equal(a, b)
+
+
+def test_recovery_with_no_example_or_no_correct_image_in_the_first_chunk(cache, setup, monkeypatch):
+    model, x, y, ids, *_ = setup
+    with torch.no_grad():
+        wrong = [i for i, o in zip(ids, (model(x).argmax(1) != y).tolist()) if o]
+    summary, per, (xs, xp, rows) = E.recovery_cached("cifar10", CKPT, 5.0, examples=0, steps=1, **KW)
+    assert len(xs) == len(xp) == len(rows) == 0 and len(per) == 10 - len(wrong)
+    first = ids.index(wrong[0])  # a one-image chunk 0 that the model gets wrong: nothing to attack or show
+    monkeypatch.setattr(E, "eval_ids", lambda ds, n, seed=0: ids[first:first + 1] + ids[:first])
+    summary, per, (xs, xp, rows) = E.recovery_cached("cifar10", CKPT, 5.0, steps=1, **dict(KW, chunk_images=1))
+    assert wrong[0] not in list(per.id) and len(xs) == 0
+    with pytest.raises(ValueError, match="examples must be"):
+        E.recovery_cached("cifar10", CKPT, 5.0, examples=E.RECOVERY_EXAMPLES + 1, **KW)
