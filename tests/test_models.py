@@ -7,7 +7,7 @@ import torchvision
 
 from scalecert import data as D
 from scalecert.models import ARCHS, CHECKPOINT_DIR, build, from_torchvision_state, load_model, save_checkpoint
-from scalecert.train import augment, evaluate
+from scalecert.train import augment, evaluate, random_window_exclude, worst_window_exclude
 
 
 def test_tampered_checkpoint_is_refused(tmp_path):
@@ -44,6 +44,86 @@ def test_training_steps_lower_the_loss():
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < 0.5 * losses[0]
+
+
+def test_worst_of_k_occlusion_picks_the_highest_loss_window_and_keeps_bn_statistics():
+    from conftest import calibration_images, spread_model
+    m = spread_model(rate=0.2).train()
+    x = calibration_images(6, 32, 9)
+    y = torch.arange(6) % 10
+    bn = [t.clone() for t in m.state_dict().values() if t.dtype == torch.float32]
+    got = worst_window_exclude(m, x, y, [4, 7], 5, torch.Generator().manual_seed(1))
+    g = torch.Generator().manual_seed(1)  # the same five draws, scored one by one
+    draws = [random_window_exclude(m, 32, [4, 7], 6, g) for _ in range(5)]
+    m.eval()
+    with torch.no_grad():
+        loss = torch.stack([torch.nn.functional.cross_entropy(m(x, d), y, reduction="none") for d in draws])
+    want = torch.stack([draws[int(loss[:, i].argmax())][i] for i in range(6)])
+    assert torch.equal(got, want)
+    assert len({int(loss[:, i].argmax()) for i in range(6)}) > 1  # not always the same draw
+    assert all(torch.equal(a, b) for a, b in zip(bn, [t for t in m.state_dict().values() if t.dtype == torch.float32]))
+    assert torch.equal(worst_window_exclude(m, x, y, [4, 7], 1, torch.Generator().manual_seed(1)), draws[0])
+
+
+def test_feature_shape_probe_leaves_batchnorm_statistics_alone():
+    m = build("resnet20", 10, 1, 0.2).train()
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    assert m.feature_shape(32) == (16, 32, 32) and m.training
+    assert all(torch.equal(v, before[k]) for k, v in m.state_dict().items())  # it moved them before session 8
+
+
+class _Images:
+    """A stand-in for data.ImageSet: fixed random images."""
+    def __init__(self, n, seed=0):
+        self.x = torch.rand(n, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
+
+    def __len__(self):
+        return len(self.x)
+
+    def tensors(self, idx):
+        idx = torch.as_tensor(np.asarray(idx))
+        return self.x[idx], torch.zeros(len(idx), dtype=torch.long)
+
+
+def test_recalibrated_statistics_are_the_exact_batch_moments_and_forget_the_old_ones():
+    from scalecert.train import recalibrate_bn
+    torch.manual_seed(0)
+    m = build("resnet20", 10, 1, 0.2)
+    ds = _Images(96)
+    for mod in m.modules():  # statistics from elsewhere must not matter
+        if isinstance(mod, torch.nn.BatchNorm2d):
+            mod.running_mean.fill_(5.0)
+    bn = next(mod for mod in m.modules() if isinstance(mod, torch.nn.BatchNorm2d))
+    seen = []
+    hook = bn.register_forward_pre_hook(lambda mod, inp: seen.append(inp[0].detach().clone()))
+    assert recalibrate_bn(m, ds, 96, batch=96) == 96 and not m.training
+    hook.remove()
+    (z,) = seen  # the first BatchNorm's input (after the input normalisation and the first convolution)
+    assert torch.allclose(bn.running_mean, z.mean((0, 2, 3)), atol=1e-5)
+    assert torch.allclose(bn.running_var, z.var((0, 2, 3), unbiased=True), rtol=1e-4)
+    assert bn.momentum == 0.1 and int(bn.num_batches_tracked) == 1
+    m2 = build("resnet20", 10, 1, 0.2)
+    m2.load_state_dict({k: v for k, v in m.state_dict().items() if "running" not in k and "tracked" not in k},
+                       strict=False)
+    recalibrate_bn(m2, ds, 96, batch=96)
+    assert all(torch.equal(a, b) for a, b in zip(m.state_dict().values(), m2.state_dict().values()))
+
+
+def test_recalibrate_command_rewrites_checkpoint_and_card_once(tmp_path, capsys):
+    from scalecert.train import recalibrate_main
+    torch.manual_seed(0)
+    path = tmp_path / "m.pt"
+    old = save_checkpoint(build("resnet20", 10, 1, 0.2), path, {"name": "m", "dataset_key": "cifar10",
+                                                                  "accuracy_with_sin": 1.0, "accuracy_without_sin": 2.0})
+    assert recalibrate_main([str(path), "--images", "64", "--batch-size", "32"]) == 0
+    card = json.loads((tmp_path / "m.json").read_text())
+    r = card["bn_recalibration"]
+    assert r["before"] == {"accuracy_with_sin": 1.0, "accuracy_without_sin": 2.0, "sha256": old["sha256"]}
+    assert r["images_used"] == 64 and card["sha256"] != old["sha256"] and 0 <= card["accuracy_with_sin"] <= 100
+    assert load_model(path).card["sha256"] == card["sha256"]  # the loader accepts the rewritten file
+    assert recalibrate_main([str(path), "--images", "64", "--batch-size", "32"]) == 0
+    assert "already recalibrated" in capsys.readouterr().err
+    assert json.loads((tmp_path / "m.json").read_text()) == card
 
 
 def test_sin_forward_keeps_at_most_k_positions():
