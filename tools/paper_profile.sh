@@ -4,6 +4,7 @@
 # notebooks go to build/paper/ so that a partial run never overwrites the committed quick figures.
 # When every notebook has run once, `make figures PROFILE=paper` re-renders figures/ from the cache.
 # Usage: nohup bash tools/paper_profile.sh [NOTEBOOK ...] >> data/runs/logs/paper.log 2>&1 &
+#        (DATASET=imagenette or DATASET=cifar10: that data set only; default both)
 # Hours to days on a 2-core CPU; never run in CI.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -22,7 +23,7 @@ for nb in "${order[@]}"; do
   echo "$(date -u +%FT%TZ) start $nb"
   start=$(date +%s)
   $PY -m papermill --log-level WARNING -k python3 "notebooks/$nb.ipynb" "build/paper/executed/$nb.ipynb" \
-    -p profile paper &
+    -p profile paper ${DATASET:+-p datasets "$DATASET"} &
   pm=$!
   while kill -0 "$pm" 2>/dev/null; do lower "$pm"; sleep 10; done
   wait "$pm" || { rc=$?; echo "$(date -u +%FT%TZ) FAILED $nb (exit $rc); the notebooks after it did not run" >&2; exit $rc; }
