@@ -73,18 +73,7 @@ def certify_cached(dataset: str, checkpoint: str, patch: float, *, per_class: in
         return certify(model, x, y, patch, mode=mode, rule=rule, tau=tau, r=r, device=device,
                        ids=ids[rg.start:rg.stop], early_stop=early)
 
-    return _cached(config, ids, chunk_images, one, force, progress)
-
-
-def _cached(config: dict, ids: list, chunk_images: int, fn, force: bool, progress: bool) -> pd.DataFrame:
-    """Return the merged records of a cached run, computing its missing chunks with ``fn(range)`` first."""
-    run = R.open_run(config)
-    R.compute(run, len(ids), chunk_images, fn, progress=progress, redo=force)
-    df = R.merge(run, len(ids), chunk_images, ids)
-    t = R.timings(run)
-    df.attrs["seconds_per_image"] = float(t.seconds.sum() / max(1, t.images.sum())) if len(t) else float("nan")
-    df.attrs["cache"] = str(run)
-    return df
+    return R.cached(config, ids, chunk_images, one, force, progress)
 
 
 def audit_cached(dataset: str, checkpoint: str, patch: float, *, per_class: int | None, seed: int = 0,
@@ -109,7 +98,7 @@ def audit_cached(dataset: str, checkpoint: str, patch: float, *, per_class: int 
         return audit_records(engine, x.to(device), y, ids=ids[rg.start:rg.stop], progress=False, stride=stride,
                              attack_stride=attack_stride, attack_steps=attack_steps, seed=seed)
 
-    return _cached(config, ids, 1, one, force, progress)
+    return R.cached(config, ids, 1, one, force, progress)
 
 
 def summarise(df: pd.DataFrame, **labels) -> dict:
@@ -141,7 +130,6 @@ def cached_universal_patch(dataset: str, checkpoint: str, patch_pct: float, targ
     idx = ds.subset(max(1, train_images // len(ds.classes)), seed)
     x, _ = ds.tensors(idx)
     patch = universal_patch(model, x, target, p, steps=steps, batch=32, alpha=alpha, seed=seed).cpu()
-    path.parent.mkdir(parents=True, exist_ok=True)
     _atomic_torch_save(patch, path)
     return patch
 
@@ -218,7 +206,7 @@ def _per_image_cached(kind: str, dataset: str, checkpoint: str, patch_pct: float
         df.insert(0, "id", ids[rg.start:rg.stop])
         return df
 
-    return _cached(config, ids, chunk_images, one, force, progress).drop(columns="config_key")
+    return R.cached(config, ids, chunk_images, one, force, progress).drop(columns="config_key")
 
 
 def _boxes(corners, p: int) -> list[tuple]:

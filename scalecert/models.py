@@ -92,16 +92,20 @@ class SplitNet(nn.Module):
 
     def feature_shape(self, n: int) -> tuple[int, int, int]:
         """Return (C, h, w) of the superficial features for an n x n input."""
-        # in eval mode: a probe forward in train mode would pull the BatchNorm running statistics towards a
-        # blank image (it did, once per fine-tuning step, until session 8)
-        was = self.training
-        self.eval()
-        try:
-            with torch.no_grad():
-                p = next(self.parameters())
-                return tuple(self.stem(torch.zeros(1, 3, n, n, device=p.device, dtype=p.dtype)).shape[1:])
-        finally:
-            self.train(was)
+        key = (n, self.sin_layer)
+        shapes = self.__dict__.setdefault("_feature_shapes", {})  # probed once: training asks every step
+        if key not in shapes:
+            # in eval mode: a probe forward in train mode would pull the BatchNorm running statistics towards a
+            # blank image (it did, once per fine-tuning step, until session 8)
+            was = self.training
+            self.eval()
+            try:
+                with torch.no_grad():
+                    p = next(self.parameters())
+                    shapes[key] = tuple(self.stem(torch.zeros(1, 3, n, n, device=p.device, dtype=p.dtype)).shape[1:])
+            finally:
+                self.train(was)
+        return shapes[key]
 
 
 def _head(channels: int, num_classes: int) -> nn.Module:

@@ -120,6 +120,19 @@ def merge(run: Path, n: int, chunk_size: int, ids=None) -> pd.DataFrame:
     return out
 
 
+def cached(config: dict, ids: list, chunk_images: int, fn, force: bool = False, progress: bool = True,
+           cache_dir: Path | None = None) -> pd.DataFrame:
+    """Return the merged records of a configuration's run, computing its missing chunks (all with ``force``) with
+    ``fn(range)`` first; ``attrs`` hold ``seconds_per_image`` and the run folder (``cache``)."""
+    run = open_run(config, cache_dir)
+    compute(run, len(ids), chunk_images, fn, progress=progress, redo=force)
+    df = merge(run, len(ids), chunk_images, ids)
+    t = timings(run)
+    df.attrs["seconds_per_image"] = float(t.seconds.sum() / max(1, t.images.sum())) if len(t) else float("nan")
+    df.attrs["cache"] = str(run)
+    return df
+
+
 def timings(run: Path) -> pd.DataFrame:
     """Return the per-chunk timings of a run (chunk, images, seconds), from every rank."""
     frames = [pd.read_csv(p, names=["chunk", "images", "seconds"]) for p in sorted(run.glob("timings-rank*.csv"))]

@@ -137,7 +137,6 @@ def peer_cached(name: str, dataset: str, patch: float, *, per_class: int | None,
     ids = eval_ids(ds, per_class, seed)
     config = {"peer": name, "version": pr.version, "dataset": dataset, "checkpoint_sha256": model.card["sha256"],
               "patch": patch, "ids": R.config_key({"ids": ids}), "chunk_images": chunk_images}
-    run = R.open_run(config)
 
     def one(rg):
         x, y = ds.tensors(ids[rg.start:rg.stop])
@@ -149,11 +148,7 @@ def peer_cached(name: str, dataset: str, patch: float, *, per_class: int | None,
             df.attrs["extra_seconds"] = secs
         return df
 
-    R.compute(run, len(ids), chunk_images, one, progress=progress, redo=force)
-    df = R.merge(run, len(ids), chunk_images, ids)
-    t = R.timings(run)
-    df.attrs["seconds_per_image"] = float(t.seconds.sum() / max(1, t.images.sum())) if len(t) else float("nan")
-    return df
+    return R.cached(config, ids, chunk_images, one, force, progress)
 
 
 def summarise_peer(df: pd.DataFrame, **labels) -> dict:
