@@ -20,6 +20,8 @@ PAPER_LABEL = {"cifar10": "paper (lossless CIFAR-10, ResNet-18)", "imagenette": 
 ARCH = {"cifar10": "resnet20", "imagenette": "resnet18w16"}
 #: patch sizes (% of the image) of the paper's tables
 PATCHES = {"cifar10": [0.4, 2.4], "imagenette": [1.0, 2.0, 3.0]}
+#: the large patch sizes of the paper's Table 5 (appendix A.4)
+LARGE_PATCHES = {"cifar10": [5.0, 8.0], "imagenette": [5.0, 8.0]}
 #: default window merging: none at 32x32 (676 windows), tau = 0.3 at 224x224 (the paper's best, Table 4)
 DEFAULT_TAU = {"cifar10": None, "imagenette": 0.3}
 DEFAULT_RATE = {"cifar10": 20, "imagenette": 10}

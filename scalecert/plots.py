@@ -102,10 +102,13 @@ def distribution_figure(df: pd.DataFrame, x: str, hue: str, title: str, discrete
 def bars_figure(df: pd.DataFrame, x: str, y: str, hue: str | None, title: str, ylabel: str = "%"):
     """Return a grouped bar chart."""
     import seaborn as sns
-    fig, ax = plt.subplots(figsize=(5.5, 3.2))
+    many = hue is not None and df[hue].nunique() > 4
+    fig, ax = plt.subplots(figsize=(7.5 if many else 5.5, 3.2))
     sns.barplot(df, x=x, y=y, hue=hue, ax=ax)
     ax.set_title(title, fontsize=10)
     ax.set_ylabel(ylabel)
+    if many:  # outside the axes, where it hides no bar
+        sns.move_legend(ax, "upper left", bbox_to_anchor=(1.01, 1), fontsize=8, title_fontsize=8, frameon=False)
     fig.tight_layout()
     return fig
 

@@ -27,18 +27,38 @@ def comparisons(df: pd.DataFrame) -> list[str]:
     return lines
 
 
+def owner(figure: str, tables: list[str]) -> str | None:
+    """Return the table a figure is listed under: of its notebook's tables (same leading number), the one whose
+    name shares the most leading words with the figure's, the first on a tie; None if its notebook has none."""
+    words = figure.split("_")
+
+    def shared(table: str) -> int:
+        n = 0
+        for a, b in zip(table.split("_"), words):
+            if a != b:
+                break
+            n += 1
+        return n
+    mine = [t for t in tables if t.split("_")[0] == words[0]]
+    return max(mine, key=shared) if mine else None
+
+
 def sections(fig_dir: Path) -> list[str]:
-    """Return Markdown sections, one per saved table, with the figures of the same notebook."""
+    """Return Markdown sections, one per saved table, each with its notebook's figures (every figure listed once)."""
+    tables = sorted(fig_dir.glob("*.csv"))
+    figures = sorted(fig_dir.glob("*.png"))
+    listed = {png.stem: owner(png.stem, [t.stem for t in tables]) for png in figures}
     out = []
-    for csv in sorted(fig_dir.glob("*.csv")):
+    for csv in tables:
         df = pd.read_csv(csv)
         out.append(f"## {csv.stem}\n")
         out += comparisons(df)
         out.append(df.to_markdown(index=False) + "\n")
-        prefix = csv.stem.split("_")[0]
-        for png in sorted(fig_dir.glob(f"{prefix}_*.png")):
-            if png.stem.startswith(csv.stem.rsplit("_", 1)[0]):
-                out.append(f"![{png.stem}]({png.name})\n")
+        out += [f"![{png.stem}]({png.name})\n" for png in figures if listed[png.stem] == csv.stem]
+    orphans = [png for png in figures if listed[png.stem] is None]
+    if orphans:
+        out.append("## Figures without a table\n")
+        out += [f"![{png.stem}]({png.name})\n" for png in orphans]
     return out
 
 

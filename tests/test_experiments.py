@@ -175,3 +175,14 @@ def test_recovery_with_no_example_or_no_correct_image_in_the_first_chunk(cache, 
     assert wrong[0] not in list(per.id) and len(xs) == 0
     with pytest.raises(ValueError, match="examples must be"):
         E.recovery_cached("cifar10", CKPT, 5.0, examples=E.RECOVERY_EXAMPLES + 1, **KW)
+
+
+def test_every_certification_patch_size_has_the_papers_rows():
+    """Tables 2 and 5: each patch size 05 runs has the paper's ScaleCert row (its data set's counterpart), and the
+    large patches are exactly the paper's extra sizes."""
+    paper = E.paper_table("table2_certified")
+    for name in ("cifar10", "imagenette"):
+        sizes = E.PATCHES[name] + E.LARGE_PATCHES[name]
+        rows = paper[(paper.dataset == E.PAPER_DATASET[name]) & (paper.defense == "ScaleCert")]
+        assert sorted(rows.patch_pct.tolist()) == sorted(sizes), name
+        assert not set(E.PATCHES[name]) & set(E.LARGE_PATCHES[name])

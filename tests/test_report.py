@@ -18,7 +18,25 @@ def test_sections_list_every_table_and_its_figures(tmp_path):
     (tmp_path / "06_topk_rate_cifar10.png").write_bytes(b"")
     text = "\n".join(sections(tmp_path))
     assert "## 05_certification" in text and "mean -1.0 over 1 rows" in text
-    assert "05_certification_cifar10.png" in text and "06_topk" not in text
+    own, rest = text.split("## Figures without a table")
+    assert "05_certification_cifar10.png" in own and "06_topk" not in own and "06_topk_rate_cifar10.png" in rest
+
+
+def test_every_figure_is_listed_once_under_its_notebooks_closest_table(tmp_path):
+    for stem in ("02_sin_localization", "05_certification", "05_certification_large"):
+        pd.DataFrame({"x": [1]}).to_csv(tmp_path / f"{stem}.csv", index=False)
+    figures = ["02_cluster_counts_cifar-10", "02_sin_maps_cifar10", "05_certification_cifar-10",
+               "05_certification_large_cifar-10", "11_orphan"]
+    for stem in figures:
+        (tmp_path / f"{stem}.png").write_bytes(b"")
+    text = "\n".join(sections(tmp_path))
+    for stem in figures:
+        assert text.count(f"({stem}.png)") == 1, stem
+    parts = {p.split("\n", 1)[0]: p for p in text.split("## ")[1:]}
+    assert "02_cluster_counts" in parts["02_sin_localization"] and "02_sin_maps" in parts["02_sin_localization"]
+    assert "05_certification_cifar-10" in parts["05_certification"]
+    assert "05_certification_large_cifar-10" in parts["05_certification_large"]
+    assert "11_orphan" in parts["Figures without a table"]
 
 
 def test_paper_figure_reads_the_papers_reported_numbers():
