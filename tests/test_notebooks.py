@@ -37,6 +37,8 @@ def test_every_notebook_is_covered_by_an_up_to_date_reference(src):
     ("09_empirical_recovery", {"patch_pct": "100", "datasets": "imagenette"}, "not smaller than the 224x224"),
     ("04_adaptive_attack", {"patch_pct": "-2"}, "patch_pct must be a positive number"),
     ("04_adaptive_attack", {"alphas": "[0, -1]"}, "alphas must be a list of numbers >= 0"),
+    ("05_certification", {"large_n_per_class": "0"}, "large_n_per_class must be a whole number >= 1"),
+    ("05_certification", {"peer_n_per_class": "2.5"}, "peer_n_per_class must be a whole number >= 1"),
 ])
 def test_bad_parameter_stops_at_the_first_cell(tmp_path, notebook, params, match):
     args = [sys.executable, "-m", "papermill", "--log-level", "ERROR", "-k", "python3",
