@@ -56,11 +56,13 @@ $(EXEC_DIR)/%.ipynb: notebooks/%.ipynb $(STAMP) $(DATA_STAMPS) $(wildcard scalec
 	mv $@.tmp $@
 
 # notebooks that share cached results never run side by side: 03 and 04 reuse the universal patch
-# that 02 trains; 06 and 08 certify some of the same configurations (and 05 too in the paper profile)
+# that 02 trains; 06 and 08 certify some of the same configurations (and 05 too in the paper profile); 11 reads
+# 05's r = 3 rows
 $(EXEC_DIR)/03_prediction_stability.ipynb: | $(EXEC_DIR)/02_sin_localization.ipynb
 $(EXEC_DIR)/04_adaptive_attack.ipynb: | $(EXEC_DIR)/03_prediction_stability.ipynb
 $(EXEC_DIR)/06_topk_rate.ipynb: | $(EXEC_DIR)/05_certification.ipynb
 $(EXEC_DIR)/08_layer_selection.ipynb: | $(EXEC_DIR)/06_topk_rate.ipynb
+$(EXEC_DIR)/11_window_family.ipynb: | $(EXEC_DIR)/05_certification.ipynb
 
 figures/REPORT.md: $(EXECUTED)
 	$(PY) -m scalecert.report --profile $(PROFILE) > $@.tmp && mv $@.tmp $@

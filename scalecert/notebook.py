@@ -15,6 +15,8 @@ PATCH_STEPS = {"tiny": 10, "quick": 100, "paper": 500}
 #: the adaptive attack's penalty weights (Eq. 6) per profile: each is one universal patch to train;
 #: the quick profile leaves out 10, where the measured attack success is already near 1% at alpha = 1
 ALPHAS = {"tiny": [0.0, 0.01, 0.1, 1.0, 10.0], "quick": [0.0, 0.01, 0.1, 1.0], "paper": [0.0, 0.01, 0.1, 1.0, 10.0]}
+#: the window parameters r that 11_window_family compares (r = 3 is the paper's, and the engine's default)
+WINDOW_RS = {"tiny": [1, 3], "quick": [1, 3], "paper": [1, 2, 3]}
 
 
 def check_profile(profile: str) -> str:
@@ -59,27 +61,41 @@ def patch_steps(profile: str, steps: int | None = None) -> int:
     return by_profile(profile, steps, "patch_steps", **PATCH_STEPS)
 
 
-def alphas(profile: str, values=None) -> list[float]:
-    """Return the adaptive attack's alphas: the explicit list if given (each finite and >= 0), else the profile's."""
-    check_profile(profile)
-    values = ALPHAS[profile] if values is None else values
+def _number_list(values, what: str, ok, rule: str) -> list:
+    """Return values (a list, one number, or papermill's string form of either) as a list, each checked by ``ok``."""
     if isinstance(values, str):  # papermill -p passes "[0, 0.1]" as a string
         try:
             values = ast.literal_eval(values)
         except (ValueError, SyntaxError):
-            raise ValueError(f"alphas must be a list of numbers >= 0, got {values!r}") from None
+            raise ValueError(f"{what} must be a list of {rule}, got {values!r}") from None
     if isinstance(values, numbers.Real) and not isinstance(values, bool):
         values = [values]
     if isinstance(values, (str, bytes)) or not hasattr(values, "__iter__"):
-        raise ValueError(f"alphas must be a list of numbers >= 0, got {values!r}")
-    out = []
-    for a in values:
-        if isinstance(a, bool) or not isinstance(a, numbers.Real) or not math.isfinite(a) or a < 0:
-            raise ValueError(f"alphas must be a list of numbers >= 0, got {a!r} in {values!r}")
-        out.append(float(a))
+        raise ValueError(f"{what} must be a list of {rule}, got {values!r}")
+    out = list(values)
+    for v in out:
+        if isinstance(v, bool) or not isinstance(v, numbers.Real) or not ok(v):
+            raise ValueError(f"{what} must be a list of {rule}, got {v!r} in {values!r}")
     if not out:
-        raise ValueError("alphas must name at least one value")
+        raise ValueError(f"{what} must name at least one value")
     return out
+
+
+def alphas(profile: str, values=None) -> list[float]:
+    """Return the adaptive attack's alphas: the explicit list if given (each finite and >= 0), else the profile's."""
+    check_profile(profile)
+    values = ALPHAS[profile] if values is None else values
+    return [float(a) for a in _number_list(values, "alphas", lambda a: math.isfinite(a) and a >= 0, "numbers >= 0")]
+
+
+def window_rs(profile: str, values=None) -> list[int]:
+    """Return the window parameters r to compare (windows of side p + r - 1): the explicit list if given (whole
+    numbers >= 1, sorted, without repeats), else the profile's."""
+    check_profile(profile)
+    values = WINDOW_RS[profile] if values is None else values
+    rs = _number_list(values, "rs", lambda r: math.isfinite(r) and float(r).is_integer() and r >= 1,
+                      "whole numbers >= 1")
+    return sorted({int(r) for r in rs})
 
 
 def by_profile(profile: str, value: int | None, what: str, **sizes: int) -> int:

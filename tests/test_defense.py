@@ -118,13 +118,15 @@ def test_paste_places_patch_exactly():
     assert len(patch_positions(8, 3)) == 36
 
 
-def test_sound_mode_has_no_violations():
-    """Soundness: certified images never give a wrong label without an alert, whatever the patch."""
+@pytest.mark.parametrize("r", [3, 1])
+def test_sound_mode_has_no_violations(r):
+    """Soundness: certified images never give a wrong label without an alert, whatever the patch (the paper's
+    window parameter r = 3 and the smallest covering family r = 1)."""
     m = spread_model(rate=0.2)
     x = images(6, seed=5)
     with torch.no_grad():
         y = m(x).argmax(1)
-    eng = Engine(m, 16, 2)
+    eng = Engine(m, 16, 2, r=r)
     res = audit(eng, x, y, progress=False, contents=("zeros", "ones", "noise"))  # every position
     att = audit(eng, x, y, progress=False, contents=("attack",), stride=3, attack_steps=2)
     assert res["certified"] > 0 and res["cases"] == res["certified"] * 3 * 15 * 15

@@ -39,6 +39,7 @@ def test_every_notebook_is_covered_by_an_up_to_date_reference(src):
     ("04_adaptive_attack", {"alphas": "[0, -1]"}, "alphas must be a list of numbers >= 0"),
     ("05_certification", {"large_n_per_class": "0"}, "large_n_per_class must be a whole number >= 1"),
     ("05_certification", {"peer_n_per_class": "2.5"}, "peer_n_per_class must be a whole number >= 1"),
+    ("11_window_family", {"rs": "[1, 0]"}, "rs must be a list of whole numbers >= 1"),
 ])
 def test_bad_parameter_stops_at_the_first_cell(tmp_path, notebook, params, match):
     args = [sys.executable, "-m", "papermill", "--log-level", "ERROR", "-k", "python3",
@@ -82,6 +83,15 @@ def test_alphas_by_profile_and_explicit():
     for bad in ([-1.0], [float("nan")], ["1"], [True], "[0, -1]", "0.1x", "'a'", True, []):
         with pytest.raises(ValueError, match="alphas must"):
             N.alphas("quick", bad)
+
+
+def test_window_rs_by_profile_and_explicit():
+    from scalecert import notebook as N
+    assert N.window_rs("quick") == [1, 3] and N.window_rs("paper") == [1, 2, 3]
+    assert N.window_rs("quick", "[3, 1, 3]") == [1, 3] and N.window_rs("tiny", 2) == [2] and N.window_rs("quick", [2.0]) == [2]
+    for bad in ([0], [1.5], [float("inf")], ["1"], [True], "[1, -1]", "x", []):
+        with pytest.raises(ValueError, match="rs must"):
+            N.window_rs("quick", bad)
 
 
 def test_check_patch_accepts_patches_smaller_than_every_image_and_names_the_offender():

@@ -18,9 +18,10 @@ def test_bad_patch_is_rejected(bad):
 
 @pytest.mark.parametrize("n,patches", [(32, (0.4, 2.4, 5.0, 8.0)), (224, (1.0, 2.0, 3.0, 5.0, 8.0))])
 @pytest.mark.parametrize("tau", [None, 0.6, 0.5, 0.3])
-def test_every_patch_lies_inside_a_window(n, patches, tau):
+@pytest.mark.parametrize("r", [1, 2, 3])
+def test_every_patch_lies_inside_a_window(n, patches, tau, r):
     for p in patches:
-        fam = candidate_windows(n, p, 3, tau)
+        fam = candidate_windows(n, p, r, tau)
         assert covers_all_patches(fam)
         assert (fam.boxes[:, 2:] < n).all() and (fam.boxes[:, :2] >= 0).all()
         assert fam.boxes[:, 2].max() == n - 1  # last position included

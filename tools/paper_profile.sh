@@ -15,7 +15,7 @@ lower() { for k in $(pgrep -P "$1"); do { echo "${NICE:-19}" > "/proc/$k/autogro
 PY=.venv/bin/python
 export OMP_NUM_THREADS=${THREADS:-1} SCALECERT_FIG_DIR=$PWD/build/paper/figures
 order=(05_certification 06_topk_rate 08_layer_selection 02_sin_localization 03_prediction_stability
-       04_adaptive_attack 09_empirical_recovery 10_soundness_audit 07_window_merging 01_models 00_data)
+       04_adaptive_attack 09_empirical_recovery 10_soundness_audit 11_window_family 07_window_merging 01_models 00_data)
 [[ $# -gt 0 ]] && order=("$@")
 mkdir -p build/paper/executed "$SCALECERT_FIG_DIR"
 for nb in "${order[@]}"; do
