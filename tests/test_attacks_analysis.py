@@ -22,7 +22,9 @@ def test_universal_patch_raises_target_probability():
     m = spread_model()
     train, held = calibration_images(64, 16, 1), calibration_images(64, 16, 2)
     target = 6  # a class the random model rarely predicts (mean probability 0.0004 without patch)
-    patch = T.universal_patch(m, train, target, p=6, steps=40, batch=16, lr=0.1, progress=False)
+    # 80 steps: with 40 the patch reached 4.5x the random patch's probability on an AMD EPYC (its floating point
+    # differs from the machines this was written on); 80 steps gave 7.4x there
+    patch = T.universal_patch(m, train, target, p=6, steps=80, batch=16, lr=0.1, progress=False)
     g = torch.Generator().manual_seed(0)
     corners = T.random_corners(64, 16, 6, g)
     with torch.no_grad():
