@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -31,16 +32,8 @@ def owner(figure: str, tables: list[str]) -> str | None:
     """Return the table a figure is listed under: of its notebook's tables (same leading number), the one whose
     name shares the most leading words with the figure's, the first on a tie; None if its notebook has none."""
     words = figure.split("_")
-
-    def shared(table: str) -> int:
-        n = 0
-        for a, b in zip(table.split("_"), words):
-            if a != b:
-                break
-            n += 1
-        return n
     mine = [t for t in tables if t.split("_")[0] == words[0]]
-    return max(mine, key=shared) if mine else None
+    return max(mine, key=lambda t: len(os.path.commonprefix([t.split("_"), words]))) if mine else None
 
 
 def sections(fig_dir: Path) -> list[str]:
