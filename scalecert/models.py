@@ -206,6 +206,7 @@ def save_checkpoint(model: SplitNet, path: Path, card: dict, half: bool = True) 
     torch.save({"arch": model.arch, "num_classes": model.num_classes, "sin_layer": model.sin_layer,
                 "sin_rate": model.sin_rate, "state": state}, buf)
     data = buf.getvalue()
+    card = {k: v for k, v in card.items() if k != "path"}  # where the loader found it: not part of the card
     card = dict(card, arch=model.arch, num_classes=model.num_classes, sin_layer=model.sin_layer,
                 sin_rate=model.sin_rate, sha256=hashlib.sha256(data).hexdigest(), bytes=len(data))
     tmp = path.with_suffix(".pt.tmp")

@@ -121,6 +121,7 @@ def test_recalibrate_command_rewrites_checkpoint_and_card_once(tmp_path, capsys)
     assert r["before"] == {"accuracy_with_sin": 1.0, "accuracy_without_sin": 2.0, "sha256": old["sha256"]}
     assert r["images_used"] == 64 and card["sha256"] != old["sha256"] and 0 <= card["accuracy_with_sin"] <= 100
     assert load_model(path).card["sha256"] == card["sha256"]  # the loader accepts the rewritten file
+    assert "path" not in card  # the loader's note of where it found the file is not written into the card
     assert recalibrate_main([str(path), "--images", "64", "--batch-size", "32"]) == 0
     assert "already recalibrated" in capsys.readouterr().err
     assert json.loads((tmp_path / "m.json").read_text()) == card
