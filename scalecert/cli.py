@@ -306,19 +306,41 @@ def audit(argv=None) -> int:
     return 0
 
 
+#: issue 4's accuracy targets on the whole test/val split: vanilla models' top-1 ...
+VANILLA_TARGET = {"cifar10": 90.0, "imagenette": 80.0}
+#: ... and SIN-finetuned models within this many points of their data set's vanilla model, SIN layer active
+SIN_TARGET_GAP = 3.0
+
+
+def accuracy_target(card: dict, vanilla: dict | None) -> float | None:
+    """Return the accuracy (%) issue 4 asks of a ScaleCert model's card (None for peers, or a SIN model without vanilla)."""
+    key = card.get("dataset_key")
+    if card.get("arch") not in ("resnet20", "resnet18w16") or key not in VANILLA_TARGET:
+        return None
+    if not card.get("sin_rate"):
+        return VANILLA_TARGET[key]
+    return None if vanilla is None else round(vanilla["accuracy_without_sin"] - SIN_TARGET_GAP, 2)
+
+
 def models_table(checkpoint_dir: Path = CHECKPOINT_DIR) -> "pd.DataFrame":
-    """Return one row per shipped checkpoint card: name, status, data set, arch, SIN, accuracies, epochs, hours."""
+    """Return one row per shipped checkpoint card: name, status, data set, arch, SIN, accuracy, issue 4's target
+    and whether it is reached, epochs, hours."""
     import pandas as pd
     rows = []
-    for card_path in sorted(Path(checkpoint_dir).glob("*.json")):
-        c = json.loads(card_path.read_text())
+    cards = [json.loads(p.read_text()) | {"_stem": p.stem} for p in sorted(Path(checkpoint_dir).glob("*.json"))]
+    vanilla = {c.get("dataset_key"): c for c in cards if c.get("arch") in ("resnet20", "resnet18w16")
+               and not c.get("sin_rate") and c.get("_stem", "").endswith("_vanilla")}
+    for c in cards:
         sin = f"layer {c['sin_layer']} at {round(100 * c['sin_rate'])}%" if c.get("sin_rate") else "none"
         # ScaleCert models: with the SIN layer active if they have one; peers: their clean (or DS base) accuracy
         plain = [c.get(k) for k in ("accuracy_without_sin", "clean_accuracy", "base_accuracy", "accuracy")]
         acc = c.get("accuracy_with_sin") if c.get("sin_rate") else next((a for a in plain if a is not None), None)
-        rows.append({"checkpoint": c.get("name", card_path.stem), "status": str(c.get("status", "?")).split(":")[0],
+        target = accuracy_target(c, vanilla.get(c.get("dataset_key")))
+        rows.append({"checkpoint": c.get("name", c["_stem"]), "status": str(c.get("status", "?")).split(":")[0],
                      "dataset": c.get("dataset", "?"), "arch": c.get("arch", "?"), "SIN": sin,
                      "accuracy_%": None if acc is None else round(float(acc), 2),
+                     "target_%": "" if target is None else target,
+                     "reached": "" if target is None or acc is None else "yes" if acc >= target else "no",
                      "epochs": f"{c.get('epochs_done', '?')}/{c.get('epochs', '?')}",
                      "train_hours": round(c["train_seconds"] / 3600, 1) if c.get("train_seconds") else None})
     return pd.DataFrame(rows)

@@ -210,6 +210,41 @@ def test_models_table_reads_every_card(tmp_path):
     assert list(t.checkpoint) == ["a", "b", "c"] and list(t.status) == ["final", "provisional", "final"]
     assert list(t["accuracy_%"]) == [70.0, 80.0, 47.6] and list(t.SIN) == ["layer 1 at 10%", "none", "none"]
     assert list(t.epochs) == ["5/5", "2/9", "?/?"] and t.train_hours[0] == 2.0
+    assert list(t["target_%"]) == ["", "", ""]  # not ScaleCert architectures: no target of issue 4
+
+
+def test_models_table_checks_issue_4_targets(tmp_path):
+    import json
+    from scalecert.cli import models_table
+
+    def card(name, **kw):
+        (tmp_path / f"{name}.json").write_text(json.dumps({"name": name, "arch": "resnet20", "dataset_key": "cifar10",
+                                                           "status": "final", **kw}))
+    card("cifar10_resnet20_vanilla", sin_rate=None, accuracy_without_sin=88.0)
+    card("cifar10_resnet20_sin1_r20", sin_layer=1, sin_rate=0.2, accuracy_with_sin=85.0, accuracy_without_sin=80.0)
+    card("cifar10_resnet20_sin1_r10", sin_layer=1, sin_rate=0.1, accuracy_with_sin=84.99, accuracy_without_sin=90.0)
+    t = models_table(tmp_path).set_index("checkpoint")
+    assert t.loc["cifar10_resnet20_vanilla", "target_%"] == 90.0 and t.loc["cifar10_resnet20_vanilla", "reached"] == "no"
+    assert t.loc["cifar10_resnet20_sin1_r20", "target_%"] == 85.0 and t.loc["cifar10_resnet20_sin1_r20", "reached"] == "yes"
+    assert t.loc["cifar10_resnet20_sin1_r10", "reached"] == "no"  # judged with the SIN layer active
+
+
+def test_every_shipped_model_that_misses_its_target_carries_a_runnable_next_command():
+    """Issue 4: where CPU time forbade a target, the card says so and leaves the command to go further."""
+    import shlex
+    from scalecert.cli import models_table
+    from scalecert.train import parse
+    t = models_table()
+    assert (t.reached != "").sum() >= 11  # every ScaleCert model has a target
+    for name in t[t.reached == "no"].checkpoint:
+        card = json.loads((CHECKPOINT_DIR / f"{name}.json").read_text())
+        assert card["next_command_note"].startswith("not run"), name
+        train_cmd, *rest = card["next_command"].split(" && ")
+        words = shlex.split(train_cmd)
+        assert words[:4] == ["python", "-m", "scalecert", "train"], name
+        a = parse(words[4:])  # parses with the current options
+        assert a.name != name and (a.init is None or (CHECKPOINT_DIR / f"{a.init}.pt").is_file()), name
+        assert all(r.startswith(f"python -m scalecert recalibrate {a.name} ") for r in rest), name
 
 
 def test_interrupted_epoch_resumes_at_its_step_exactly(tmp_path, monkeypatch):

@@ -12,7 +12,14 @@ if [[ $which == cifar || $which == all ]]; then
     set -- $spec
     $PY -m scalecert train --name cifar10_resnet20_sin$1_r$2 --dataset cifar10 --init cifar10_resnet20_vanilla \
       --sin-layer $1 --sin-rate 0.$2 --occlude 0.4,2.4 --consistency 1.0 --epochs 8 --lr 0.02 --eval-subset 2000 $T
+    # session 8: BatchNorm statistics re-estimated (a card already recalibrated is left alone)
+    $PY -m scalecert recalibrate cifar10_resnet20_sin$1_r$2 --images 10000 $T
   done
+  # session 10: the longer fine-tune of layer 1 at 20% with worst-of-4 occlusion (not used by the notebooks)
+  $PY -m scalecert train --name cifar10_resnet20_sin1_r20_wo4 --dataset cifar10 --init cifar10_resnet20_sin1_r20 \
+    --sin-layer 1 --sin-rate 0.20 --occlude 0.4,2.4 --consistency 1.0 --occlude-worst-of 4 --epochs 10 --lr 0.01 \
+    --eval-subset 2000 $T
+  $PY -m scalecert recalibrate cifar10_resnet20_sin1_r20_wo4 --images 10000 $T
 fi
 if [[ $which == imagenette || $which == all ]]; then
   $PY -m scalecert train --name imagenette_resnet18w16_vanilla --dataset imagenette --arch resnet18w16 \
@@ -22,5 +29,6 @@ if [[ $which == imagenette || $which == all ]]; then
     $PY -m scalecert train --name imagenette_resnet18w16_sin$1_r$2 --dataset imagenette \
       --init imagenette_resnet18w16_vanilla --sin-layer $1 --sin-rate 0.$2 --occlude 1,2,3 --occlude-tau 0.3 \
       --consistency 1.0 --epochs 5 --batch-size 32 --lr 0.02 --eval-subset 1000 $T
+    $PY -m scalecert recalibrate imagenette_resnet18w16_sin$1_r$2 --images 10000 $T
   done
 fi
