@@ -14,7 +14,7 @@ import torch
 
 from . import data as D
 from .defense import Engine, certify as run_certify
-from .models import CHECKPOINT_DIR, load_model
+from .models import ARCHS, CHECKPOINT_DIR, load_model
 from .windows import patch_pixels
 
 DEFAULT_MODELS = {"cifar10": ["cifar10_resnet20_sin1_r20", "cifar10_resnet20_sin1_r10", "cifar10_resnet20_vanilla"],
@@ -315,7 +315,7 @@ SIN_TARGET_GAP = 3.0
 def accuracy_target(card: dict, vanilla: dict | None) -> float | None:
     """Return the accuracy (%) issue 4 asks of a ScaleCert model's card (None for peers, or a SIN model without vanilla)."""
     key = card.get("dataset_key")
-    if card.get("arch") not in ("resnet20", "resnet18w16") or key not in VANILLA_TARGET:
+    if card.get("arch") not in ARCHS or key not in VANILLA_TARGET:  # peers have architectures of their own
         return None
     if not card.get("sin_rate"):
         return VANILLA_TARGET[key]
@@ -328,8 +328,8 @@ def models_table(checkpoint_dir: Path = CHECKPOINT_DIR) -> "pd.DataFrame":
     import pandas as pd
     rows = []
     cards = [json.loads(p.read_text()) | {"_stem": p.stem} for p in sorted(Path(checkpoint_dir).glob("*.json"))]
-    vanilla = {c.get("dataset_key"): c for c in cards if c.get("arch") in ("resnet20", "resnet18w16")
-               and not c.get("sin_rate") and c.get("_stem", "").endswith("_vanilla")}
+    vanilla = {c.get("dataset_key"): c for c in cards if c.get("arch") in ARCHS
+               and not c.get("sin_rate") and c["_stem"].endswith("_vanilla")}
     for c in cards:
         sin = f"layer {c['sin_layer']} at {round(100 * c['sin_rate'])}%" if c.get("sin_rate") else "none"
         # ScaleCert models: with the SIN layer active if they have one; peers: their clean (or DS base) accuracy
