@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import pandas as pd
 import torch
 
+from .models import rest_channels_last
 from .geometry import centre_inside, footprint, rect_masks
 from .sin import importance, masked_topk_from_order, num_winners, sin_mask, strict_order
 from .windows import WindowFamily, candidate_windows, merge_per_image, patch_pixels
@@ -100,7 +101,7 @@ class Engine:
         if self.rule not in RULES:
             raise ValueError(f"unknown rule {self.rule!r}: expected one of {RULES}")
         self.device = torch.device(self.device or next(self.model.parameters()).device)
-        self.model = self.model.to(self.device).eval()
+        self.model = rest_channels_last(self.model.to(self.device).eval())
         self.p = patch_pixels(self.patch, self.n)
         # sound mode merges data-independently; paper mode merges each image's candidates
         self.family = candidate_windows(self.n, self.p, self.r, self.tau if self.mode == "sound" else None)

@@ -6,7 +6,8 @@ import torch
 import torchvision
 
 from scalecert import data as D
-from scalecert.models import ARCHS, CHECKPOINT_DIR, build, from_torchvision_state, load_model, save_checkpoint
+from scalecert.models import (ARCHS, CHECKPOINT_DIR, build, from_torchvision_state, load_model, rest_channels_last,
+                              save_checkpoint)
 from scalecert.train import augment, evaluate, random_window_exclude, worst_window_exclude
 
 
@@ -29,6 +30,24 @@ def test_fp16_roundtrip_keeps_predictions(tmp_path):
     x = torch.rand(8, 3, 32, 32)
     with torch.no_grad():
         assert torch.allclose(m(x), load_model(tmp_path / "m.pt")(x), atol=2e-2)
+
+
+@pytest.mark.parametrize("arch,n,layer", [("resnet20", 32, 1), ("resnet20", 32, 2), ("resnet18w16", 64, 1)])
+def test_channels_last_rest_keeps_the_stem_bit_identical_and_the_logits(arch, n, layer):
+    torch.manual_seed(0)
+    ref = build(arch, 10, layer, 0.2).eval()
+    fast = rest_channels_last(build(arch, 10, layer, 0.2).eval())
+    fast.load_state_dict(ref.state_dict())
+    x = torch.rand(4, 3, n, n)
+    with torch.no_grad():
+        assert torch.equal(fast.stem(x), ref.stem(x))  # SIN(x) and the candidates cannot move
+        f = ref.stem(x)
+        assert torch.allclose(fast.rest(f), ref.rest(f), atol=1e-5)
+    convs = [(i, m) for i, u in enumerate(fast.units) for m in u.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert all(m.weight.is_contiguous(memory_format=torch.channels_last) == (i >= layer) for i, m in convs)
+    # moving the SIN layer and converting again puts the new stem back in the default layout
+    rest_channels_last(fast.set_sin(layer + 1, 0.2))
+    assert all(m.weight.is_contiguous() for i, m in convs if i < layer + 1)
 
 
 def test_training_steps_lower_the_loss():

@@ -57,7 +57,7 @@ def test_bad_parameter_stops_at_the_first_cell(tmp_path, notebook, params, match
 
 def test_per_class_takes_the_explicit_value_then_the_notebook_size_then_the_profile_default():
     from scalecert import notebook as N
-    assert N.per_class("quick") == 10 and N.per_class("paper") is None
+    assert N.per_class("quick") == 5 and N.per_class("paper") is None
     assert N.per_class("quick", quick=3) == 3 and N.per_class("tiny", quick=3) == 1
     assert N.per_class("paper", 5, paper=10) == 5
     with pytest.raises(ValueError, match="unknown profile"):
@@ -77,7 +77,7 @@ def test_patch_steps_by_profile_and_explicit():
 
 def test_alphas_by_profile_and_explicit():
     from scalecert import notebook as N
-    assert N.alphas("quick") == [0.0, 0.01, 0.1, 1.0] and N.alphas("paper")[-1] == 10.0
+    assert N.alphas("quick") == [0.0, 0.01, 1.0] and N.alphas("paper")[-1] == 10.0
     assert N.alphas("paper", [0, 2]) == [0.0, 2.0] and N.alphas("quick", np.array([0.5])) == [0.5]
     assert N.alphas("quick", "[0, 0.5]") == [0.0, 0.5] and N.alphas("quick", 0.1) == [0.1]  # papermill -p
     for bad in ([-1.0], [float("nan")], ["1"], [True], "[0, -1]", "0.1x", "'a'", True, []):

@@ -111,7 +111,7 @@ from torch import nn
 
 from ..defense import check_images, check_labels, default_chunk
 from ..models import (CHECKPOINT_DIR, CIFAR_STD, IMAGENET_STD, Normalize, SplitNet, build, read_checkpoint,
-                      save_checkpoint)
+                      rest_channels_last, save_checkpoint)
 from ..runstate import ResumableRun, finished_card, prepare
 from ..windows import patch_pixels
 from . import batch_ids, records_frame, summarise_records
@@ -285,7 +285,7 @@ def band_logits(model: nn.Module, images: torch.Tensor, band: int | None = None,
     b, n = x.shape[0], x.shape[-1]
     band = _model_band(model, band, n)
     device = _device_of(model, device)
-    model = model.to(device).eval()
+    model = rest_channels_last(model.to(device).eval())  # about 15% faster on this CPU; votes carry float bounds
     x = x.to(device)
     chunk = chunk or default_chunk(_item_bytes(model, n, device), device)
     if not isinstance(chunk, int) or chunk < 1:
