@@ -32,7 +32,7 @@ setup: $(STAMP) ## create .venv, install pinned packages and the package, regist
 
 $(STAMP): requirements.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.txt
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-compile -r requirements.txt  # bytecode on first import: about a minute less
 	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
 	$(PY) -m ipykernel install --user --name $(KERNEL) --display-name "Python (scalecert)" >/dev/null
 	touch $@

@@ -88,6 +88,8 @@ def test_alphas_by_profile_and_explicit():
 def test_window_rs_by_profile_and_explicit():
     from scalecert import notebook as N
     assert N.window_rs("quick") == [1, 3] and N.window_rs("paper") == [1, 2, 3]
+    assert N.window_rs("quick", None, N.AUDIT_RS) == [3] and N.window_rs("tiny", None, N.AUDIT_RS) == [1, 3]
+    assert N.window_rs("quick", [1], N.AUDIT_RS) == [1]  # an explicit list wins over the defaults
     assert N.window_rs("quick", "[3, 1, 3]") == [1, 3] and N.window_rs("tiny", 2) == [2] and N.window_rs("quick", [2.0]) == [2]
     for bad in ([0], [1.5], [float("inf")], ["1"], [True], "[1, -1]", "x", []):
         with pytest.raises(ValueError, match="rs must"):
