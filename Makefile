@@ -11,11 +11,12 @@ NOTEBOOKS := $(sort $(wildcard notebooks/[0-9]*.ipynb))
 EXEC_DIR := figures/executed/$(PROFILE)
 # `make figures` runs FIG_JOBS notebooks side by side with FIG_THREADS torch threads each (on this
 # 2-core CPU two one-thread notebooks finish sooner than one two-thread notebook at a time), the
-# longest first so that the job slots finish together
+# longest first so that the job slots finish together (03 listed before 04: otherwise make starts 04, which
+# waits for 03, only after every other notebook, as measured in session 11)
 NPROC := $(shell env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc 2>/dev/null || echo 1)
 FIG_JOBS ?= $(if $(filter 1,$(NPROC)),1,2)
 FIG_THREADS ?= $(shell n=$$(( $(NPROC) / $(FIG_JOBS) )); echo $$(( n > 0 ? n : 1 )))
-LONGEST := 05_certification 02_sin_localization 07_window_merging 04_adaptive_attack
+LONGEST := 05_certification 02_sin_localization 03_prediction_stability 04_adaptive_attack 07_window_merging
 EXECUTED := $(addprefix $(EXEC_DIR)/,$(addsuffix .ipynb,$(filter $(basename $(notdir $(NOTEBOOKS))),$(LONGEST)) \
   $(filter-out $(LONGEST),$(basename $(notdir $(NOTEBOOKS))))))
 DATA_STAMPS := data/cifar10-jpeg/.test-uint8.npy data/imagenette-224/.val-uint8.npy
