@@ -199,7 +199,8 @@ def from_torchvision_state(arch: str, state: dict, num_classes: int = 1000, **si
 def rest_channels_last(model: SplitNet) -> SplitNet:
     """Return the model, changed in place, with the units after its superficial layer in channels-last layout.
 
-    Convolutions in channels-last order run 1.1-1.6x faster here (oneDNN on this CPU, cuDNN on GPUs). The stem
+    Measured on this CPU (oneDNN): the Imagenette layers after the SIN layer 1.7x faster, whole engine runs 1.01-1.18x
+    (channels-last also suits cuDNN on GPUs). The stem
     keeps the default layout, so the superficial features, SIN(x) and the candidate windows are bit-identical
     with or without it; only the logits of the later layers may move in the last float bits. Other modules than
     :class:`SplitNet` are returned unchanged.
