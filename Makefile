@@ -10,15 +10,17 @@ DATASETS ?= cifar10 imagenette
 NOTEBOOKS := $(sort $(wildcard notebooks/[0-9]*.ipynb))
 EXEC_DIR := figures/executed/$(PROFILE)
 # `make figures` runs FIG_JOBS notebooks side by side with FIG_THREADS torch threads each (on this
-# 2-core CPU two one-thread notebooks finish sooner than one two-thread notebook at a time), the
-# longest first so that the job slots finish together (03 listed before 04: otherwise make starts 04, which
-# waits for 03, only after every other notebook, as measured in session 11)
+# 2-core CPU two one-thread notebooks finish sooner than one two-thread notebook at a time), in the order of
+# ORDER: the longest first so that the job slots finish together (quick-profile seconds measured in session 11:
+# 05 610, 02 193, 04 201, 07 147, 11 113, 10 103, 06 91, 09 76, 08 35, 01 20, 00 16), except that 03 (16) comes
+# right after 02, whose universal patch it reuses; notebooks not named here run last
 NPROC := $(shell env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc 2>/dev/null || echo 1)
 FIG_JOBS ?= $(if $(filter 1,$(NPROC)),1,2)
 FIG_THREADS ?= $(shell n=$$(( $(NPROC) / $(FIG_JOBS) )); echo $$(( n > 0 ? n : 1 )))
-LONGEST := 05_certification 02_sin_localization 03_prediction_stability 04_adaptive_attack 07_window_merging
-EXECUTED := $(addprefix $(EXEC_DIR)/,$(addsuffix .ipynb,$(filter $(basename $(notdir $(NOTEBOOKS))),$(LONGEST)) \
-  $(filter-out $(LONGEST),$(basename $(notdir $(NOTEBOOKS))))))
+ORDER := 05_certification 02_sin_localization 03_prediction_stability 04_adaptive_attack 07_window_merging \
+  11_window_family 10_soundness_audit 06_topk_rate 09_empirical_recovery 08_layer_selection 01_models 00_data
+EXECUTED := $(addprefix $(EXEC_DIR)/,$(addsuffix .ipynb,$(filter $(basename $(notdir $(NOTEBOOKS))),$(ORDER)) \
+  $(filter-out $(ORDER),$(basename $(notdir $(NOTEBOOKS))))))
 DATA_STAMPS := data/cifar10-jpeg/.test-uint8.npy data/imagenette-224/.val-uint8.npy
 KERNEL := scalecert
 
@@ -58,16 +60,11 @@ $(EXEC_DIR)/%.ipynb: notebooks/%.ipynb $(STAMP) $(DATA_STAMPS) $(wildcard scalec
 	  $(PY) -m papermill --log-level WARNING -k python3 $< $@.tmp -p profile $(PROFILE) -p force $(FORCE)
 	mv $@.tmp $@
 
-# notebooks that share cached results never run side by side: 03 and 04 reuse the universal patch
-# that 02 trains; 06 and 08 certify some of the same configurations (and 05 too in the paper profile); 11 reads
-# 05's r = 3 rows
-$(EXEC_DIR)/03_prediction_stability.ipynb: | $(EXEC_DIR)/02_sin_localization.ipynb
-$(EXEC_DIR)/04_adaptive_attack.ipynb: | $(EXEC_DIR)/03_prediction_stability.ipynb
-ifeq ($(PROFILE),paper)  # in the quick profile 06 (2 per class) and 05 (5 per class) share no configuration
-$(EXEC_DIR)/06_topk_rate.ipynb: | $(EXEC_DIR)/05_certification.ipynb
-endif
-$(EXEC_DIR)/08_layer_selection.ipynb: | $(EXEC_DIR)/06_topk_rate.ipynb
-$(EXEC_DIR)/11_window_family.ipynb: | $(EXEC_DIR)/05_certification.ipynb
+# Notebooks that share cached results (03 and 04 reuse the universal patch that 02 trains; 06 and 08 certify some
+# of the same configurations, and 05 too in the paper profile; 11 reads 05's r = 3 rows) may run side by side:
+# the cache computes each chunk and each patch under a lock, once, and the other notebook reads it. There are no
+# make prerequisites between them because GNU make -j left a notebook whose prerequisite had just finished
+# until after every other notebook (seen in session 12: 03 started 6 minutes after 02 was done).
 
 figures/REPORT.md: $(EXECUTED)
 	$(PY) -m scalecert.report --profile $(PROFILE) > $@.tmp && mv $@.tmp $@

@@ -128,11 +128,14 @@ def cached_universal_patch(dataset: str, checkpoint: str, patch_pct: float, targ
     path = R.CACHE_DIR / "patches" / f"{dataset}-{key}.pt"
     if path.is_file() and not force:
         return torch.load(path)
-    ds = D.load_dataset(dataset, "train")
-    idx = ds.subset(max(1, train_images // len(ds.classes)), seed)
-    x, _ = ds.tensors(idx)
-    patch = universal_patch(model, x, target, p, steps=steps, batch=32, alpha=alpha, seed=seed).cpu()
-    _atomic_torch_save(patch, path)
+    with R.exclusive(f"patch-{dataset}-{key}"):  # a notebook beside this one may be training the same patch
+        if path.is_file() and not force:
+            return torch.load(path)
+        ds = D.load_dataset(dataset, "train")
+        idx = ds.subset(max(1, train_images // len(ds.classes)), seed)
+        x, _ = ds.tensors(idx)
+        patch = universal_patch(model, x, target, p, steps=steps, batch=32, alpha=alpha, seed=seed).cpu()
+        _atomic_torch_save(patch, path)
     return patch
 
 

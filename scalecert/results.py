@@ -7,12 +7,17 @@ and a rename), so that
 
 * a killed run, started again, skips the chunks already on disk and redoes only the missing ones;
 * the merged table does not depend on the number of processes (identical row for row);
-* a folder made with another configuration or checkpoint is refused by name (its ``config.json``).
+* a folder made with another configuration or checkpoint is refused by name (its ``config.json``);
+* processes that need the same run at the same time (notebooks side by side) compute each chunk once: a chunk
+  is computed under an exclusive lock (``tmp/locks/`` of the cache, released when its process ends, even if
+  killed), and a process that waited on the lock reads the chunk the other one wrote.
 
 Timings are kept apart (``timings.csv``) so that record tables are exactly reproducible.
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -63,6 +68,19 @@ def open_run(config: dict, cache_dir: Path | None = None) -> Path:
     return run
 
 
+@contextlib.contextmanager
+def exclusive(name: str, cache_dir: Path | None = None):
+    """Hold an exclusive advisory lock named ``name`` (a file under the cache's ``tmp/locks/``) for the block."""
+    path = Path(cache_dir or CACHE_DIR) / "tmp" / "locks" / f"{name}.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)  # the kernel releases it when the process exits, however it exits
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def chunks(n: int, size: int) -> list[range]:
     """Return the fixed chunks of image positions [0, n)."""
     return [range(s, min(n, s + size)) for s in range(0, n, size)]
@@ -85,14 +103,18 @@ def compute(run: Path, n: int, chunk_size: int, fn, rank: int = 0, world: int = 
             and (redo or not (run / f"chunk-{c:05d}.csv").is_file())]
     done = 0
     for c, r in tqdm(todo, disable=not progress or rank != 0, desc=f"chunks (rank {rank})"):
-        t = time.perf_counter()
-        df = fn(r)
-        secs = time.perf_counter() - t + float(df.attrs.get("extra_seconds", 0.0))  # work reused from elsewhere
-        df = df.drop(columns=[c_ for c_ in TIMING_COLUMNS if c_ in df.columns])
-        df.insert(0, "config_key", run.name)
-        atomic_write_text(run / f"chunk-{c:05d}.csv", df.to_csv(index=False))
-        with open(run / f"timings-rank{rank}.csv", "a") as f:
-            f.write(f"{c},{len(r)},{secs:.4f}\n")
+        out = run / f"chunk-{c:05d}.csv"
+        with exclusive(f"{run.name}-{c:05d}", run.parent):
+            if not redo and out.is_file():  # written by another process while this one waited for the lock
+                continue
+            t = time.perf_counter()
+            df = fn(r)
+            secs = time.perf_counter() - t + float(df.attrs.get("extra_seconds", 0.0))  # work reused from elsewhere
+            df = df.drop(columns=[c_ for c_ in TIMING_COLUMNS if c_ in df.columns])
+            df.insert(0, "config_key", run.name)
+            atomic_write_text(out, df.to_csv(index=False))
+            with open(run / f"timings-rank{rank}.csv", "a") as f:
+                f.write(f"{c},{len(r)},{secs:.4f}\n")
         done += 1
         if fail_after is not None and done >= fail_after:
             raise KeyboardInterrupt(f"fault injected after {done} chunks")

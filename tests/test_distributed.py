@@ -96,3 +96,41 @@ def test_cache_status_counts_chunks_and_images_and_survives_an_interruption(tmp_
     assert (row.chunks_done, row.images_done, row.eta_hours) == (3, 5, 0)
     cli.cache(["--dir", str(tmp_path), "--unfinished"])
     assert json.loads(capsys.readouterr().out.splitlines()[-1]) == {"runs": 0, "eta_hours": 0.0, "eta_unknown": 0}
+
+
+_SIDE_BY_SIDE = """
+import sys, time
+from pathlib import Path
+import pandas as pd
+from scalecert import results as R
+run = R.open_run({"x": "shared"}, Path(sys.argv[1]))
+def fn(r):
+    with open(Path(sys.argv[1]) / "calls.txt", "a") as f:
+        f.write(f"{sys.argv[2]} {r.start}\\n")
+    time.sleep(0.8)
+    return pd.DataFrame({"id": list(r), "pred": [int(sys.argv[2])] * len(r)})
+print(R.compute(run, 8, 2, fn, progress=False))
+"""
+
+
+def test_notebooks_side_by_side_compute_each_chunk_of_a_shared_run_once(tmp_path):
+    """Two processes that need the same run at once split its chunks: none is computed twice, the merge is whole."""
+    procs = [subprocess.Popen([sys.executable, "-c", _SIDE_BY_SIDE, str(tmp_path), str(k)], cwd=ROOT,
+                              stdout=subprocess.PIPE, text=True) for k in (1, 2)]
+    computed = [int(p.communicate(timeout=60)[0].split()[-1]) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0]
+    calls = (tmp_path / "calls.txt").read_text().split("\n")[:-1]
+    starts = sorted(int(c.split()[1]) for c in calls)
+    assert starts == [0, 2, 4, 6] and sum(computed) == 4  # each of the 4 chunks exactly once
+    run = R.open_run({"x": "shared"}, tmp_path)
+    assert R.merge(run, 8, 2, ids=list(range(8)))["id"].tolist() == list(range(8))
+    # a lock is released when its holder dies, however it dies
+    with R.exclusive("held", tmp_path):
+        pass
+    killed = subprocess.Popen([sys.executable, "-c", "import sys, time; from pathlib import Path; from scalecert import "
+                               "results as R\nwith R.exclusive('held', Path(sys.argv[1])):\n print('in', flush=True); "
+                               "time.sleep(60)", str(tmp_path)], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    assert killed.stdout.readline().strip() == "in"
+    killed.kill(); killed.wait()
+    with R.exclusive("held", tmp_path):
+        pass
