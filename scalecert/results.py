@@ -9,8 +9,9 @@ and a rename), so that
 * the merged table does not depend on the number of processes (identical row for row);
 * a folder made with another configuration or checkpoint is refused by name (its ``config.json``);
 * processes that need the same run at the same time (notebooks side by side) compute each chunk once: a chunk
-  is computed under an exclusive lock (``tmp/locks/`` of the cache, released when its process ends, even if
-  killed), and a process that waited on the lock reads the chunk the other one wrote.
+  is computed under an exclusive lock (a file in the system's temporary folder, named after the cache folder, so
+  the cache holds results only; released when its process ends, even if killed), and a process that waited on
+  the lock reads the chunk the other one wrote.
 
 Timings are kept apart (``timings.csv``) so that record tables are exactly reproducible.
 """
@@ -21,6 +22,7 @@ import fcntl
 import hashlib
 import json
 import os
+import tempfile
 import time
 from pathlib import Path
 
@@ -70,8 +72,9 @@ def open_run(config: dict, cache_dir: Path | None = None) -> Path:
 
 @contextlib.contextmanager
 def exclusive(name: str, cache_dir: Path | None = None):
-    """Hold an exclusive advisory lock named ``name`` (a file under the cache's ``tmp/locks/``) for the block."""
-    path = Path(cache_dir or CACHE_DIR) / "tmp" / "locks" / f"{name}.lock"
+    """Hold an exclusive advisory lock named ``name``, one per cache folder, for the block."""
+    folder = config_key({"cache": str(Path(cache_dir or CACHE_DIR).resolve())})
+    path = Path(tempfile.gettempdir()) / "scalecert-locks" / folder / f"{name}.lock"
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a") as f:
         fcntl.flock(f, fcntl.LOCK_EX)  # the kernel releases it when the process exits, however it exits
