@@ -364,7 +364,14 @@ def cache(argv=None) -> int:
     p.add_argument("--dir", default=str(R.CACHE_DIR), help="cache folder")
     p.add_argument("--unfinished", action="store_true",
                    help="only runs with chunks left (runs cached before sizes were recorded have no total and are left out)")
+    p.add_argument("--whole-splits", action="store_true",
+                   help="instead: the certification runs complete on a whole test/val split, with the paper's numbers")
     a = p.parse_args(argv)
+    if a.whole_splits:
+        from . import experiments as E
+        whole = E.whole_split_results(Path(a.dir))
+        print(whole.to_markdown(index=False) if len(whole) else f"no whole-split certification runs in {a.dir}")
+        return 0
     table = R.status(Path(a.dir))
     if a.unfinished:
         table = table[table.chunks.notna() & (table.chunks_done < table.chunks)] if "chunks" in table else table.iloc[:0]

@@ -395,3 +395,88 @@ def recovery_cached(dataset: str, checkpoint: str, patch_pct: float, *, per_clas
     xp = apply_patch(xs, ex["crops"][:len(ids)], ex["corners"][:len(ids)])
     rows = per.set_index("id").loc[ids].reset_index()
     return recovery_summary(per), per, (xs, xp, rows)
+
+
+# --- whole-split results already in the cache (the paper profile, as far as it has run) ---------------------
+
+def _checkpoint_names() -> dict:
+    """Return {sha256: checkpoint name} of every shipped checkpoint card."""
+    names = {}
+    for card in CHECKPOINT_DIR.glob("*.json"):
+        c = json.loads(card.read_text())
+        if "sha256" in c:
+            names[c["sha256"]] = card.stem
+    return names
+
+
+def _is_05(dataset: str, config: dict, model: str, defense: str) -> bool:
+    """Return True iff a certification run is one of 05's rows (the default SIN model or MR's vanilla one, 05's τ and r)."""
+    if "peer" in config:
+        return True
+    want = model_name(dataset) if defense == "MR" else model_name(dataset, 1, DEFAULT_RATE[dataset])
+    return model == want and config.get("tau") == DEFAULT_TAU[dataset] and config.get("r") == 3
+
+
+def _paper_number(dataset: str, model: str, defense: str, patch: float, in_05: bool) -> dict:
+    """Return the paper's clean and certified accuracy of a whole-split row and the table they are from ({} if none)."""
+    pd_name = PAPER_DATASET[dataset]
+    layer1_rate = {model_name(dataset, 1, r): r for r in (10, 15, 20)}
+    if in_05:
+        t = paper_table("table2_certified")
+        hit = t[(t.dataset == pd_name) & (t.patch_pct == patch) & (t.defense == defense.replace(" (paper mode)", ""))]
+        table = "5" if patch in LARGE_PATCHES[dataset] else "2"
+    elif model in layer1_rate and defense == "ScaleCert":
+        t = paper_table("table3_6_topk_rate")
+        hit = t[(t.dataset == pd_name) & (t.patch_pct == patch) & (t.topk_rate_pct == layer1_rate[model])]
+        table = "3/6"
+    else:
+        return {}
+    if hit.empty:
+        return {}
+    return {"paper_clean": float(hit.clean.iloc[0]), "paper_certified": float(hit.certified.iloc[0]),
+            "paper_table": table}
+
+
+def whole_split_results(cache_dir: Path | None = None) -> pd.DataFrame:
+    """Return one row per certification run (ScaleCert, MR or a peer) complete on a whole test/val split in the cache:
+    model, defence, patch, whether it is one of 05's rows, images, clean and certified accuracy (%), CPU-hours, and the
+    paper's number where it has one (Tables 2 and 5 for 05's rows, 3 and 6 for the other top-k rates)."""
+    from .baselines import harness as H  # harness imports this module
+    names, whole, rows = _checkpoint_names(), {}, []
+    for meta in sorted(Path(cache_dir or R.CACHE_DIR).glob("*/config.json")):
+        run, config = meta.parent, json.loads(meta.read_text())
+        dataset = config.get("dataset")
+        if "kind" in config or dataset not in D.EVAL_SPLIT or not (run / "size.json").is_file():
+            continue  # an analysis or attack run, not a certificate
+        if dataset not in whole:
+            n = len(D.load_dataset(dataset, "eval"))
+            whole[dataset] = (n, R.config_key({"ids": list(range(n))}))
+        size = json.loads((run / "size.json").read_text())
+        if (size["images"], config["ids"]) != whole[dataset]:
+            continue
+        model = names.get(config["checkpoint_sha256"])
+        if "peer" in config:
+            if config["peer"] not in H.PEER_NAMES or config.get("version") != H.peer(config["peer"]).version:
+                continue  # a certificate of an older version of the peer: not what the harness computes now
+            defense = config["peer"]
+        elif "mode" in config:
+            defense = "MR" if config["rate"] is None else ("ScaleCert (paper mode)" if config["mode"] == "paper"
+                                                            else "ScaleCert")
+        else:
+            continue
+        if model is None:
+            continue  # made with a checkpoint that is no longer shipped
+        try:
+            df = R.merge(run, size["images"], size["chunk_images"])
+        except R.CacheMismatch:
+            continue  # chunks still missing: in progress
+        in_05 = _is_05(dataset, config, model, defense)
+        row = {"dataset": D.DATASET_LABELS[dataset], "model": model, "defense": defense,
+               "patch_pct": float(config["patch"]), "tau": config.get("tau"), "in_05": in_05, "images": len(df),
+               "clean": round(100 * df.clean_correct.mean(), 1), "certified": round(100 * df.certified.mean(), 1),
+               "cpu_hours": round(float(R.timings(run).seconds.sum()) / 3600, 2), "key": run.name}
+        rows.append({**row, **_paper_number(dataset, model, defense, row["patch_pct"], in_05)})
+    cols = ["dataset", "model", "defense", "patch_pct", "tau", "in_05", "images", "clean", "certified", "paper_clean",
+            "paper_certified", "paper_table", "cpu_hours", "key"]
+    out = pd.DataFrame(rows, columns=cols)
+    return out.sort_values(["dataset", "defense", "model", "patch_pct"], ignore_index=True)

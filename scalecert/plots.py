@@ -134,6 +134,30 @@ def lines_figure(df: pd.DataFrame, x: str, ys: list[str], title: str, xlabel=Non
     return fig
 
 
+def ours_vs_paper_figure(df: pd.DataFrame, x: str, y: str, paper_y: str, hue: str, title: str, paper_hue=None,
+                         xlabel=None, ylabel="%"):
+    """Return a line plot of ours (solid, one colour per hue) against x and the paper's numbers (dashed, one line per
+    paper_hue, in the colour of the hue of that name)."""
+    fig, ax = plt.subplots(figsize=(6.5, 3.4))
+    df = df.sort_values(x)
+    colours = {key: f"C{i}" for i, key in enumerate(sorted(df[hue].unique()))}
+    for key, g in df.groupby(hue, sort=True):
+        ax.plot(g[x], g[y], marker="o", color=colours[key], label=f"{key} (ours)")
+    theirs = df.dropna(subset=[paper_y])
+    theirs = theirs.assign(_paper=theirs[paper_hue or hue])
+    for i, (key, g) in enumerate(theirs.groupby("_paper", sort=True)):
+        g = g.drop_duplicates(subset=[x])  # rows of ours that share one paper row (two modes of one defence)
+        ax.plot(g[x], g[paper_y], marker="x", ls="--", color=colours.get(key, f"C{len(colours) + i}"),
+                label=f"{key} (paper's)")
+    ax.set_title(title, fontsize=10)
+    ax.set_xlabel(xlabel or x)
+    ax.set_ylabel(ylabel)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1), frameon=False)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
 def image_row_figure(images, titles, title: str, boxes=None):
     """Return a row of images with titles and optional red boxes (r0, c0, r1, c1)."""
     import matplotlib.patches as mpatches

@@ -186,3 +186,62 @@ def test_every_certification_patch_size_has_the_papers_rows():
         rows = paper[(paper.dataset == E.PAPER_DATASET[name]) & (paper.defense == "ScaleCert")]
         assert sorted(rows.patch_pct.tolist()) == sorted(sizes), name
         assert not set(E.PATCHES[name]) & set(E.LARGE_PATCHES[name])
+
+
+def _fake_run(cache, config, certified, n_chunks=None, chunk=2):
+    """Write a cached run of per-image records (clean_correct = certified | odd id) with n_chunks of its chunks."""
+    run = R.open_run(config, cache)
+    n = len(certified)
+
+    def fn(rg):
+        return pd.DataFrame({"id": list(rg), "certified": [certified[i] for i in rg],
+                             "clean_correct": [certified[i] or i % 2 == 1 for i in rg]})
+
+    R.compute(run, n, chunk, fn, progress=False)
+    for c in range(n_chunks if n_chunks is not None else 99, len(R.chunks(n, chunk))):
+        (run / f"chunk-{c:05d}.csv").unlink()
+    return run
+
+
+def test_whole_split_results_lists_complete_whole_split_certificates_with_the_papers_numbers(cache, monkeypatch, capsys):
+    from scalecert import data as D
+    from scalecert.baselines import harness as H
+    n = 6  # a stand-in split of 6 images, so that the test needs no 10,000-image run
+    monkeypatch.setattr(D, "load_dataset", lambda name, split=None, root=None: range(n))
+    sha = {name: E.load_model(name).card["sha256"] for name in (CKPT, "cifar10_resnet20_vanilla")}
+    whole, part = R.config_key({"ids": list(range(n))}), R.config_key({"ids": [0, 2, 4]})
+    base = {"dataset": "cifar10", "checkpoint_sha256": sha[CKPT], "patch": 2.4, "mode": "sound", "rule": "strict",
+            "tau": None, "r": 3, "layer": 1, "rate": 0.2, "ids": whole, "chunk_images": 2, "early_stop": True}
+    cert = [True, False, True, True, False, False]  # 50% certified, 83.3% clean (ids 1 and 5 clean only)
+    _fake_run(cache, base, cert)
+    _fake_run(cache, {**base, "mode": "paper", "rule": "paper"}, [True] * n)
+    _fake_run(cache, {**base, "checkpoint_sha256": sha["cifar10_resnet20_vanilla"], "rate": None}, [False] * n)
+    peer = {"peer": "DS", "dataset": "cifar10", "checkpoint_sha256": E.load_model(CKPT).card["sha256"],
+            "patch": 2.4, "ids": whole, "chunk_images": 2}
+    _fake_run(cache, {**peer, "version": H.peer("DS").version}, cert)
+    # left out: a subset, an incomplete run, an older certificate version, a retired checkpoint, an analysis run
+    _fake_run(cache, {**base, "ids": part}, [True] * 3)
+    _fake_run(cache, {**base, "patch": 0.4}, cert, n_chunks=2)
+    _fake_run(cache, {**peer, "version": H.peer("DS").version - 1}, cert)
+    _fake_run(cache, {**base, "checkpoint_sha256": "0" * 64}, cert)
+    _fake_run(cache, {**base, "kind": "empirical_recovery"}, cert)
+    _fake_run(cache, {**base, "tau": 0.5}, cert)  # listed, but not one of 05's rows: no Table 2 number
+
+    every = E.whole_split_results()
+    other = every[~every.in_05]
+    assert other.tau.tolist() == [0.5] and other.paper_certified.isna().all() and other.certified.tolist() == [50.0]
+    df = every[every.in_05].set_index("defense")
+    assert sorted(df.index) == ["DS", "MR", "ScaleCert", "ScaleCert (paper mode)"]
+    assert (df.images == n).all() and (df.patch_pct == 2.4).all() and df.in_05.all()
+    assert df.loc["ScaleCert", ["clean", "certified"]].tolist() == [83.3, 50.0]
+    assert df.loc["ScaleCert (paper mode)", "certified"] == 100.0 and df.loc["MR", "certified"] == 0.0
+    assert df.loc["ScaleCert", "model"] == CKPT and df.loc["MR", "model"] == "cifar10_resnet20_vanilla"
+    paper = E.paper_table("table2_certified", "cifar10").set_index(["defense", "patch_pct"])
+    for defense, theirs in (("ScaleCert", "ScaleCert"), ("ScaleCert (paper mode)", "ScaleCert"), ("MR", "MR"),
+                            ("DS", "DS")):
+        assert df.loc[defense, "paper_certified"] == paper.loc[(theirs, 2.4), "certified"]
+        assert df.loc[defense, "paper_table"] == "2"
+    from scalecert import cli
+    assert cli.cache(["--dir", str(cache), "--whole-splits"]) == 0
+    printed = capsys.readouterr().out
+    assert "| CIFAR-10 (JPEG)" in printed and printed.count("ScaleCert (paper mode)") == 1
