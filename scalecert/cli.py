@@ -366,7 +366,21 @@ def cache(argv=None) -> int:
                    help="only runs with chunks left (runs cached before sizes were recorded have no total and are left out)")
     p.add_argument("--whole-splits", action="store_true",
                    help="instead: the certification runs complete on a whole test/val split, with the paper's numbers")
+    p.add_argument("--plan", action="store_true",
+                   help="instead: the whole-split counterpart of every certification run cached on a subset, with the "
+                        "CPU-hours left at the measured seconds per image (the paper profile's certification, priced)")
     a = p.parse_args(argv)
+    if a.plan:
+        from . import experiments as E
+        plan = E.paper_plan(Path(a.dir))
+        with pd.option_context("display.width", 200, "display.max_columns", None, "display.max_rows", None):
+            print(plan.drop(columns=["key"]).to_string(index=False) if len(plan) else f"no subset runs in {a.dir}")
+            if len(plan):
+                print(plan.groupby(["dataset", "status"]).agg(configurations=("key", "size"),
+                                                             cpu_hours_left=("cpu_hours_left", "sum")).round(2))
+        print(json.dumps({"configurations": len(plan), "left": int((plan.status != "done").sum()) if len(plan) else 0,
+                          "cpu_hours_left": round(float(plan.cpu_hours_left.sum()), 2) if len(plan) else 0.0}))
+        return 0
     if a.whole_splits:
         from . import experiments as E
         whole = E.whole_split_results(Path(a.dir))

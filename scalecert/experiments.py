@@ -437,24 +437,19 @@ def _paper_number(dataset: str, model: str, defense: str, patch: float, in_05: b
             "paper_table": table}
 
 
-def whole_split_results(cache_dir: Path | None = None) -> pd.DataFrame:
-    """Return one row per certification run (ScaleCert, MR or a peer) complete on a whole test/val split in the cache:
-    model, defence, patch, whether it is one of 05's rows, images, clean and certified accuracy (%), CPU-hours, and the
-    paper's number where it has one (Tables 2 and 5 for 05's rows, 3 and 6 for the other top-k rates)."""
+def _certification_runs(cache_dir: Path | None = None):
+    """Yield (run folder, config, model name, defence, split size, whole-split ids key) of every cached certification
+    run (ScaleCert, MR or a peer) made with a shipped checkpoint and, for a peer, the current certificate version."""
     from .baselines import harness as H  # harness imports this module
-    names, whole, rows = _checkpoint_names(), {}, []
+    names, whole = _checkpoint_names(), {}
     for meta in sorted(Path(cache_dir or R.CACHE_DIR).glob("*/config.json")):
         run, config = meta.parent, json.loads(meta.read_text())
         dataset = config.get("dataset")
         if "kind" in config or dataset not in D.EVAL_SPLIT or not (run / "size.json").is_file():
             continue  # an analysis or attack run, not a certificate
-        if dataset not in whole:
-            n = len(D.load_dataset(dataset, "eval"))
-            whole[dataset] = (n, R.config_key({"ids": list(range(n))}))
-        size = json.loads((run / "size.json").read_text())
-        if (size["images"], config["ids"]) != whole[dataset]:
-            continue
-        model = names.get(config["checkpoint_sha256"])
+        model = names.get(config.get("checkpoint_sha256"))
+        if model is None:
+            continue  # made with a checkpoint that is no longer shipped
         if "peer" in config:
             if config["peer"] not in H.PEER_NAMES or config.get("version") != H.peer(config["peer"]).version:
                 continue  # a certificate of an older version of the peer: not what the harness computes now
@@ -464,8 +459,22 @@ def whole_split_results(cache_dir: Path | None = None) -> pd.DataFrame:
                                                             else "ScaleCert")
         else:
             continue
-        if model is None:
-            continue  # made with a checkpoint that is no longer shipped
+        if dataset not in whole:
+            n = len(D.load_dataset(dataset, "eval"))
+            whole[dataset] = (n, R.config_key({"ids": list(range(n))}))
+        yield run, config, model, defense, *whole[dataset]
+
+
+def whole_split_results(cache_dir: Path | None = None) -> pd.DataFrame:
+    """Return one row per certification run (ScaleCert, MR or a peer) complete on a whole test/val split in the cache:
+    model, defence, patch, whether it is one of 05's rows, images, clean and certified accuracy (%), CPU-hours, and the
+    paper's number where it has one (Tables 2 and 5 for 05's rows, 3 and 6 for the other top-k rates)."""
+    rows = []
+    for run, config, model, defense, n, ids in _certification_runs(cache_dir):
+        dataset = config["dataset"]
+        size = json.loads((run / "size.json").read_text())
+        if (size["images"], config["ids"]) != (n, ids):
+            continue
         try:
             df = R.merge(run, size["images"], size["chunk_images"])
         except R.CacheMismatch:
@@ -480,3 +489,50 @@ def whole_split_results(cache_dir: Path | None = None) -> pd.DataFrame:
             "paper_certified", "paper_table", "cpu_hours", "key"]
     out = pd.DataFrame(rows, columns=cols)
     return out.sort_values(["dataset", "defense", "model", "patch_pct"], ignore_index=True)
+
+
+def study_models(dataset: str) -> set[str]:
+    """Return the checkpoint names the notebooks use on a data set: vanilla, SIN layers 1-3 and rates 10/15/20%, peers."""
+    from .baselines import harness as H
+    ours = {model_name(dataset)} | {model_name(dataset, layer, rate) for layer in (1, 2, 3) for rate in (10, 15, 20)}
+    return ours | {H.peer(p).checkpoint(dataset) for p in H.PEER_NAMES} - {None}
+
+
+def paper_plan(cache_dir: Path | None = None) -> pd.DataFrame:
+    """Return one row per whole-split counterpart of every certification run cached on a subset (the quick profile's):
+    its settings, status (done, partial, missing), images left and the CPU-hours they need at the measured seconds per
+    image (of the partial run itself, else the fastest of its subset runs). A peer's shared work (DS's votes, BagNet's
+    local logits), which one process computes once for every configuration and patch, is counted once per data set
+    and model: in its first configuration left, the others marked ``shared``. Models the notebooks do not use (see
+    ``study_models``) are left out; subset runs of settings the notebooks no longer use are not, so it is an upper bound."""
+    from .baselines import harness as H
+    cache = Path(cache_dir or R.CACHE_DIR)
+    status = R.status(cache).set_index("key")
+    plan = {}
+    for run, config, model, defense, n, ids in _certification_runs(cache):
+        t = R.timings(run)
+        if config["ids"] == ids or not len(t) or model not in study_models(config["dataset"]):
+            continue
+        target = R.config_key({**config, "ids": ids})
+        per_image = float(t.seconds.sum() / t.images.sum())
+        if target in plan:
+            plan[target]["_subset_per_image"] = min(plan[target]["_subset_per_image"], per_image)
+            continue
+        plan[target] = {"key": target, **{k: config[k] for k in R.STATUS_FIELDS if k in config},
+                        "model": model, "defense": defense, "r": config.get("r"), "early_stop": config.get("early_stop"),
+                        "images": n, "_subset_per_image": per_image,
+                        "_shared": (config["dataset"], model) if "peer" in config and H.peer(defense).shared else None}
+    rows, charged = [], set()
+    for row in sorted(plan.values(), key=lambda r: r["key"]):
+        key, n = row["key"], row["images"]
+        done = int(status.loc[key, "images_done"]) if key in status.index and pd.notna(status.loc[key, "images"]) else 0
+        own = R.timings(cache / key) if done else None
+        per_image = own.seconds.sum() / own.images.sum() if done and len(own) else row["_subset_per_image"]
+        left = n - done
+        shared = row["_shared"] is not None and left > 0 and row["_shared"] in charged
+        if row["_shared"] is not None and left > 0:
+            charged.add(row["_shared"])
+        rows.append({k: v for k, v in row.items() if not k.startswith("_")} | {
+            "status": "done" if left == 0 else ("partial" if done else "missing"), "images_left": left,
+            "shared": shared, "cpu_hours_left": 0.0 if shared else round(left * per_image / 3600, 2)})
+    return pd.DataFrame(rows)

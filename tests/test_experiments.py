@@ -188,14 +188,17 @@ def test_every_certification_patch_size_has_the_papers_rows():
         assert not set(E.PATCHES[name]) & set(E.LARGE_PATCHES[name])
 
 
-def _fake_run(cache, config, certified, n_chunks=None, chunk=2):
-    """Write a cached run of per-image records (clean_correct = certified | odd id) with n_chunks of its chunks."""
+def _fake_run(cache, config, certified, n_chunks=None, chunk=2, hours_per_image=0.0):
+    """Write a cached run of per-image records (clean_correct = certified | odd id) with n_chunks of its chunks, each
+    image timed at hours_per_image (plus the real microseconds)."""
     run = R.open_run(config, cache)
     n = len(certified)
 
     def fn(rg):
-        return pd.DataFrame({"id": list(rg), "certified": [certified[i] for i in rg],
-                             "clean_correct": [certified[i] or i % 2 == 1 for i in rg]})
+        df = pd.DataFrame({"id": list(rg), "certified": [certified[i] for i in rg],
+                           "clean_correct": [certified[i] or i % 2 == 1 for i in rg]})
+        df.attrs["extra_seconds"] = 3600 * hours_per_image * len(rg)
+        return df
 
     R.compute(run, n, chunk, fn, progress=False)
     for c in range(n_chunks if n_chunks is not None else 99, len(R.chunks(n, chunk))):
@@ -245,3 +248,40 @@ def test_whole_split_results_lists_complete_whole_split_certificates_with_the_pa
     assert cli.cache(["--dir", str(cache), "--whole-splits"]) == 0
     printed = capsys.readouterr().out
     assert "| CIFAR-10 (JPEG)" in printed and printed.count("ScaleCert (paper mode)") == 1
+
+
+def test_paper_plan_prices_the_whole_split_counterpart_of_every_subset_run(cache, monkeypatch, capsys):
+    from scalecert import data as D
+    from scalecert.baselines import harness as H
+    n = 6
+    monkeypatch.setattr(D, "load_dataset", lambda name, split=None, root=None: range(n))
+    sha = E.load_model(CKPT).card["sha256"]
+    whole, part = R.config_key({"ids": list(range(n))}), R.config_key({"ids": [0, 2, 4]})
+    base = {"dataset": "cifar10", "checkpoint_sha256": sha, "patch": 2.4, "mode": "sound", "rule": "strict",
+            "tau": None, "r": 3, "layer": 1, "rate": 0.2, "ids": part, "chunk_images": 2, "early_stop": True}
+    _fake_run(cache, base, [True] * 3, hours_per_image=1.0)  # its whole split: 4 of 6 images done, at 0.5 h each
+    _fake_run(cache, {**base, "ids": whole}, [True] * n, n_chunks=2, hours_per_image=0.5)
+    _fake_run(cache, {**base, "patch": 0.4}, [True] * 3, hours_per_image=1.0)  # whole split missing
+    _fake_run(cache, {**base, "patch": 0.4, "ids": R.config_key({"ids": [1, 3]})}, [True] * 2, hours_per_image=0.25)
+    _fake_run(cache, {**base, "mode": "paper", "rule": "paper"}, [True] * 3, hours_per_image=1.0)
+    _fake_run(cache, {**base, "mode": "paper", "rule": "paper", "ids": whole}, [True] * n)  # done
+    shas = {name: sha for sha, name in E._checkpoint_names().items()}
+    ds = shas["cifar10_ds_resnet20"]
+    for name in ("DS", "PG-Mask-DS"):  # they share DS's votes: priced once
+        _fake_run(cache, {"peer": name, "version": H.peer(name).version, "dataset": "cifar10",
+                          "checkpoint_sha256": ds, "patch": 2.4, "ids": part, "chunk_images": 2}, [True] * 3,
+                  hours_per_image=2.0)
+    wo4 = shas["cifar10_resnet20_sin1_r20_wo4"]  # shipped, but no notebook uses it
+    _fake_run(cache, {**base, "checkpoint_sha256": wo4}, [True] * 3, hours_per_image=1.0)
+
+    plan = E.paper_plan().set_index(["defense", "patch"])
+    assert len(plan) == 5 and set(plan.model) == {CKPT, "cifar10_ds_resnet20"}
+    assert plan.loc[("ScaleCert", 2.4), ["status", "images_left", "cpu_hours_left"]].tolist() == ["partial", 2, 1.0]
+    assert plan.loc[("ScaleCert", 0.4), ["status", "cpu_hours_left"]].tolist() == ["missing", 1.5]  # the fastest subset
+    assert plan.loc[("ScaleCert (paper mode)", 2.4), ["status", "cpu_hours_left"]].tolist() == ["done", 0.0]
+    peers = plan.loc[["DS", "PG-Mask-DS"]]
+    assert sorted(peers.cpu_hours_left) == [0.0, 12.0] and sorted(peers.shared) == [False, True]
+    from scalecert import cli
+    assert cli.cache(["--dir", str(cache), "--plan"]) == 0
+    out = capsys.readouterr().out
+    assert '{"configurations": 5, "left": 4, "cpu_hours_left": 14.5}' in out  # 1 + 1.5 + 12 + 0 + 0

@@ -13,16 +13,18 @@ cd "$(dirname "$0")/.."
 # so that training jobs elsewhere keep the cores.
 lower() { for k in $(pgrep -P "$1"); do { echo "${NICE:-19}" > "/proc/$k/autogroup"; } 2>/dev/null || true; done; }
 PY=.venv/bin/python
-export OMP_NUM_THREADS=${THREADS:-1} SCALECERT_FIG_DIR=$PWD/build/paper/figures
+# one folder per DATASET, so that a CIFAR-10 and an Imagenette job can run side by side
+out=build/paper/${DATASET:-all}
+export OMP_NUM_THREADS=${THREADS:-1} SCALECERT_FIG_DIR=$PWD/$out/figures
 order=(05_certification 06_topk_rate 08_layer_selection 02_sin_localization 03_prediction_stability
        04_adaptive_attack 09_empirical_recovery 10_soundness_audit 11_window_family 07_window_merging 01_models 00_data)
 [[ $# -gt 0 ]] && order=("$@")
-mkdir -p build/paper/executed "$SCALECERT_FIG_DIR"
+mkdir -p "$out/executed" "$SCALECERT_FIG_DIR"
 for nb in "${order[@]}"; do
   [[ -f notebooks/$nb.ipynb ]] || { echo "no notebook notebooks/$nb.ipynb" >&2; exit 2; }
   echo "$(date -u +%FT%TZ) start $nb"
   start=$(date +%s)
-  $PY -m papermill --log-level WARNING -k python3 "notebooks/$nb.ipynb" "build/paper/executed/$nb.ipynb" \
+  $PY -m papermill --log-level WARNING -k python3 "notebooks/$nb.ipynb" "$out/executed/$nb.ipynb" \
     -p profile paper ${DATASET:+-p datasets "$DATASET"} &
   pm=$!
   while kill -0 "$pm" 2>/dev/null; do lower "$pm"; sleep 10; done
