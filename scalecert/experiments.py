@@ -410,11 +410,13 @@ def _checkpoint_names() -> dict:
 
 
 def _is_05(dataset: str, config: dict, model: str, defense: str) -> bool:
-    """Return True iff a certification run is one of 05's rows (the default SIN model or MR's vanilla one, 05's τ and r)."""
+    """Return True iff a certification run is one of 05's rows (the default SIN model or MR's vanilla one, 05's τ, r and
+    early stopping)."""
     if "peer" in config:
         return True
     want = model_name(dataset) if defense == "MR" else model_name(dataset, 1, DEFAULT_RATE[dataset])
-    return model == want and config.get("tau") == DEFAULT_TAU[dataset] and config.get("r") == 3
+    return (model == want and config.get("tau") == DEFAULT_TAU[dataset] and config.get("r") == 3
+            and config.get("early_stop") == (config.get("rule") == "strict"))  # 07 times every window: same numbers
 
 
 def _paper_number(dataset: str, model: str, defense: str, patch: float, in_05: bool) -> dict:
