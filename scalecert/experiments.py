@@ -409,25 +409,34 @@ def _checkpoint_names() -> dict:
     return names
 
 
-def _is_05(dataset: str, config: dict, model: str, defense: str) -> bool:
-    """Return True iff a certification run is one of 05's rows (the default SIN model or MR's vanilla one, 05's τ, r and
-    early stopping)."""
+def _settings_05(config: dict, early_stop: bool = True) -> bool:
+    """Return True iff a ScaleCert or MR run has 05's τ and r (and, with ``early_stop``, 05's early stopping: off only
+    for the paper's rule; 07 times runs with it off, which changes the time but not a single record's outcome)."""
+    dataset = config["dataset"]
+    return (config.get("tau") == DEFAULT_TAU[dataset] and config.get("r") == 3
+            and (not early_stop or config.get("early_stop") == (config.get("rule") == "strict")))
+
+
+def _is_05(dataset: str, config: dict, model: str, defense: str, early_stop: bool = True) -> bool:
+    """Return True iff a certification run is one of 05's rows: a peer on its own model, or ScaleCert on the default SIN
+    model or MR on the vanilla one, at 05's settings (``_settings_05``)."""
     if "peer" in config:
-        return True
+        from .baselines import harness as H
+        return model == H.peer(defense).checkpoint(dataset)
     want = model_name(dataset) if defense == "MR" else model_name(dataset, 1, DEFAULT_RATE[dataset])
-    return (model == want and config.get("tau") == DEFAULT_TAU[dataset] and config.get("r") == 3
-            and config.get("early_stop") == (config.get("rule") == "strict"))  # 07 times every window: same numbers
+    return model == want and _settings_05(config, early_stop)
 
 
-def _paper_number(dataset: str, model: str, defense: str, patch: float, in_05: bool) -> dict:
-    """Return the paper's clean and certified accuracy of a whole-split row and the table they are from ({} if none)."""
-    pd_name = PAPER_DATASET[dataset]
+def _paper_number(dataset: str, config: dict, model: str, defense: str) -> dict:
+    """Return the paper's clean and certified accuracy of a whole-split row and the table they are from ({} if none):
+    Table 2 or 5 for 05's configurations, Table 3/6 for 06's other top-k rates (layer 1, sound mode, 05's settings)."""
+    pd_name, patch = PAPER_DATASET[dataset], float(config["patch"])
     layer1_rate = {model_name(dataset, 1, r): r for r in (10, 15, 20)}
-    if in_05:
+    if _is_05(dataset, config, model, defense, early_stop=False):
         t = paper_table("table2_certified")
         hit = t[(t.dataset == pd_name) & (t.patch_pct == patch) & (t.defense == defense.replace(" (paper mode)", ""))]
         table = "5" if patch in LARGE_PATCHES[dataset] else "2"
-    elif model in layer1_rate and defense == "ScaleCert":
+    elif model in layer1_rate and defense == "ScaleCert" and config.get("rule") == "strict" and _settings_05(config):
         t = paper_table("table3_6_topk_rate")
         hit = t[(t.dataset == pd_name) & (t.patch_pct == patch) & (t.topk_rate_pct == layer1_rate[model])]
         table = "3/6"
@@ -439,7 +448,7 @@ def _paper_number(dataset: str, model: str, defense: str, patch: float, in_05: b
             "paper_table": table}
 
 
-def _certification_runs(cache_dir: Path | None = None):
+def _certification_runs(cache_dir: Path | None = None, datasets=None):
     """Yield (run folder, config, model name, defence, split size, whole-split ids key) of every cached certification
     run (ScaleCert, MR or a peer) made with a shipped checkpoint and, for a peer, the current certificate version."""
     from .baselines import harness as H  # harness imports this module
@@ -449,6 +458,8 @@ def _certification_runs(cache_dir: Path | None = None):
         dataset = config.get("dataset")
         if "kind" in config or dataset not in D.EVAL_SPLIT or not (run / "size.json").is_file():
             continue  # an analysis or attack run, not a certificate
+        if datasets is not None and dataset not in datasets:
+            continue
         model = names.get(config.get("checkpoint_sha256"))
         if model is None:
             continue  # made with a checkpoint that is no longer shipped
@@ -467,12 +478,13 @@ def _certification_runs(cache_dir: Path | None = None):
         yield run, config, model, defense, *whole[dataset]
 
 
-def whole_split_results(cache_dir: Path | None = None) -> pd.DataFrame:
+def whole_split_results(cache_dir: Path | None = None, datasets=None) -> pd.DataFrame:
     """Return one row per certification run (ScaleCert, MR or a peer) complete on a whole test/val split in the cache:
     model, defence, patch, whether it is one of 05's rows, images, clean and certified accuracy (%), CPU-hours, and the
-    paper's number where it has one (Tables 2 and 5 for 05's rows, 3 and 6 for the other top-k rates)."""
+    paper's number where it has one (Tables 2 and 5 for 05's rows, 3 and 6 for the other top-k rates); ``datasets``:
+    only those."""
     rows = []
-    for run, config, model, defense, n, ids in _certification_runs(cache_dir):
+    for run, config, model, defense, n, ids in _certification_runs(cache_dir, datasets):
         dataset = config["dataset"]
         size = json.loads((run / "size.json").read_text())
         if (size["images"], config["ids"]) != (n, ids):
@@ -486,10 +498,10 @@ def whole_split_results(cache_dir: Path | None = None) -> pd.DataFrame:
                "patch_pct": float(config["patch"]), "tau": config.get("tau"), "in_05": in_05, "images": len(df),
                "clean": round(100 * df.clean_correct.mean(), 1), "certified": round(100 * df.certified.mean(), 1),
                "cpu_hours": round(float(R.timings(run).seconds.sum()) / 3600, 2), "key": run.name}
-        rows.append({**row, **_paper_number(dataset, model, defense, row["patch_pct"], in_05)})
+        rows.append({**row, **_paper_number(dataset, config, model, defense)})
     cols = ["dataset", "model", "defense", "patch_pct", "tau", "in_05", "images", "clean", "certified", "paper_clean",
             "paper_certified", "paper_table", "cpu_hours", "key"]
-    out = pd.DataFrame(rows, columns=cols)
+    out = pd.DataFrame(rows, columns=cols).astype({"in_05": bool})  # so that out[out.in_05] selects rows when empty
     return out.sort_values(["dataset", "defense", "model", "patch_pct"], ignore_index=True)
 
 
@@ -505,7 +517,7 @@ def paper_plan(cache_dir: Path | None = None) -> pd.DataFrame:
     its settings, status (done, partial, missing), images left and the CPU-hours they need at the measured seconds per
     image (of the partial run itself, else the fastest of its subset runs). A peer's shared work (DS's votes, BagNet's
     local logits), which one process computes once for every configuration and patch, is counted once per data set
-    and model: in its first configuration left, the others marked ``shared``. Models the notebooks do not use (see
+    and model: in its configuration with the most images left, the others marked ``shared``. Models the notebooks do not use (see
     ``study_models``) are left out; subset runs of settings the notebooks no longer use are not, so it is an upper bound."""
     from .baselines import harness as H
     cache = Path(cache_dir or R.CACHE_DIR)
@@ -524,17 +536,25 @@ def paper_plan(cache_dir: Path | None = None) -> pd.DataFrame:
                         "model": model, "defense": defense, "r": config.get("r"), "early_stop": config.get("early_stop"),
                         "images": n, "_subset_per_image": per_image,
                         "_shared": (config["dataset"], model) if "peer" in config and H.peer(defense).shared else None}
-    rows, charged = [], set()
+    rows = []
     for row in sorted(plan.values(), key=lambda r: r["key"]):
         key, n = row["key"], row["images"]
         done = int(status.loc[key, "images_done"]) if key in status.index and pd.notna(status.loc[key, "images"]) else 0
         own = R.timings(cache / key) if done else None
         per_image = own.seconds.sum() / own.images.sum() if done and len(own) else row["_subset_per_image"]
-        left = n - done
-        shared = row["_shared"] is not None and left > 0 and row["_shared"] in charged
-        if row["_shared"] is not None and left > 0:
-            charged.add(row["_shared"])
-        rows.append({k: v for k, v in row.items() if not k.startswith("_")} | {
-            "status": "done" if left == 0 else ("partial" if done else "missing"), "images_left": left,
-            "shared": shared, "cpu_hours_left": 0.0 if shared else round(left * per_image / 3600, 2)})
+        row.update(status="done" if done >= n else ("partial" if done else "missing"), images_left=n - done,
+                   cpu_hours_left=round((n - done) * per_image / 3600, 2))
+        rows.append(row)
+    # the shared work of a group is redone for the images its member with the most left still needs (a new process
+    # has none of it); the other members' own part (certifying from the votes or logits) is small and not priced
+    charged = {}
+    for row in rows:
+        g = row["_shared"]
+        if g is not None and row["images_left"] > 0 and (g not in charged or row["images_left"] > charged[g]["images_left"]):
+            charged[g] = row
+    for row in rows:
+        row["shared"] = row["_shared"] is not None and row["images_left"] > 0 and charged[row["_shared"]] is not row
+        if row["shared"]:
+            row["cpu_hours_left"] = 0.0
+    rows = [{k: v for k, v in row.items() if not k.startswith("_")} for row in rows]
     return pd.DataFrame(rows)

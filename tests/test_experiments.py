@@ -211,6 +211,8 @@ def test_whole_split_results_lists_complete_whole_split_certificates_with_the_pa
     from scalecert.baselines import harness as H
     n = 6  # a stand-in split of 6 images, so that the test needs no 10,000-image run
     monkeypatch.setattr(D, "load_dataset", lambda name, split=None, root=None: range(n))
+    empty = E.whole_split_results()
+    assert len(empty[empty.in_05]) == 0 and "certified" in empty[empty.in_05]  # rows filtered, columns kept
     sha = {name: E.load_model(name).card["sha256"] for name in (CKPT, "cifar10_resnet20_vanilla")}
     whole, part = R.config_key({"ids": list(range(n))}), R.config_key({"ids": [0, 2, 4]})
     base = {"dataset": "cifar10", "checkpoint_sha256": sha[CKPT], "patch": 2.4, "mode": "sound", "rule": "strict",
@@ -219,7 +221,8 @@ def test_whole_split_results_lists_complete_whole_split_certificates_with_the_pa
     _fake_run(cache, base, cert)
     _fake_run(cache, {**base, "mode": "paper", "rule": "paper", "early_stop": False}, [True] * n)
     _fake_run(cache, {**base, "checkpoint_sha256": sha["cifar10_resnet20_vanilla"], "rate": None}, [False] * n)
-    peer = {"peer": "DS", "dataset": "cifar10", "checkpoint_sha256": E.load_model(CKPT).card["sha256"],
+    shas = {name: sha for sha, name in E._checkpoint_names().items()}
+    peer = {"peer": "DS", "dataset": "cifar10", "checkpoint_sha256": shas["cifar10_ds_resnet20"],
             "patch": 2.4, "ids": whole, "chunk_images": 2}
     _fake_run(cache, {**peer, "version": H.peer("DS").version}, cert)
     # left out: a subset, an incomplete run, an older certificate version, a retired checkpoint, an analysis run
@@ -231,10 +234,24 @@ def test_whole_split_results_lists_complete_whole_split_certificates_with_the_pa
     _fake_run(cache, {**base, "tau": 0.5}, cert)  # listed, but not one of 05's rows: no Table 2 number
     _fake_run(cache, {**base, "tau": 0.5, "early_stop": False}, cert)  # 07's timing run of it: listed too
     _fake_run(cache, {**base, "early_stop": False}, cert)  # 07's timing run of 05's row: not 05's row twice
+    # Imagenette: 06's rate-20 model at 05's settings gets Table 3/6's number; 07's τ = 0.5 run of 05's model gets none
+    inet = {**base, "dataset": "imagenette", "patch": 2.0, "tau": 0.3, "rate": 0.2,
+            "checkpoint_sha256": shas["imagenette_resnet18w16_sin1_r20"]}
+    _fake_run(cache, inet, cert)
+    _fake_run(cache, {**inet, "tau": 0.5, "rate": 0.1, "checkpoint_sha256": shas["imagenette_resnet18w16_sin1_r10"]}, cert)
 
     every = E.whole_split_results()
+    inets = every[every.dataset == "Imagenette-224"].set_index("tau")
+    assert not inets.in_05.any() and inets.loc[0.5, ["paper_certified", "paper_table"]].isna().all()
+    table36 = E.paper_table("table3_6_topk_rate", "imagenette").set_index(["topk_rate_pct", "patch_pct"])
+    assert inets.loc[0.3, "paper_certified"] == table36.loc[(20, 2), "certified"] and inets.loc[0.3, "paper_table"] == "3/6"
+    assert E.whole_split_results(datasets=["imagenette"]).dataset.unique().tolist() == ["Imagenette-224"]
+    every = every[every.dataset == "CIFAR-10 (JPEG)"]
     other = every[~every.in_05]
-    assert sorted(other.tau.fillna(0)) == [0, 0.5, 0.5] and other.paper_certified.isna().all()
+    assert sorted(other.tau.fillna(0)) == [0, 0.5, 0.5] and other[other.tau == 0.5].paper_certified.isna().all()
+    twin = other[other.tau.isna()]  # same records as 05's row, so the same paper number, but listed as 07's
+    assert twin.paper_certified.tolist() == [E.paper_table("table2_certified", "cifar10").set_index(
+        ["defense", "patch_pct"]).loc[("ScaleCert", 2.4), "certified"]]
     assert other.certified.tolist() == [50.0] * 3
     df = every[every.in_05].set_index("defense")
     assert sorted(df.index) == ["DS", "MR", "ScaleCert", "ScaleCert (paper mode)"]
@@ -270,10 +287,11 @@ def test_paper_plan_prices_the_whole_split_counterpart_of_every_subset_run(cache
     _fake_run(cache, {**base, "mode": "paper", "rule": "paper", "ids": whole}, [True] * n)  # done
     shas = {name: sha for sha, name in E._checkpoint_names().items()}
     ds = shas["cifar10_ds_resnet20"]
-    for name in ("DS", "PG-Mask-DS"):  # they share DS's votes: priced once
-        _fake_run(cache, {"peer": name, "version": H.peer(name).version, "dataset": "cifar10",
-                          "checkpoint_sha256": ds, "patch": 2.4, "ids": part, "chunk_images": 2}, [True] * 3,
-                  hours_per_image=2.0)
+    for name in ("DS", "PG-Mask-DS"):  # they share DS's votes: priced once, for the one with the most images left
+        cfg = {"peer": name, "version": H.peer(name).version, "dataset": "cifar10", "checkpoint_sha256": ds,
+               "patch": 2.4, "ids": part, "chunk_images": 2}
+        _fake_run(cache, cfg, [True] * 3, hours_per_image=2.0)
+    _fake_run(cache, {**cfg, "ids": whole}, [True] * n, n_chunks=2, hours_per_image=2.0)  # PG-Mask-DS: 2 left
     wo4 = shas["cifar10_resnet20_sin1_r20_wo4"]  # shipped, but no notebook uses it
     _fake_run(cache, {**base, "checkpoint_sha256": wo4}, [True] * 3, hours_per_image=1.0)
 
@@ -283,7 +301,8 @@ def test_paper_plan_prices_the_whole_split_counterpart_of_every_subset_run(cache
     assert plan.loc[("ScaleCert", 0.4), ["status", "cpu_hours_left"]].tolist() == ["missing", 1.5]  # the fastest subset
     assert plan.loc[("ScaleCert (paper mode)", 2.4), ["status", "cpu_hours_left"]].tolist() == ["done", 0.0]
     peers = plan.loc[["DS", "PG-Mask-DS"]]
-    assert sorted(peers.cpu_hours_left) == [0.0, 12.0] and sorted(peers.shared) == [False, True]
+    assert peers.loc[("DS", 2.4), ["shared", "cpu_hours_left"]].tolist() == [False, 12.0]
+    assert peers.loc[("PG-Mask-DS", 2.4), ["images_left", "shared", "cpu_hours_left"]].tolist() == [2, True, 0.0]
     from scalecert import cli
     assert cli.cache(["--dir", str(cache), "--plan"]) == 0
     out = capsys.readouterr().out
