@@ -24,7 +24,7 @@ EXECUTED := $(addprefix $(EXEC_DIR)/,$(addsuffix .ipynb,$(filter $(basename $(no
 DATA_STAMPS := data/cifar10-jpeg/.test-uint8.npy data/imagenette-224/.val-uint8.npy
 KERNEL := scalecert
 
-.PHONY: help setup data figures test test-fast golden lab audit bench models peers clean distclean
+.PHONY: help setup data figures test test-fast golden lab audit bench models peers paper-background clean distclean
 .DEFAULT_GOAL := help
 
 help: ## list the targets
@@ -99,6 +99,14 @@ models: $(STAMP) $(DATA_STAMPS) ## train every shipped ScaleCert model (hours on
 
 peers: $(STAMP) $(DATA_STAMPS) ## train the peer defences' models (BagNet, DS, IBP; hours; resumable; never in CI)
 	bash tools/train_peers.sh all
+
+paper-background: $(STAMP) $(DATA_STAMPS) ## start the paper profile in the background, one job per data set (days on a CPU; resumable; never in CI)
+	@mkdir -p data/runs/logs
+	for d in $(DATASETS); do \
+	  if pgrep -f -- "-p profile paper -p datasets $$d" >/dev/null; then echo "a $$d paper-profile job runs already"; continue; fi; \
+	  DATASET=$$d nohup bash tools/paper_profile.sh >> data/runs/logs/paper_$$d.log 2>&1 & \
+	  echo "started the $$d paper profile: tail -f data/runs/logs/paper_$$d.log; progress: $(PY) -m scalecert cache --plan"; \
+	done
 
 clean: ## remove executed notebooks and caches (keeps .venv, data and committed results)
 	rm -rf figures/executed .pytest_cache build
