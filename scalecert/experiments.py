@@ -522,10 +522,10 @@ def paper_plan(cache_dir: Path | None = None) -> pd.DataFrame:
     from .baselines import harness as H
     cache = Path(cache_dir or R.CACHE_DIR)
     status = R.status(cache).set_index("key")
-    plan = {}
+    plan, ours = {}, {name: study_models(name) for name in D.EVAL_SPLIT if name in MODEL_DATASETS}
     for run, config, model, defense, n, ids in _certification_runs(cache):
         t = R.timings(run)
-        if config["ids"] == ids or not len(t) or model not in study_models(config["dataset"]):
+        if config["ids"] == ids or not len(t) or model not in ours.get(config["dataset"], ()):
             continue
         target = R.config_key({**config, "ids": ids})
         per_image = float(t.seconds.sum() / t.images.sum())
