@@ -522,7 +522,7 @@ def paper_plan(cache_dir: Path | None = None) -> pd.DataFrame:
     from .baselines import harness as H
     cache = Path(cache_dir or R.CACHE_DIR)
     status = R.status(cache).set_index("key")
-    plan, ours = {}, {name: study_models(name) for name in D.EVAL_SPLIT if name in MODEL_DATASETS}
+    plan, ours = {}, {name: study_models(name) for name in ARCH}  # the data sets with shipped models
     for run, config, model, defense, n, ids in _certification_runs(cache):
         t = R.timings(run)
         if config["ids"] == ids or not len(t) or model not in ours.get(config["dataset"], ()):
