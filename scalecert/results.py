@@ -8,10 +8,11 @@ and a rename), so that
 * a killed run, started again, skips the chunks already on disk and redoes only the missing ones;
 * the merged table does not depend on the number of processes (identical row for row);
 * a folder made with another configuration or checkpoint is refused by name (its ``config.json``);
-* processes that need the same run at the same time (notebooks side by side) compute each chunk once: a chunk
-  is computed under an exclusive lock (a file in the system's temporary folder, named after the cache folder, so
-  the cache holds results only; released when its process ends, even if killed), and a process that waited on
-  the lock reads the chunk the other one wrote.
+* processes that need the same run at the same time (notebooks side by side) compute each chunk once and share
+  the work: a chunk is computed under an exclusive lock (a file in the system's temporary folder, named after the
+  cache folder, so the cache holds results only; released when its process ends, even if killed); a process that
+  finds a chunk's lock held moves on to the next chunk, comes back to the ones it passed at the end, waits on their
+  locks and reads what the other process wrote.
 
 Timings are kept apart (``timings.csv``) so that record tables are exactly reproducible.
 """
@@ -71,15 +72,20 @@ def open_run(config: dict, cache_dir: Path | None = None) -> Path:
 
 
 @contextlib.contextmanager
-def exclusive(name: str, cache_dir: Path | None = None):
-    """Hold an exclusive advisory lock named ``name``, one per cache folder, for the block."""
+def exclusive(name: str, cache_dir: Path | None = None, wait: bool = True):
+    """Hold an exclusive advisory lock named ``name``, one per cache folder, for the block; yield True once held.
+    With ``wait=False`` yield False at once (holding nothing) if another process holds it."""
     folder = config_key({"cache": str(Path(cache_dir or CACHE_DIR).resolve())})
     path = Path(tempfile.gettempdir()) / "scalecert-locks" / folder / f"{name}.lock"
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)  # the kernel releases it when the process exits, however it exits
+        try:  # the kernel releases the lock when the process exits, however it exits
+            fcntl.flock(f, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            yield False
+            return
         try:
-            yield
+            yield True
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
 
@@ -105,22 +111,32 @@ def compute(run: Path, n: int, chunk_size: int, fn, rank: int = 0, world: int = 
     todo = [(c, r) for c, r in enumerate(chunks(n, chunk_size)) if c % world == rank
             and (redo or not (run / f"chunk-{c:05d}.csv").is_file())]
     done = 0
-    for c, r in tqdm(todo, disable=not progress or rank != 0, desc=f"chunks (rank {rank})"):
-        out = run / f"chunk-{c:05d}.csv"
-        with exclusive(f"{run.name}-{c:05d}", run.parent):
-            if not redo and out.is_file():  # written by another process while this one waited for the lock
-                continue
-            t = time.perf_counter()
-            df = fn(r)
-            secs = time.perf_counter() - t + float(df.attrs.get("extra_seconds", 0.0))  # work reused from elsewhere
-            df = df.drop(columns=[c_ for c_ in TIMING_COLUMNS if c_ in df.columns])
-            df.insert(0, "config_key", run.name)
-            atomic_write_text(out, df.to_csv(index=False))
-            with open(run / f"timings-rank{rank}.csv", "a") as f:
-                f.write(f"{c},{len(r)},{secs:.4f}\n")
-        done += 1
-        if fail_after is not None and done >= fail_after:
-            raise KeyboardInterrupt(f"fault injected after {done} chunks")
+    bar = tqdm(total=len(todo), disable=not progress or rank != 0, desc=f"chunks (rank {rank})")
+    wait = False  # first pass: skip the chunks another process is computing; second pass: wait for them
+    while todo:
+        busy = []
+        for c, r in todo:
+            out = run / f"chunk-{c:05d}.csv"
+            with exclusive(f"{run.name}-{c:05d}", run.parent, wait=wait) as held:
+                if not held:
+                    busy.append((c, r))
+                    continue
+                bar.update()
+                if not redo and out.is_file():  # written by another process meanwhile
+                    continue
+                t = time.perf_counter()
+                df = fn(r)
+                secs = time.perf_counter() - t + float(df.attrs.get("extra_seconds", 0.0))  # work reused from elsewhere
+                df = df.drop(columns=[c_ for c_ in TIMING_COLUMNS if c_ in df.columns])
+                df.insert(0, "config_key", run.name)
+                atomic_write_text(out, df.to_csv(index=False))
+                with open(run / f"timings-rank{rank}.csv", "a") as f:
+                    f.write(f"{c},{len(r)},{secs:.4f}\n")
+            done += 1
+            if fail_after is not None and done >= fail_after:
+                raise KeyboardInterrupt(f"fault injected after {done} chunks")
+        todo, wait = busy, True
+    bar.close()
     return done
 
 

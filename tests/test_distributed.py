@@ -107,14 +107,21 @@ run = R.open_run({"x": "shared"}, Path(sys.argv[1]))
 def fn(r):
     with open(Path(sys.argv[1]) / "calls.txt", "a") as f:
         f.write(f"{sys.argv[2]} {r.start}\\n")
-    time.sleep(0.8)
+    # the first chunk of each process waits until the other process computes a chunk too (at most 20 s): with
+    # locks that make a process queue behind the other one instead of moving on, it waits in vain
+    (Path(sys.argv[1]) / f"in-{sys.argv[2]}").touch()
+    t = time.time()
+    while len(list(Path(sys.argv[1]).glob("in-*"))) < 2 and time.time() - t < 20:
+        time.sleep(0.05)
+    time.sleep(0.3)
     return pd.DataFrame({"id": list(r), "pred": [int(sys.argv[2])] * len(r)})
 print(R.compute(run, 8, 2, fn, progress=False))
 """
 
 
 def test_notebooks_side_by_side_compute_each_chunk_of_a_shared_run_once(tmp_path):
-    """Two processes that need the same run at once split its chunks: none is computed twice, the merge is whole."""
+    """Two processes that need the same run at once share its chunks: each computes some, none is computed twice, the
+    merge is whole."""
     procs = [subprocess.Popen([sys.executable, "-c", _SIDE_BY_SIDE, str(tmp_path), str(k)], cwd=ROOT,
                               stdout=subprocess.PIPE, text=True) for k in (1, 2)]
     computed = [int(p.communicate(timeout=60)[0].split()[-1]) for p in procs]
@@ -122,6 +129,7 @@ def test_notebooks_side_by_side_compute_each_chunk_of_a_shared_run_once(tmp_path
     calls = (tmp_path / "calls.txt").read_text().split("\n")[:-1]
     starts = sorted(int(c.split()[1]) for c in calls)
     assert starts == [0, 2, 4, 6] and sum(computed) == 4  # each of the 4 chunks exactly once
+    assert min(computed) >= 1  # and the work is split: a process passes over the chunk the other one holds
     run = R.open_run({"x": "shared"}, tmp_path)
     assert R.merge(run, 8, 2, ids=list(range(8)))["id"].tolist() == list(range(8))
     # a lock is released when its holder dies, however it dies
@@ -131,6 +139,10 @@ def test_notebooks_side_by_side_compute_each_chunk_of_a_shared_run_once(tmp_path
                                "results as R\nwith R.exclusive('held', Path(sys.argv[1])):\n print('in', flush=True); "
                                "time.sleep(60)", str(tmp_path)], cwd=ROOT, stdout=subprocess.PIPE, text=True)
     assert killed.stdout.readline().strip() == "in"
+    with R.exclusive("held", tmp_path, wait=False) as held:
+        assert held is False  # held by the other process: not waited for
     killed.kill(); killed.wait()
+    with R.exclusive("held", tmp_path, wait=False) as held:
+        assert held is True
     with R.exclusive("held", tmp_path):
         pass

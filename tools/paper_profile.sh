@@ -4,7 +4,8 @@
 # notebooks go to build/paper/DATASET/ so that a partial run never overwrites the committed quick figures.
 # When every notebook has run once, `make figures PROFILE=paper` re-renders figures/ from the cache.
 # Usage: nohup bash tools/paper_profile.sh [NOTEBOOK ...] >> data/runs/logs/paper.log 2>&1 &
-#        (DATASET=imagenette or DATASET=cifar10: that data set only; default both)
+#        (DATASET=imagenette or DATASET=cifar10: that data set only; default both; JOB=NAME: output folder
+#        build/paper/NAME, for a second job on one data set)
 # Hours to days on a 2-core CPU; never run in CI.
 # The body is one function, read whole before it runs, so that editing this file never changes a running job.
 set -euo pipefail
@@ -15,8 +16,9 @@ main() {
   # so that training jobs elsewhere keep the cores.
   lower() { for k in $(pgrep -P "$1"); do { echo "${NICE:-19}" > "/proc/$k/autogroup"; } 2>/dev/null || true; done; }
   local PY=.venv/bin/python
-  # one folder per DATASET, so that a CIFAR-10 and an Imagenette job can run side by side
-  local out=build/paper/${DATASET:-all}
+  # one folder per job (JOB, default DATASET), so that jobs can run side by side; two jobs on one data set share the
+  # work of every cached run, chunk by chunk
+  local out=build/paper/${JOB:-${DATASET:-all}}
   export OMP_NUM_THREADS=${THREADS:-1} SCALECERT_FIG_DIR=$PWD/$out/figures
   local order=(05_certification 06_topk_rate 08_layer_selection 02_sin_localization 03_prediction_stability
          04_adaptive_attack 09_empirical_recovery 10_soundness_audit 11_window_family 07_window_merging 01_models 00_data)
