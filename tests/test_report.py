@@ -59,3 +59,15 @@ def test_ours_vs_paper_figure_draws_one_paper_line_per_paper_row_set():
     assert sorted(lines) == ["A (ours)", "A (paper mode) (ours)", "A (paper's)", "B (ours)"]
     assert list(lines["A (paper's)"].get_ydata()) == [61, 56]  # once, not once per mode
     assert lines["A (paper's)"].get_color() == lines["A (ours)"].get_color()
+
+
+def test_report_names_the_folder_it_reads(tmp_path, monkeypatch, capsys):
+    """The header says which tables the report is from: figures/ itself, a paper-profile subfolder, or elsewhere."""
+    from scalecert import report
+    monkeypatch.setattr(report, "FIG_DIR", tmp_path / "project" / "figures")
+    sub, outside = report.FIG_DIR / "paper" / "imagenette", tmp_path / "elsewhere"
+    for folder, shown in ((report.FIG_DIR, "`figures/`"), (sub, "`figures/paper/imagenette/`"),
+                          (outside, f"`{outside}`")):
+        folder.mkdir(parents=True)
+        report.main(["--profile", "paper", "--fig-dir", str(folder)])
+        assert shown in capsys.readouterr().out.splitlines()[2]
