@@ -2,7 +2,8 @@
 # Run the paper profile in the background, one notebook at a time, most important tables first.
 # Results go to the committed cache (data/cache/, resumable chunk by chunk); figures and executed
 # notebooks go to build/paper/DATASET/ so that a partial run never overwrites the committed quick figures.
-# When every notebook has run once, `make figures PROFILE=paper` re-renders figures/ from the cache.
+# With DATASET set, each finished notebook's tables and plots are copied to figures/paper/DATASET/ (committed, with
+# its REPORT.md). When every notebook has run once, `make figures PROFILE=paper` re-renders figures/ from the cache.
 # Usage: nohup bash tools/paper_profile.sh [NOTEBOOK ...] >> data/runs/logs/paper.log 2>&1 &
 #        (DATASET=imagenette or DATASET=cifar10: that data set only; default both; JOB=NAME: output folder
 #        build/paper/NAME, for a second job on one data set)
@@ -35,6 +36,14 @@ main() {
     while kill -0 "$pm" 2>/dev/null; do lower "$pm"; sleep 10; done
     wait "$pm" || { rc=$?; echo "$(date -u +%FT%TZ) FAILED $nb (exit $rc); the notebooks after it did not run" >&2; exit $rc; }
     echo "$(date -u +%FT%TZ) done $nb in $(( $(date +%s) - start )) s"
+    # a finished notebook's tables and plots of one data set go to the committed figures/paper/DATASET/ (build/ is
+    # not committed), with that folder's report; commit them with the cache
+    if [[ -n ${DATASET:-} ]] && compgen -G "$SCALECERT_FIG_DIR/${nb}*" >/dev/null; then
+      mkdir -p "figures/paper/$DATASET"
+      cp "$SCALECERT_FIG_DIR/$nb"* "figures/paper/$DATASET/"
+      $PY -m scalecert.report --profile paper --fig-dir "figures/paper/$DATASET" > "figures/paper/$DATASET/.REPORT.md.tmp" \
+        && mv "figures/paper/$DATASET/.REPORT.md.tmp" "figures/paper/$DATASET/REPORT.md"
+    fi
   done
 }
 main "$@"; exit
