@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Run the paper profile in the background, one notebook at a time, most important tables first.
 # Results go to the committed cache (data/cache/, resumable chunk by chunk); figures and executed
-# notebooks go to build/paper/DATASET/ so that a partial run never overwrites the committed quick figures.
+# notebooks go to build/paper/JOB/ (JOB defaults to DATASET) so that a partial run never overwrites the committed quick figures.
 # With DATASET set, each finished notebook's tables and plots are copied to figures/paper/DATASET/ (committed, with
 # its REPORT.md). When every notebook has run once, `make figures PROFILE=paper` re-renders figures/ from the cache.
 # Usage: nohup bash tools/paper_profile.sh [NOTEBOOK ...] >> data/runs/logs/paper.log 2>&1 &
