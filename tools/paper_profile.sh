@@ -36,11 +36,11 @@ main() {
     while kill -0 "$pm" 2>/dev/null; do lower "$pm"; sleep 10; done
     wait "$pm" || { rc=$?; echo "$(date -u +%FT%TZ) FAILED $nb (exit $rc); the notebooks after it did not run" >&2; exit $rc; }
     echo "$(date -u +%FT%TZ) done $nb in $(( $(date +%s) - start )) s"
-    # a finished notebook's tables and plots of one data set go to the committed figures/paper/DATASET/ (build/ is
+    # a finished notebook's tables and plots (every file named after its number, NN_*) of one data set go to the committed figures/paper/DATASET/ (build/ is
     # not committed), with that folder's report; commit them with the cache
-    if [[ -n ${DATASET:-} ]] && compgen -G "$SCALECERT_FIG_DIR/${nb}*" >/dev/null; then
+    if [[ -n ${DATASET:-} ]] && compgen -G "$SCALECERT_FIG_DIR/${nb%%_*}_*" >/dev/null; then
       mkdir -p "figures/paper/$DATASET"
-      cp "$SCALECERT_FIG_DIR/$nb"* "figures/paper/$DATASET/"
+      cp "$SCALECERT_FIG_DIR/${nb%%_*}_"* "figures/paper/$DATASET/"
       $PY -m scalecert.report --profile paper --fig-dir "figures/paper/$DATASET" > "figures/paper/$DATASET/.REPORT.md.tmp" \
         && mv "figures/paper/$DATASET/.REPORT.md.tmp" "figures/paper/$DATASET/REPORT.md"
     fi
