@@ -41,8 +41,8 @@ main() {
     if [[ -n ${DATASET:-} ]] && compgen -G "$SCALECERT_FIG_DIR/${nb%%_*}_*" >/dev/null; then
       mkdir -p "figures/paper/$DATASET"
       cp "$SCALECERT_FIG_DIR/${nb%%_*}_"* "figures/paper/$DATASET/"
-      $PY -m scalecert.report --profile paper --fig-dir "figures/paper/$DATASET" > "figures/paper/$DATASET/.REPORT.md.tmp" \
-        && mv "figures/paper/$DATASET/.REPORT.md.tmp" "figures/paper/$DATASET/REPORT.md"
+      $PY -m scalecert.report --profile paper --fig-dir "figures/paper/$DATASET" > "figures/paper/$DATASET/.REPORT.md.$$.tmp" \
+        && mv "figures/paper/$DATASET/.REPORT.md.$$.tmp" "figures/paper/$DATASET/REPORT.md"
     fi
   done
 }
