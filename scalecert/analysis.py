@@ -91,6 +91,34 @@ def sin_statistics(model, images: torch.Tensor, n: int | None = None, bandwidth:
     return pd.DataFrame(rows), pd.DataFrame(crow)
 
 
+# Fig. 1c's three statistics: the images they count and the test on an image's cluster count
+FIG1C = {"patched images with exactly one cluster (%)": ("patched", lambda k: k == 1),
+         "patched images with fewer than two clusters (%)": ("patched", lambda k: k < 2),
+         "benign images with more than three clusters (%)": ("benign", lambda k: k > 3)}
+
+
+def significant_cluster_counts(clusters: pd.DataFrame, min_share: float = 0.0) -> pd.Series:
+    """Return per (kind, image) the number of clusters holding at least ``min_share`` % of that image's top-n SINs.
+
+    ``clusters`` is ``sin_statistics``' per-cluster table (every image has at least one row); an image whose
+    clusters are all smaller than the share counts 0. With ``min_share`` 0 this is ``n_clusters``."""
+    n = clusters.groupby(["kind", "image"])["size"].transform("sum")
+    keep = clusters["size"] >= min_share / 100 * n
+    return keep.groupby([clusters["kind"], clusters["image"]]).sum().astype(int).rename("n_clusters")
+
+
+def fig1c_statistics(counts: pd.Series) -> dict:
+    """Return Fig. 1c's three shares (%) of images from cluster counts per (kind, image)."""
+    return {stat: round(100 * float(test(counts.xs(kind)).mean()), 1) for stat, (kind, test) in FIG1C.items()}
+
+
+def cluster_count_sensitivity(clusters: pd.DataFrame, shares=(0, 2.5, 5, 10, 20)) -> pd.DataFrame:
+    """Return Fig. 1c's statistics (long form: min_share_pct, statistic, ours) when only the clusters holding at
+    least each share of an image's top-n SINs count. The paper does not say how small a cluster it counted."""
+    return pd.DataFrame([{"min_share_pct": s, "statistic": stat, "ours": v}
+                         for s in shares for stat, v in fig1c_statistics(significant_cluster_counts(clusters, s)).items()])
+
+
 @torch.no_grad()
 def predict_without(model, images: torch.Tensor, boxes) -> torch.Tensor:
     """Return predictions with each image's feature box (r0, c0, r1, c1) removed from the SIN ranking."""

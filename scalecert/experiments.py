@@ -46,6 +46,13 @@ def paper_figure(item: str) -> float:
     return float(df.loc[item, "value"])
 
 
+def fig1c_paper() -> dict:
+    """Return the paper's Fig. 1c shares (%), keyed by the statistic names of ``analysis.FIG1C``."""
+    from .analysis import FIG1C
+    items = ("fig1c_patched_one_cluster_pct", "fig1c_patched_lt2_clusters_pct", "fig1c_benign_gt3_clusters_pct")
+    return {stat: paper_figure(item) for stat, item in zip(FIG1C, items)}
+
+
 def paper_table(name: str, dataset: str | None = None) -> pd.DataFrame:
     """Return one of the paper's tables (data/paper/NAME.csv), optionally the rows of a data set's paper counterpart."""
     df = pd.read_csv(PAPER_DIR / f"{name}.csv")
@@ -110,6 +117,11 @@ def summarise(df: pd.DataFrame, **labels) -> dict:
             "candidates": round(float(df.n_candidates.mean()), 1), "windows": int(df.n_windows.iloc[0]),
             "forwards_per_image": round(1 + float(df.n_evaluated.mean()), 1),
             "seconds_per_image": round(df.attrs.get("seconds_per_image", float("nan")), 4)}
+
+
+def model_accuracy(df: pd.DataFrame) -> float:
+    """Return the plain model's top-1 accuracy (%) on a certification run's images (its unoccluded ``pred``)."""
+    return round(100 * float((df.pred == df.label).mean()), 1)
 
 
 def cached_universal_patch(dataset: str, checkpoint: str, patch_pct: float, target: int, *, steps: int,

@@ -152,3 +152,39 @@ def test_in_patch_share_counts_the_top_sins_inside_the_patch_footprint():
         inside = sum(i0 <= r <= i1 and j0 <= c <= j1 for r, c in pts[i])
         assert per.in_patch_share[i] == inside / len(pts[i])
     assert "in_patch_share" not in A.sin_statistics(m, x)[0]
+
+
+def test_significant_cluster_counts_hand_computed():
+    # one patched image (200 SINs: 160, 20, 10, 10) and one benign image (5 clusters of 40)
+    cl = pd.DataFrame({"kind": ["patched"] * 4 + ["benign"] * 5, "image": [0] * 9,
+                       "size": [160, 20, 10, 10, 40, 40, 40, 40, 40]})
+    c = A.significant_cluster_counts
+    assert c(cl, 0).to_dict() == {("benign", 0): 5, ("patched", 0): 4}
+    assert c(cl, 5)["patched", 0] == 4  # 10 of 200 is 5%: the boundary counts
+    assert c(cl, 6)["patched", 0] == 2
+    assert c(cl, 20)["benign", 0] == 5 and c(cl, 21)["benign", 0] == 0
+    assert c(cl, 80)["patched", 0] == 1 and c(cl, 81)["patched", 0] == 0
+
+
+def test_fig1c_statistics_hand_computed():
+    counts = pd.Series([1, 1, 0, 3, 4, 5, 2, 7],
+                       index=pd.MultiIndex.from_product([["patched", "benign"], range(4)], names=["kind", "image"]))
+    assert A.fig1c_statistics(counts) == {"patched images with exactly one cluster (%)": 50.0,
+                                          "patched images with fewer than two clusters (%)": 75.0,
+                                          "benign images with more than three clusters (%)": 75.0}
+
+
+def test_cluster_count_sensitivity_starts_at_every_cluster_and_never_rises_for_the_benign_count():
+    m = spread_model()
+    x = calibration_images(8, 32, 4)
+    per = pd.concat([A.sin_statistics(m, x, kind=k, n_jobs=1)[0] for k in ("benign", "patched")])
+    cl = pd.concat([A.sin_statistics(m, x, kind=k, n_jobs=1)[1] for k in ("benign", "patched")])
+    counts = A.significant_cluster_counts(cl, 0)
+    assert counts.to_dict() == per.set_index(["kind", "image"]).n_clusters.to_dict()
+    s = A.cluster_count_sensitivity(cl, shares=(0, 5, 10, 50))
+    assert list(s.min_share_pct.unique()) == [0, 5, 10, 50] and len(s) == 4 * len(A.FIG1C)
+    first = s[s.min_share_pct == 0].set_index("statistic").ours.to_dict()
+    assert first == A.fig1c_statistics(counts)
+    gt3 = s[s.statistic == "benign images with more than three clusters (%)"].ours
+    assert gt3.is_monotonic_decreasing
+    assert (A.significant_cluster_counts(cl, 50) <= 1).all()  # at most one cluster can hold half the SINs or more

@@ -307,3 +307,16 @@ def test_paper_plan_prices_the_whole_split_counterpart_of_every_subset_run(cache
     assert cli.cache(["--dir", str(cache), "--plan"]) == 0
     out = capsys.readouterr().out
     assert '{"configurations": 5, "left": 4, "cpu_hours_left": 14.5}' in out  # 1 + 1.5 + 12 + 0 + 0
+
+
+def test_model_accuracy_of_a_run_is_the_plain_models_accuracy(setup):
+    model, x, y, ids, *_ = setup
+    recs = pd.DataFrame(Engine(model, 32, patch_pixels(2.4, 32)).run(x, y, early_stop=True, ids=ids))
+    with torch.no_grad():
+        want = round(100 * (model(x).argmax(1) == y).float().mean().item(), 1)
+    assert E.model_accuracy(recs) == want
+    assert E.model_accuracy(pd.DataFrame({"pred": [1, 2, 3, 4], "label": [1, 2, 0, 0]})) == 50.0
+
+
+def test_fig1c_paper_numbers_are_keyed_by_the_statistics_of_the_analysis():
+    assert E.fig1c_paper() == dict(zip(A.FIG1C, (75.0, 99.0, 75.0)))

@@ -4,7 +4,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=.venv/bin/python
 T="--threads ${THREADS:-1}"
-for spec in "1 10" "1 20" "2 10" "3 10"; do
+for spec in "1 10" "1 15" "1 20" "2 10" "3 10"; do
   set -- $spec
   $PY -m scalecert train --name imagenette_resnet18w16_sin$1_r$2 --dataset imagenette \
     --init imagenette_resnet18w16_vanilla --sin-layer $1 --sin-rate 0.$2 --occlude 1,2,3 --occlude-tau 0.3 \
