@@ -1,10 +1,10 @@
-"""Command line: python -m scalecert {train,recalibrate,certify,bench,audit,data,models,cache}."""
+"""Command line: python -m scalecert {train,recalibrate,remeasure,certify,bench,audit,data,models,cache}."""
 import sys
 
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    cmds = ("train", "recalibrate", "certify", "bench", "audit", "data", "models", "cache")
+    cmds = ("train", "recalibrate", "remeasure", "certify", "bench", "audit", "data", "models", "cache")
     if not argv or argv[0] not in cmds:
         print(f"usage: python -m scalecert {{{','.join(cmds)}}} [options]  (-h after a command for help)")
         return 0 if argv and argv[0] in ("-h", "--help") else 2
@@ -13,6 +13,8 @@ def main(argv=None) -> int:
         from .train import main as run
     elif cmd == "recalibrate":
         from .train import recalibrate_main as run
+    elif cmd == "remeasure":
+        from .train import remeasure_main as run
     elif cmd == "data":
         from .data import main as run
     else:

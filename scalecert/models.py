@@ -217,22 +217,45 @@ def rest_channels_last(model: SplitNet) -> SplitNet:
 CHECKPOINT_DIR = Path(__file__).resolve().parent.parent / "data" / "checkpoints"
 
 
+@torch.no_grad()
+def round_to_storage(model: nn.Module) -> nn.Module:
+    """Return the model, its floating weights and buffers rounded in place to the fp16 values
+    :func:`save_checkpoint` stores, so that what a trainer measures before saving is what ships.
+
+    Rounding twice changes nothing, so saving a rounded model stores exactly the weights it was measured with."""
+    for t in list(model.parameters()) + list(model.buffers()):
+        if t.is_floating_point():
+            t.copy_(t.half())
+    return model
+
+
 def save_checkpoint(model: SplitNet, path: Path, card: dict, half: bool = True) -> dict:
-    """Write model weights (fp16 by default) and a JSON card with their sha256; return the card."""
+    """Write model weights (fp16 by default) and a JSON card with their sha256; return the card.
+
+    Trainers call :func:`round_to_storage` before their final measurement, so the card describes these weights."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: (v.half() if half and v.is_floating_point() else v).cpu() for k, v in model.state_dict().items()}
+    bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise ValueError(f"weights not finite{' in fp16 (beyond ±65504?)' if half else ''}: {bad[:5]}; "
+                         "nothing written" + ("; save with half=False to keep them in fp32" if half else ""))
     buf = io.BytesIO()
     torch.save({"arch": model.arch, "num_classes": model.num_classes, "sin_layer": model.sin_layer,
                 "sin_rate": model.sin_rate, "state": state}, buf)
     data = buf.getvalue()
-    card = {k: v for k, v in card.items() if k != "path"}  # where the loader found it: not part of the card
     card = dict(card, arch=model.arch, num_classes=model.num_classes, sin_layer=model.sin_layer,
                 sin_rate=model.sin_rate, sha256=hashlib.sha256(data).hexdigest(), bytes=len(data))
     tmp = path.with_suffix(".pt.tmp")
     tmp.write_bytes(data)
     tmp.replace(path)
-    card_path = path.with_suffix(".json")
+    return write_card(path, card)
+
+
+def write_card(path: Path, card: dict) -> dict:
+    """Write a checkpoint's JSON card beside its .pt (atomically, without the loader's ``path``); return the card."""
+    card = {k: v for k, v in card.items() if k != "path"}  # where the loader found it: not part of the card
+    card_path = Path(path).with_suffix(".json")
     card_path.with_suffix(".json.tmp").write_text(json.dumps(card, indent=2, sort_keys=True) + "\n")
     card_path.with_suffix(".json.tmp").replace(card_path)
     return card
@@ -255,7 +278,8 @@ def read_checkpoint(name_or_path, check_hash: bool = True) -> tuple[dict, dict, 
 
     ``blob`` is the saved dict with its "state" in float32 (floating tensors only); ``card`` is the JSON
     card beside the file ({} if none) with "sha256" set to the file's actual digest. A file whose
-    digest differs from its card's, or with no card, raises ValueError unless ``check_hash`` is False.
+    digest differs from its card's, or with no card, raises ValueError unless ``check_hash`` is False; so does a
+    file with non-finite weights.
     """
     path = resolve_checkpoint(name_or_path)
     data = path.read_bytes()
@@ -271,6 +295,9 @@ def read_checkpoint(name_or_path, check_hash: bool = True) -> tuple[dict, dict, 
                              f"{str(card['sha256'])[:12]}…); the file was altered or the card is stale")
     blob = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     blob = dict(blob, state={k: v.float() if v.is_floating_point() else v for k, v in blob["state"].items()})
+    bad = [k for k, v in blob["state"].items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise ValueError(f"{path}: non-finite weights in {bad[:3]} (diverged training or fp16 overflow)")
     return blob, dict(card, sha256=digest), path
 
 

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from . import data as D
 from .geometry import footprint, rect_masks
-from .models import CHECKPOINT_DIR, build, load_model, save_checkpoint
+from .models import CHECKPOINT_DIR, build, load_model, resolve_checkpoint, round_to_storage, save_checkpoint, write_card
 from .runstate import Interrupted, ResumableRun
 from .windows import patch_pixels, window_side
 
@@ -131,7 +131,6 @@ def recalibrate_main(argv=None) -> int:
         raise SystemExit(f"error: --images must be >= 1, got {a.images}")
     if a.threads:
         torch.set_num_threads(a.threads)
-    from .models import resolve_checkpoint
     path = resolve_checkpoint(a.name)
     model = load_model(path, device=a.device)
     card = dict(model.card)
@@ -145,13 +144,59 @@ def recalibrate_main(argv=None) -> int:
     t = time.perf_counter()
     used = recalibrate_bn(model, train_ds, a.images, a.batch_size, a.seed, a.device)
     before = {k: card.get(k) for k in ("accuracy_with_sin", "accuracy_without_sin", "sha256")}
+    round_to_storage(model)
     card["accuracy_with_sin"] = evaluate(model, test_ds, device=a.device) if model.sin is not None else None
     card["accuracy_without_sin"] = evaluate(model, test_ds, device=a.device, sin=False)
+    card["accuracy_measured_on"] = MEASURED_ON
     card["bn_recalibration"] = {**settings, "images_used": used, "before": before,
                                 "seconds": round(time.perf_counter() - t, 1),
                                 "command": "python -m scalecert recalibrate " + shlex.join(list(argv or sys.argv[1:]))}
     card = save_checkpoint(model, path, card)
     print(json.dumps({k: card[k] for k in ("name", "accuracy_with_sin", "accuracy_without_sin")} | {"before": before}))
+    return 0
+
+
+#: what a card's accuracies were measured on since session 21 (before, the fp32 weights the fp16 checkpoint rounds)
+MEASURED_ON = "stored weights"
+
+
+def remeasure(name_or_path, device="cpu", force: bool = False) -> dict | None:
+    """Return a ScaleCert checkpoint's card after re-measuring its whole-split accuracies (with and without its SIN
+    layer) on the stored weights and rewriting the card, the numbers before kept; None if already measured so."""
+    path = resolve_checkpoint(name_or_path)
+    model = load_model(path, device=device)
+    card = dict(model.card)
+    if card.get("accuracy_measured_on") == MEASURED_ON and not force:
+        return None
+    test_ds = D.load_dataset(card["dataset_key"], "eval")
+    keys = ("accuracy_with_sin", "accuracy_without_sin")
+    before = {k: card.get(k) for k in keys}
+    card["accuracy_with_sin"] = evaluate(model, test_ds, device=device) if model.sin is not None else None
+    card["accuracy_without_sin"] = evaluate(model, test_ds, device=device, sin=False)
+    if card.get("accuracy_measured_on") != MEASURED_ON:
+        card["accuracy_before_remeasure"] = dict(before, measured_on="the fp32 weights before their fp16 storage")
+    card["accuracy_measured_on"] = MEASURED_ON
+    return write_card(path, card)
+
+
+def remeasure_main(argv=None) -> int:
+    """``python -m scalecert remeasure NAME...``: re-measure shipped ScaleCert checkpoints' accuracies on their stored
+    weights and rewrite their cards (earlier cards measured the fp32 weights before the fp16 rounding)."""
+    p = argparse.ArgumentParser(prog="python -m scalecert remeasure", description=remeasure_main.__doc__)
+    p.add_argument("names", nargs="+", help="checkpoint names or .pt paths")
+    p.add_argument("--force", action="store_true", help="re-measure cards already measured on the stored weights")
+    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--device", default="cpu")
+    a = p.parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    for name in a.names:
+        card = remeasure(name, a.device, a.force)
+        if card is None:
+            print(f"{name}: already measured on the stored weights (--force to redo)", file=sys.stderr)
+            continue
+        print(json.dumps({k: card.get(k) for k in ("name", "accuracy_with_sin", "accuracy_without_sin",
+                                                   "accuracy_before_remeasure")}), flush=True)
     return 0
 
 
@@ -288,6 +333,7 @@ def train(a: argparse.Namespace, argv_text: str = "") -> dict:
         print(f"{stop} (state saved)", file=sys.stderr)
         return None
     elapsed = run.elapsed + (partial["seconds"] if a.snapshot and partial else 0.0)
+    round_to_storage(model)  # measure the weights that ship, not their fp32 originals
     acc_sin = evaluate(model, test_ds, device=a.device)
     acc_plain = evaluate(model, test_ds, device=a.device, sin=False)
     finished = start if a.snapshot else a.epochs
@@ -300,7 +346,7 @@ def train(a: argparse.Namespace, argv_text: str = "") -> dict:
             "consistency": a.consistency, "occlude_worst_of": a.occlude_worst_of, "lr": a.lr, "batch_size": a.batch_size,
             "eval_split": test_ds.split, "eval_images": len(test_ds),
             "accuracy_with_sin": acc_sin if model.sin is not None else None,
-            "accuracy_without_sin": acc_plain, "train_seconds": round(elapsed, 1),
+            "accuracy_without_sin": acc_plain, "accuracy_measured_on": MEASURED_ON, "train_seconds": round(elapsed, 1),
             "command": argv_text or "python -m scalecert train " + " ".join(sys.argv[1:]),
             "log": str((run_dir / "log.jsonl").relative_to(RUNS_DIR.parent.parent))}
     card = save_checkpoint(model, Path(a.out_dir) / f"{a.name}.pt", card)

@@ -7,7 +7,7 @@ import torchvision
 
 from scalecert import data as D
 from scalecert.models import (ARCHS, CHECKPOINT_DIR, build, from_torchvision_state, load_model, rest_channels_last,
-                              save_checkpoint)
+                              round_to_storage, save_checkpoint)
 from scalecert.train import augment, evaluate, random_window_exclude, worst_window_exclude
 
 
@@ -30,6 +30,65 @@ def test_fp16_roundtrip_keeps_predictions(tmp_path):
     x = torch.rand(8, 3, 32, 32)
     with torch.no_grad():
         assert torch.allclose(m(x), load_model(tmp_path / "m.pt")(x), atol=2e-2)
+
+
+def test_a_model_rounded_to_storage_is_exactly_the_model_that_loads(tmp_path):
+    from conftest import randomise_bn
+    torch.manual_seed(0)
+    m = rest_channels_last(randomise_bn(build("resnet20", 10, 1, 0.2)).eval())
+    x = torch.rand(16, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        fp32 = m(x)
+        save_checkpoint(m, tmp_path / "raw.pt", {})
+        assert not torch.equal(fp32, load_model(tmp_path / "raw.pt")(x))  # what cards measured before session 21
+        round_to_storage(m)
+        save_checkpoint(m, tmp_path / "m.pt", {})
+        loaded = load_model(tmp_path / "m.pt")
+        assert torch.isfinite(fp32).all() and torch.equal(m(x), loaded(x))
+        state = loaded.state_dict()
+        assert all(torch.equal(v, state[k]) for k, v in m.state_dict().items())
+    # rounding again changes nothing, so the sha256 of what ships does not depend on how often it was rounded
+    assert save_checkpoint(round_to_storage(m), tmp_path / "again.pt", {})["sha256"] == \
+        json.loads((tmp_path / "m.json").read_text())["sha256"]
+
+
+def test_a_checkpoint_with_non_finite_weights_is_refused_by_every_loader(tmp_path):
+    import hashlib
+    import io
+    m = build("resnet20", 10, 1, 0.1)
+    state = m.state_dict()
+    state["head.2.weight"][0, 0] = float("inf")  # as an older save_checkpoint could have written after fp16 overflow
+    buf = io.BytesIO()
+    torch.save({"arch": "resnet20", "num_classes": 10, "sin_layer": 1, "sin_rate": 0.1, "state": state}, buf)
+    (tmp_path / "m.pt").write_bytes(buf.getvalue())
+    (tmp_path / "m.json").write_text(json.dumps({"sha256": hashlib.sha256(buf.getvalue()).hexdigest()}))
+    with pytest.raises(ValueError, match="non-finite weights in \\['head.2.weight'\\]"):
+        load_model(tmp_path / "m.pt")
+    with pytest.raises(ValueError, match="not finite"):  # and nothing writes one any more
+        save_checkpoint(m, tmp_path / "m.pt", {}, half=False)
+
+
+def test_remeasure_rewrites_the_card_with_the_stored_weights_accuracy(tmp_path, monkeypatch):
+    from conftest import randomise_bn
+
+    from scalecert import train
+    ds = D.load_dataset("cifar10", "test")
+    small = D.ImageSet(ds.images[ds.subset(5)], ds.labels[ds.subset(5)], ds.classes, "cifar10", "test")
+    monkeypatch.setattr(D, "load_dataset", lambda name, split: small)
+    card = {"name": "m", "dataset_key": "cifar10", "accuracy_with_sin": -1.0, "accuracy_without_sin": -2.0}
+    torch.manual_seed(0)
+    save_checkpoint(randomise_bn(build("resnet20", 10, 1, 0.2)), tmp_path / "m.pt", card)
+    new = train.remeasure(tmp_path / "m.pt")
+    stored = load_model(tmp_path / "m.pt")
+    assert new["accuracy_with_sin"] == evaluate(stored, small)
+    assert new["accuracy_without_sin"] == evaluate(stored, small, sin=False)
+    assert new["accuracy_before_remeasure"]["accuracy_with_sin"] == -1.0
+    assert new["accuracy_measured_on"] == train.MEASURED_ON
+    assert json.loads((tmp_path / "m.json").read_text()) == new
+    assert train.remeasure(tmp_path / "m.pt") is None  # already measured on the stored weights
+    again = train.remeasure(tmp_path / "m.pt", force=True)
+    assert again["accuracy_before_remeasure"]["accuracy_with_sin"] == -1.0  # the fp32-era numbers are kept
+    load_model(tmp_path / "m.pt")  # the card still matches the weights' sha256
 
 
 @pytest.mark.parametrize("arch,n,layer", [("resnet20", 32, 1), ("resnet20", 32, 2), ("resnet18w16", 64, 1)])

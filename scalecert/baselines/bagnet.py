@@ -39,8 +39,8 @@ learning rate, random-crop (reflect padding) + flip augmentation from :mod:`scal
 State is saved after every epoch under ``data/runs/NAME/`` (``state.pt``, ``log.jsonl``) and an
 interrupted run resumes; the result is an fp16 checkpoint ``data/checkpoints/NAME.pt`` with a JSON
 card holding its sha256 (written by :func:`scalecert.models.save_checkpoint`), which
-:func:`load_bagnet` checks (it also refuses non-finite weights). The resumable-run bookkeeping is
-:func:`scalecert.runstate.resume_run` and :func:`scalecert.runstate.end_epoch` (shared with the other peers).
+:func:`load_bagnet` checks (through :func:`scalecert.models.read_checkpoint`, which also refuses non-finite
+weights). The resumable-run bookkeeping is :func:`scalecert.runstate.resume_run` and :func:`scalecert.runstate.end_epoch` (shared with the other peers).
 
 Simplifications (say so beside any number made with this module)
 -----------------------------------------------------------------
@@ -67,7 +67,7 @@ from torch import nn
 
 from ..geometry import Geometry, units_geometry
 from ..models import CHECKPOINT_DIR, CIFAR_MEAN, CIFAR_STD, IMAGENET_MEAN, IMAGENET_STD, Normalize
-from ..models import read_checkpoint, save_checkpoint
+from ..models import read_checkpoint, round_to_storage, save_checkpoint
 from ..runstate import ResumableRun, finished_card, prepare
 
 #: name -> (stem (width, kernel, stride), stages as (blocks, out channels, stride, blocks with a 3x3), mean, std)
@@ -171,12 +171,8 @@ def bagnet(arch: str = "bagnet11_cifar", num_classes: int = 10) -> BagNet:
 def load_bagnet(name_or_path, device="cpu") -> BagNet:
     """Return a BagNet (eval mode) from a checkpoint name or .pt path after checking the sha256 on its card."""
     blob, card, path = read_checkpoint(name_or_path)
-    state = blob["state"]
-    bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
-    if bad:
-        raise ValueError(f"{path}: non-finite weights in {bad[:3]} (diverged training or fp16 overflow)")
     model = BagNet(blob["arch"], blob["num_classes"])
-    model.load_state_dict(state)
+    model.load_state_dict(blob["state"])
     model.card = dict(card, path=str(path))
     return model.to(device).eval()
 
@@ -237,7 +233,7 @@ def train_bagnet(name: str, dataset: str = "cifar10", arch: str | None = None, e
                        "test_acc": evaluate(model, eval_set, eval_idx, device=device), "lr": sched.get_last_lr()[0],
                        "seconds": round(dt, 1)}, seconds=dt)
     elapsed = run.elapsed
-    model.eval()
+    round_to_storage(model.eval())  # measure the weights that ship
     geo = model.geometry()
     root = D.PROJECT_ROOT.resolve()
     card = {"name": name, "model": "BagNet", **config, "status": "final" if not max_train else

@@ -76,7 +76,7 @@ from torch import nn
 from ..audit import patch_positions
 from ..defense import check_images, check_labels, default_chunk
 from ..geometry import rect_masks
-from ..models import CHECKPOINT_DIR, CIFAR_MEAN, CIFAR_STD, Normalize, read_checkpoint, save_checkpoint
+from ..models import CHECKPOINT_DIR, CIFAR_MEAN, CIFAR_STD, Normalize, read_checkpoint, round_to_storage, save_checkpoint
 from ..runstate import ResumableRun, finished_card, prepare
 from ..windows import patch_pixels
 from . import batch_ids, records_frame
@@ -474,7 +474,7 @@ def train_ibp(name: str, patch=2.4, epochs: int = 20, dataset: str = "cifar10", 
                "cert_images": cert_eval, "seconds": dt}
         run.end_epoch(rec, seconds=dt)
     elapsed = run.elapsed
-    model.eval()
+    round_to_storage(model.eval())  # measure the weights that ship
     cert_idx = _balanced(eval_set, final_cert, seed)[:final_cert] if final_cert else []
     t0 = time.time()
     cert = certified_accuracy(model, eval_set, cert_idx, patch, device=device) if len(cert_idx) else None

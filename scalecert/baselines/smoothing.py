@@ -111,7 +111,7 @@ from torch import nn
 
 from ..defense import check_images, check_labels, default_chunk
 from ..models import (CHECKPOINT_DIR, CIFAR_STD, IMAGENET_STD, Normalize, SplitNet, build, read_checkpoint,
-                      rest_channels_last, save_checkpoint)
+                      rest_channels_last, round_to_storage, save_checkpoint)
 from ..runstate import ResumableRun, finished_card, prepare
 from ..windows import patch_pixels
 from . import batch_ids, records_frame, summarise_records
@@ -658,7 +658,7 @@ def train_ds(name: str, dataset: str = "cifar10", arch: str | None = None, band:
                "lr": sched.get_last_lr()[0], "seconds": round(dt, 1)}
         run.end_epoch(rec, seconds=dt)
     elapsed = run.elapsed
-    model.eval()
+    round_to_storage(model.eval())  # measure the weights that ship
     cert_idx = _balanced(eval_set, final_cert, seed)[:final_cert] if final_cert else []
     t0 = time.time()
     smooth = smoothed_accuracy(model, eval_set, cert_idx, cert_patch, theta, device) if len(cert_idx) else {}
