@@ -297,9 +297,16 @@ def load_split(root: Path, split: str, size: int | None = None, cache: bool = Tr
     x, y, classes = _decode_tree(root, split, size)
     if cache:
         for path, arr in ((cache_x, x), (cache_y, y)):
-            tmp = path.with_suffix(".tmp.npy")
-            np.save(tmp, arr)
-            os.replace(tmp, path)
+            # a name of its own per writer: two processes decoding the same split at once (the background jobs,
+            # `make data` beside a CLI call) each finish with a whole file instead of losing each other's tmp
+            fd, tmp = tempfile.mkstemp(prefix=path.stem + ".", suffix=".tmp.npy", dir=root)
+            try:
+                with os.fdopen(fd, "wb") as f:
+                    np.save(f, arr)
+                os.replace(tmp, path)
+            except BaseException:
+                Path(tmp).unlink(missing_ok=True)
+                raise
     return x, y, classes
 
 

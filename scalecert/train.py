@@ -174,7 +174,8 @@ def remeasure(name_or_path, device="cpu", force: bool = False) -> dict | None:
     card["accuracy_with_sin"] = evaluate(model, test_ds, device=device) if model.sin is not None else None
     card["accuracy_without_sin"] = evaluate(model, test_ds, device=device, sin=False)
     if card.get("accuracy_measured_on") != MEASURED_ON:
-        card["accuracy_before_remeasure"] = dict(before, measured_on="the fp32 weights before their fp16 storage")
+        card["accuracy_before_remeasure"] = dict(before, measured_on="the fp32 weights before their fp16 storage",
+                                                 note="numbers quoted in the card's notes before the re-measurement")
     card["accuracy_measured_on"] = MEASURED_ON
     return write_card(path, card)
 

@@ -39,6 +39,26 @@ def test_both_cifar_formats_give_identical_tensors(tmp_path):
     assert a.classes == b.classes == D.CIFAR10_CLASSES
 
 
+def test_two_writers_of_the_split_cache_both_finish(tmp_path, monkeypatch):
+    # a second process decodes and caches the same split while the first is between its save and its rename
+    # (session 22: `cache --plan` beside `make data` lost its temp file to the other writer)
+    _, tree, imgs, labels = _write_cifar_both(tmp_path)
+    real_replace, nested = D.os.replace, {}
+
+    def replace_after_another_writer(src, dst):
+        if "started" not in nested:
+            nested["started"] = True
+            nested["x"] = D.load_split(tree, "test")[0]
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(D.os, "replace", replace_after_another_writer)
+    x, y, _ = D.load_split(tree, "test")
+    monkeypatch.setattr(D.os, "replace", real_replace)
+    cached_x, cached_y, _ = D.load_split(tree, "test")
+    assert np.array_equal(cached_x, x) and np.array_equal(cached_y, y) and np.array_equal(nested["x"], x)
+    assert sorted(p.name for p in tree.glob(".*")) == [".test-labels.npy", ".test-uint8.npy"]
+
+
 def test_class_index_is_sorted_folder_name(tmp_path):
     for cls in ("zebra", "apple", "mango"):
         d = tmp_path / "val" / cls
