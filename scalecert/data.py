@@ -283,6 +283,11 @@ def _decode_tree(root: Path, split: str, size: int | None) -> tuple[np.ndarray, 
     return arr.transpose(0, 3, 1, 2), np.asarray(labels), classes
 
 
+def _save_npy(path: Path, arr: np.ndarray) -> None:
+    with open(path, "wb") as f:  # through a file object: np.save would append ".npy" to a temp name
+        np.save(f, arr)
+
+
 def load_split(root: Path, split: str, size: int | None = None, cache: bool = True):
     """Return (uint8 NCHW images, labels, classes) of a split from a folder tree or CIFAR pickles."""
     root = Path(root)
@@ -293,20 +298,17 @@ def load_split(root: Path, split: str, size: int | None = None, cache: bool = Tr
     cache_y = root / f".{split}-labels.npy"
     _, _, classes = list_folder_tree(root, split)
     if cache and cache_x.is_file() and cache_y.is_file():
-        return np.load(cache_x, mmap_mode="r"), np.load(cache_y), classes
+        x = np.load(cache_x, mmap_mode="r")
+        if size is None or x.shape[2:] == (size, size):  # a cache decoded at another size is decoded again
+            return x, np.load(cache_y), classes
     x, y, classes = _decode_tree(root, split, size)
     if cache:
+        from .results import atomic_write, remove_stale_temps
         for path, arr in ((cache_x, x), (cache_y, y)):
-            # a name of its own per writer: two processes decoding the same split at once (the background jobs,
-            # `make data` beside a CLI call) each finish with a whole file instead of losing each other's tmp
-            fd, tmp = tempfile.mkstemp(prefix=path.stem + ".", suffix=".tmp.npy", dir=root)
-            try:
-                with os.fdopen(fd, "wb") as f:
-                    np.save(f, arr)
-                os.replace(tmp, path)
-            except BaseException:
-                Path(tmp).unlink(missing_ok=True)
-                raise
+            # a temp name per writer: two processes decoding the same split at once (the background jobs,
+            # `make data` beside a CLI call) each finish with a whole file instead of losing each other's temp file
+            remove_stale_temps(path)  # a killed writer's (1.4 GB for Imagenette train)
+            atomic_write(path, lambda tmp, arr=arr: _save_npy(tmp, arr))
     return x, y, classes
 
 

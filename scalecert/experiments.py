@@ -518,25 +518,28 @@ def whole_split_results(cache_dir: Path | None = None, datasets=None) -> pd.Data
 
 
 def card_accuracy_check(cache_dir: Path | None = None) -> pd.DataFrame:
-    """Return one row per shipped ScaleCert checkpoint with a whole-split ScaleCert or MR run in the cache: the images
-    its card says it classifies correctly (with its SIN layer if it has one) and those the run's records say, unoccluded.
+    """Return one row per shipped ScaleCert checkpoint and SIN setting (on / off) with a whole-split ScaleCert or MR run
+    in the cache: the images its card says it classifies correctly so and those the run's records say, unoccluded.
     """
     cards = {c.stem: json.loads(c.read_text()) for c in CHECKPOINT_DIR.glob("*.json")}
     rows = {}
     for run, config, model, defense, n, ids in _certification_runs(cache_dir):
-        size = json.loads((run / "size.json").read_text())
-        if model in rows or "peer" in config or (size["images"], config["ids"]) != (n, ids):
+        size, card, with_sin = json.loads((run / "size.json").read_text()), cards[model], config.get("rate") is not None
+        if (model, with_sin) in rows or "peer" in config or (size["images"], config["ids"]) != (n, ids):
             continue
+        if card.get("eval_images") != n or with_sin and (config.get("layer"), config["rate"]) != (
+                card.get("sin_layer"), card.get("sin_rate")):
+            continue  # another split, or the checkpoint run with SIN settings other than its own (certify --rate)
         try:
             df = R.merge(run, n, size["chunk_images"])
         except R.CacheMismatch:
             continue  # in progress
-        card = cards[model]
-        acc = card["accuracy_with_sin"] if card.get("sin_rate") else card["accuracy_without_sin"]
-        rows[model] = {"model": model, "images": n, "card_correct": round(acc * card["eval_images"] / 100),
-                       "records_correct": int((df.pred == df.label).sum()), "key": run.name}
-    out = pd.DataFrame(list(rows.values()), columns=["model", "images", "card_correct", "records_correct", "key"])
-    return out.sort_values("model", ignore_index=True)
+        acc = card["accuracy_with_sin"] if with_sin else card["accuracy_without_sin"]
+        rows[model, with_sin] = {"model": model, "sin": with_sin, "images": n, "card_correct": round(acc * n / 100),
+                                 "records_correct": int((df.pred == df.label).sum()), "key": run.name}
+    out = pd.DataFrame(list(rows.values()),
+                       columns=["model", "sin", "images", "card_correct", "records_correct", "key"])
+    return out.sort_values(["model", "sin"], ignore_index=True)
 
 
 def study_models(dataset: str) -> set[str]:

@@ -20,6 +20,7 @@ from torch import nn
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
 from .geometry import Geometry, units_geometry
+from .results import atomic_write, atomic_write_text
 from .sin import SINLayer
 
 CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
@@ -215,6 +216,8 @@ def rest_channels_last(model: SplitNet) -> SplitNet:
 
 # --------------------------------------------------------------------------- checkpoints
 CHECKPOINT_DIR = Path(__file__).resolve().parent.parent / "data" / "checkpoints"
+#: what a card's accuracies were measured on since session 21 (before, the fp32 weights the fp16 checkpoint rounds)
+MEASURED_ON = "stored weights"
 
 
 @torch.no_grad()
@@ -222,11 +225,23 @@ def round_to_storage(model: nn.Module) -> nn.Module:
     """Return the model, its floating weights and buffers rounded in place to the fp16 values
     :func:`save_checkpoint` stores, so that what a trainer measures before saving is what ships.
 
-    Rounding twice changes nothing, so saving a rounded model stores exactly the weights it was measured with."""
+    Rounding twice changes nothing, so saving a rounded model stores exactly the weights it was measured with.
+    Raises ValueError before the (long) final measurement if a weight is not finite, in fp32 or once rounded."""
+    _check_finite(dict(model.named_parameters()) | dict(model.named_buffers()), half=False)
+    _check_finite(dict(model.named_parameters()) | dict(model.named_buffers()), half=True)
     for t in list(model.parameters()) + list(model.buffers()):
         if t.is_floating_point():
             t.copy_(t.half())
     return model
+
+
+def _check_finite(tensors: dict, half: bool) -> None:
+    """Raise ValueError naming the floating tensors that are not finite (as they are, or rounded to fp16)."""
+    bad = [k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v.half() if half else v).all()]
+    if bad:
+        why = "beyond ±65504 once rounded to fp16" if half else "NaN or infinite (did training diverge?)"
+        more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
+        raise ValueError(f"weights not finite, {why}: {bad[:5]}{more}")
 
 
 def save_checkpoint(model: SplitNet, path: Path, card: dict, half: bool = True) -> dict:
@@ -235,29 +250,27 @@ def save_checkpoint(model: SplitNet, path: Path, card: dict, half: bool = True) 
     Trainers call :func:`round_to_storage` before their final measurement, so the card describes these weights."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    state = {k: (v.half() if half and v.is_floating_point() else v).cpu() for k, v in model.state_dict().items()}
-    bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
-    if bad:
-        raise ValueError(f"weights not finite{' in fp16 (beyond ±65504?)' if half else ''}: {bad[:5]}; "
-                         "nothing written" + ("; save with half=False to keep them in fp32" if half else ""))
+    state = model.state_dict()
+    _check_finite(state, half=False)
+    try:
+        _check_finite(state, half=half)
+    except ValueError as e:
+        raise ValueError(f"{e}; nothing written (save_checkpoint(..., half=False) keeps fp32)") from None
+    state = {k: (v.half() if half and v.is_floating_point() else v).cpu() for k, v in state.items()}
     buf = io.BytesIO()
     torch.save({"arch": model.arch, "num_classes": model.num_classes, "sin_layer": model.sin_layer,
                 "sin_rate": model.sin_rate, "state": state}, buf)
     data = buf.getvalue()
     card = dict(card, arch=model.arch, num_classes=model.num_classes, sin_layer=model.sin_layer,
                 sin_rate=model.sin_rate, sha256=hashlib.sha256(data).hexdigest(), bytes=len(data))
-    tmp = path.with_suffix(".pt.tmp")
-    tmp.write_bytes(data)
-    tmp.replace(path)
+    atomic_write(path, lambda tmp: tmp.write_bytes(data))
     return write_card(path, card)
 
 
 def write_card(path: Path, card: dict) -> dict:
     """Write a checkpoint's JSON card beside its .pt (atomically, without the loader's ``path``); return the card."""
     card = {k: v for k, v in card.items() if k != "path"}  # where the loader found it: not part of the card
-    card_path = Path(path).with_suffix(".json")
-    card_path.with_suffix(".json.tmp").write_text(json.dumps(card, indent=2, sort_keys=True) + "\n")
-    card_path.with_suffix(".json.tmp").replace(card_path)
+    atomic_write_text(Path(path).with_suffix(".json"), json.dumps(card, indent=2, sort_keys=True) + "\n")
     return card
 
 

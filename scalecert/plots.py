@@ -135,9 +135,9 @@ def lines_figure(df: pd.DataFrame, x: str, ys: list[str], title: str, xlabel=Non
 
 
 def ours_vs_paper_figure(df: pd.DataFrame, x: str, y: str, paper_y: str, hue: str, title: str, paper_hue=None,
-                         xlabel=None, ylabel="%"):
+                         xlabel=None, ylabel="%", paper_name="paper's"):
     """Return a line plot of ours (solid, one colour per hue) against x and the paper's numbers (dashed, one line per
-    paper_hue, in the colour of the hue of that name)."""
+    paper_hue, in the colour of the hue of that name, labelled with paper_name)."""
     fig, ax = plt.subplots(figsize=(6.5, 3.4))
     df = df.sort_values(x)
     colours = {key: f"C{i}" for i, key in enumerate(sorted(df[hue].unique()))}
@@ -148,7 +148,7 @@ def ours_vs_paper_figure(df: pd.DataFrame, x: str, y: str, paper_y: str, hue: st
     for i, (key, g) in enumerate(theirs.groupby("_paper", sort=True)):
         g = g.drop_duplicates(subset=[x])  # rows of ours that share one paper row (two modes of one defence)
         ax.plot(g[x], g[paper_y], marker="x", ls="--", color=colours.get(key, f"C{len(colours) + i}"),
-                label=f"{key} (paper's)")
+                label=f"{key} ({paper_name})")
     ax.set_title(title, fontsize=10)
     ax.set_xlabel(xlabel or x)
     ax.set_ylabel(ylabel)

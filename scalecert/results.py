@@ -23,6 +23,7 @@ import fcntl
 import hashlib
 import json
 import os
+import secrets
 import tempfile
 import time
 from pathlib import Path
@@ -46,9 +47,24 @@ def atomic_write(path: Path, write) -> None:
     """Write a file with ``write(tmp_path)`` to a temporary file named per process, then rename it to path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # per process: notebooks may run side by side
-    write(tmp)
-    os.replace(tmp, path)
+    # a name per call: notebooks may run side by side, and a process may write one file from two places
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def remove_stale_temps(path: Path, older_than: float = 3600) -> list[Path]:
+    """Return the temporary files of :func:`atomic_write` for path older than older_than seconds, after deleting
+    them (a writer killed between its write and its rename leaves one behind)."""
+    path = Path(path)
+    stale = [t for t in path.parent.glob(f".{path.name}.*.tmp") if time.time() - t.stat().st_mtime > older_than]
+    for t in stale:
+        t.unlink(missing_ok=True)
+    return stale
 
 
 def atomic_write_text(path: Path, text: str) -> None:

@@ -22,7 +22,8 @@ import torch.nn.functional as F
 
 from . import data as D
 from .geometry import footprint, rect_masks
-from .models import CHECKPOINT_DIR, build, load_model, resolve_checkpoint, round_to_storage, save_checkpoint, write_card
+from .models import (CHECKPOINT_DIR, MEASURED_ON, build, load_model, resolve_checkpoint, round_to_storage, save_checkpoint,
+                     write_card)
 from .runstate import Interrupted, ResumableRun
 from .windows import patch_pixels, window_side
 
@@ -156,19 +157,24 @@ def recalibrate_main(argv=None) -> int:
     return 0
 
 
-#: what a card's accuracies were measured on since session 21 (before, the fp32 weights the fp16 checkpoint rounds)
-MEASURED_ON = "stored weights"
 
 
 def remeasure(name_or_path, device="cpu", force: bool = False) -> dict | None:
     """Return a ScaleCert checkpoint's card after re-measuring its whole-split accuracies (with and without its SIN
     layer) on the stored weights and rewriting the card, the numbers before kept; None if already measured so."""
     path = resolve_checkpoint(name_or_path)
-    model = load_model(path, device=device)
-    card = dict(model.card)
+    card = json.loads(path.with_suffix(".json").read_text()) if path.with_suffix(".json").is_file() else {}
+    if "accuracy_without_sin" not in card or "dataset_key" not in card:
+        raise ValueError(f"{path.stem}: not a ScaleCert checkpoint card (no dataset_key / accuracy_without_sin); "
+                         "remeasure handles the vanilla and SIN models, not the peers' (BagNet, DS, IBP)")
     if card.get("accuracy_measured_on") == MEASURED_ON and not force:
         return None
+    model = load_model(path, device=device)
+    card = dict(model.card)
     test_ds = D.load_dataset(card["dataset_key"], "eval")
+    if card.get("eval_images") not in (None, len(test_ds)):
+        raise ValueError(f"{path.stem}: its card counts {card['eval_images']} evaluation images, the split today "
+                         f"{len(test_ds)}; nothing rewritten")
     keys = ("accuracy_with_sin", "accuracy_without_sin")
     before = {k: card.get(k) for k in keys}
     card["accuracy_with_sin"] = evaluate(model, test_ds, device=device) if model.sin is not None else None
@@ -191,14 +197,22 @@ def remeasure_main(argv=None) -> int:
     a = p.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
+    failed = []
     for name in a.names:
-        card = remeasure(name, a.device, a.force)
+        try:
+            card = remeasure(name, a.device, a.force)
+        except ValueError as e:  # one bad name does not stop the others
+            print(f"error: {e}", file=sys.stderr)
+            failed.append(name)
+            continue
         if card is None:
             print(f"{name}: already measured on the stored weights (--force to redo)", file=sys.stderr)
             continue
         print(json.dumps({k: card.get(k) for k in ("name", "accuracy_with_sin", "accuracy_without_sin",
                                                    "accuracy_before_remeasure")}), flush=True)
-    return 0
+    if failed:
+        print(f"not re-measured: {' '.join(failed)}", file=sys.stderr)
+    return 1 if failed else 0
 
 
 def parse(argv=None) -> argparse.Namespace:

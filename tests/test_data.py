@@ -1,6 +1,8 @@
 import io
+import os
 import pickle
 import tarfile
+import time
 
 import numpy as np
 import pytest
@@ -57,6 +59,25 @@ def test_two_writers_of_the_split_cache_both_finish(tmp_path, monkeypatch):
     cached_x, cached_y, _ = D.load_split(tree, "test")
     assert np.array_equal(cached_x, x) and np.array_equal(cached_y, y) and np.array_equal(nested["x"], x)
     assert sorted(p.name for p in tree.glob(".*")) == [".test-labels.npy", ".test-uint8.npy"]
+    assert oct(tree.joinpath(".test-uint8.npy").stat().st_mode & 0o777) == oct(0o666 & ~_umask())
+
+
+def _umask():
+    old = os.umask(0)
+    os.umask(old)
+    return old
+
+
+def test_split_cache_is_redecoded_at_another_size_and_stale_temp_files_go(tmp_path):
+    _, tree, imgs, labels = _write_cifar_both(tmp_path)
+    stale, fresh = tree / "..test-uint8.npy.999999-dead.tmp", tree / "..test-uint8.npy.999998-busy.tmp"
+    stale.write_bytes(b"left by a killed writer")
+    fresh.write_bytes(b"another writer, still at work")
+    os.utime(stale, (time.time() - 7200,) * 2)
+    assert D.load_split(tree, "test")[0].shape[2:] == (32, 32)
+    assert not stale.exists() and fresh.exists()
+    x16 = D.load_split(tree, "test", size=16)[0]
+    assert x16.shape[2:] == (16, 16) and D.load_split(tree, "test", size=16)[0].shape[2:] == (16, 16)
 
 
 def test_class_index_is_sorted_folder_name(tmp_path):

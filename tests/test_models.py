@@ -52,9 +52,14 @@ def test_a_model_rounded_to_storage_is_exactly_the_model_that_loads(tmp_path):
         json.loads((tmp_path / "m.json").read_text())["sha256"]
 
 
-def test_a_checkpoint_with_non_finite_weights_is_refused_by_every_loader(tmp_path):
+@pytest.mark.parametrize("loader", ["scalecert.models.load_model", "scalecert.baselines.bagnet.load_bagnet",
+                                    "scalecert.baselines.smoothing.load_ds", "scalecert.baselines.ibp.load_ibp"])
+def test_a_checkpoint_with_non_finite_weights_is_refused_by_every_loader(tmp_path, loader):
     import hashlib
+    import importlib
     import io
+    module, fn = loader.rsplit(".", 1)
+    load = getattr(importlib.import_module(module), fn)
     m = build("resnet20", 10, 1, 0.1)
     state = m.state_dict()
     state["head.2.weight"][0, 0] = float("inf")  # as an older save_checkpoint could have written after fp16 overflow
@@ -63,9 +68,22 @@ def test_a_checkpoint_with_non_finite_weights_is_refused_by_every_loader(tmp_pat
     (tmp_path / "m.pt").write_bytes(buf.getvalue())
     (tmp_path / "m.json").write_text(json.dumps({"sha256": hashlib.sha256(buf.getvalue()).hexdigest()}))
     with pytest.raises(ValueError, match="non-finite weights in \\['head.2.weight'\\]"):
-        load_model(tmp_path / "m.pt")
-    with pytest.raises(ValueError, match="not finite"):  # and nothing writes one any more
+        load(tmp_path / "m.pt")
+    before = (tmp_path / "m.pt").read_bytes()
+    with pytest.raises(ValueError, match="NaN or infinite"):  # and nothing writes one any more
         save_checkpoint(m, tmp_path / "m.pt", {}, half=False)
+    assert (tmp_path / "m.pt").read_bytes() == before and list(tmp_path.glob(".*")) == []
+
+
+def test_rounding_to_storage_refuses_weights_that_fp16_cannot_hold_before_anything_is_measured():
+    m = build("resnet20", 10, 1, 0.1)
+    m.head[2].weight.data[0, 0] = 1e6
+    with pytest.raises(ValueError, match="beyond ±65504 once rounded to fp16: \\['head.2.weight'\\]"):
+        round_to_storage(m)
+    assert m.head[2].weight[0, 0] == 1e6  # untouched: a refused rounding changes no weight
+    m.head[2].weight.data[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        round_to_storage(m)
 
 
 def test_remeasure_rewrites_the_card_with_the_stored_weights_accuracy(tmp_path, monkeypatch):
@@ -89,6 +107,31 @@ def test_remeasure_rewrites_the_card_with_the_stored_weights_accuracy(tmp_path, 
     again = train.remeasure(tmp_path / "m.pt", force=True)
     assert again["accuracy_before_remeasure"]["accuracy_with_sin"] == -1.0  # the fp32-era numbers are kept
     load_model(tmp_path / "m.pt")  # the card still matches the weights' sha256
+
+
+def test_remeasure_command_reports_each_name_it_cannot_remeasure_and_goes_on(tmp_path, monkeypatch, capsys):
+    from scalecert import train
+    from scalecert.__main__ import main
+    ds = D.load_dataset("cifar10", "test")
+    small = D.ImageSet(ds.images[ds.subset(2)], ds.labels[ds.subset(2)], ds.classes, "cifar10", "test")
+    monkeypatch.setattr(D, "load_dataset", lambda name, split: small)
+    common = {"dataset_key": "cifar10", "accuracy_with_sin": -1.0, "accuracy_without_sin": -2.0}
+    save_checkpoint(build("resnet20", 10, 1, 0.2), tmp_path / "other_split.pt", dict(common, eval_images=999))
+    save_checkpoint(build("resnet20", 10), tmp_path / "peer.pt", {"dataset_key": "cifar10", "clean_accuracy": 50.0})
+    save_checkpoint(build("resnet20", 10, 1, 0.2), tmp_path / "good.pt", dict(common, eval_images=len(small)))
+    before = (tmp_path / "other_split.json").read_text()
+    rc = main(["remeasure", str(tmp_path / "other_split.pt"), "no_such_model", str(tmp_path / "peer.pt"),
+               str(tmp_path / "good.pt")])
+    out, err = capsys.readouterr()
+    assert rc == 1
+    assert "counts 999 evaluation images" in err and "unknown model 'no_such_model'" in err
+    assert "peer: not a ScaleCert checkpoint card" in err
+    assert err.strip().endswith(f"not re-measured: {tmp_path / 'other_split.pt'} no_such_model {tmp_path / 'peer.pt'}")
+    assert (tmp_path / "other_split.json").read_text() == before
+    assert json.loads(out)["accuracy_before_remeasure"]["accuracy_with_sin"] == -1.0  # the good one went on
+    assert main(["remeasure", str(tmp_path / "good.pt")]) == 0
+    assert "already measured on the stored weights" in capsys.readouterr().err
+    assert json.loads((tmp_path / "good.json").read_text())["accuracy_measured_on"] == train.MEASURED_ON
 
 
 @pytest.mark.parametrize("arch,n,layer", [("resnet20", 32, 1), ("resnet20", 32, 2), ("resnet18w16", 64, 1)])

@@ -59,6 +59,8 @@ def test_ours_vs_paper_figure_draws_one_paper_line_per_paper_row_set():
     assert sorted(lines) == ["A (ours)", "A (paper mode) (ours)", "A (paper's)", "B (ours)"]
     assert list(lines["A (paper's)"].get_ydata()) == [61, 56]  # once, not once per mode
     assert lines["A (paper's)"].get_color() == lines["A (ours)"].get_color()
+    fig = P.ours_vs_paper_figure(df, "patch", "ours", "theirs", "defense", "t", paper_name="the paper's ImageNet")
+    assert "A (the paper's ImageNet)" in {l.get_label() for l in fig.axes[0].get_lines()}
 
 
 def test_report_names_the_folder_it_reads(tmp_path, monkeypatch, capsys):

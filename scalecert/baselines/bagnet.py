@@ -66,7 +66,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..geometry import Geometry, units_geometry
-from ..models import CHECKPOINT_DIR, CIFAR_MEAN, CIFAR_STD, IMAGENET_MEAN, IMAGENET_STD, Normalize
+from ..models import CHECKPOINT_DIR, CIFAR_MEAN, CIFAR_STD, IMAGENET_MEAN, IMAGENET_STD, MEASURED_ON, Normalize
 from ..models import read_checkpoint, round_to_storage, save_checkpoint
 from ..runstate import ResumableRun, finished_card, prepare
 
@@ -242,7 +242,8 @@ def train_bagnet(name: str, dataset: str = "cifar10", arch: str | None = None, e
             "image_side": n, "geometry": {"stride": geo.stride, "rf": geo.rf, "pad": geo.pad},
             "logit_map": list(model.logit_shape(n)), "epochs_done": epochs,
             "eval_split": eval_set.split, "eval_images": len(eval_set),
-            "clean_accuracy": evaluate(model, eval_set, device=device), "train_seconds": round(elapsed, 1),
+            "clean_accuracy": evaluate(model, eval_set, device=device), "accuracy_measured_on": MEASURED_ON,
+            "train_seconds": round(elapsed, 1),
             "command": command or "python -m scalecert.baselines.bagnet " + shlex.join(sys.argv[1:]),
             "log": str(log_path.resolve().relative_to(root)) if root in log_path.resolve().parents else str(log_path)}
     return save_checkpoint(model, Path(out_dir or CHECKPOINT_DIR) / f"{name}.pt", card)

@@ -76,7 +76,8 @@ from torch import nn
 from ..audit import patch_positions
 from ..defense import check_images, check_labels, default_chunk
 from ..geometry import rect_masks
-from ..models import CHECKPOINT_DIR, CIFAR_MEAN, CIFAR_STD, Normalize, read_checkpoint, round_to_storage, save_checkpoint
+from ..models import (CHECKPOINT_DIR, CIFAR_MEAN, CIFAR_STD, MEASURED_ON, Normalize, read_checkpoint, round_to_storage,
+                      save_checkpoint)
 from ..runstate import ResumableRun, finished_card, prepare
 from ..windows import patch_pixels
 from . import batch_ids, records_frame
@@ -484,7 +485,7 @@ def train_ibp(name: str, patch=2.4, epochs: int = 20, dataset: str = "cifar10", 
             "dataset": D.DATASET_LABELS.get(eval_set.name, eval_set.name), "dataset_key": eval_set.name,
             **config, "image_side": n, "epochs_done": epochs,
             "eval_split": eval_set.split, "eval_images": len(eval_set),
-            "clean_accuracy": clean_accuracy(model, eval_set, device=device),
+            "clean_accuracy": clean_accuracy(model, eval_set, device=device), "accuracy_measured_on": MEASURED_ON,
             "certified_accuracy": cert, "certified_images": len(cert_idx),
             "certify_seconds_per_image": round((time.time() - t0) / max(1, len(cert_idx)), 3),
             "train_seconds": round(elapsed, 1),

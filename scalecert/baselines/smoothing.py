@@ -110,8 +110,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..defense import check_images, check_labels, default_chunk
-from ..models import (CHECKPOINT_DIR, CIFAR_STD, IMAGENET_STD, Normalize, SplitNet, build, read_checkpoint,
-                      rest_channels_last, round_to_storage, save_checkpoint)
+from ..models import (CHECKPOINT_DIR, CIFAR_STD, IMAGENET_STD, MEASURED_ON, Normalize, SplitNet, build,
+                      read_checkpoint, rest_channels_last, round_to_storage, save_checkpoint)
 from ..runstate import ResumableRun, finished_card, prepare
 from ..windows import patch_pixels
 from . import batch_ids, records_frame, summarise_records
@@ -668,6 +668,7 @@ def train_ds(name: str, dataset: str = "cifar10", arch: str | None = None, band:
             "dataset": D.DATASET_LABELS.get(eval_set.name, eval_set.name), "dataset_key": eval_set.name,
             "image_side": n, "threshold": theta, "epochs_done": epochs, "eval_split": eval_set.split,
             "eval_images": len(eval_set), "base_accuracy": base_accuracy(model, eval_set, device=device, seed=seed),
+            "accuracy_measured_on": MEASURED_ON,
             "cert_patch": cert_patch, "cert_patch_px": patch_pixels(cert_patch, n), "cert_images": len(cert_idx),
             **smooth, "certify_seconds_per_image": round((time.time() - t0) / max(1, len(cert_idx)), 3),
             "train_seconds": round(elapsed, 1),
