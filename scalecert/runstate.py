@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from .results import atomic_write
 
 
 class Interrupted(RuntimeError):
@@ -51,8 +52,8 @@ def save_state(run_dir: Path, config, epoch: int, elapsed: float, partial: dict 
     run_dir.mkdir(parents=True, exist_ok=True)
     state = {key: obj.state_dict() for key, obj in stateful.items()}
     extra = {} if partial is None else {"partial": partial}
-    torch.save(dict(state, epoch=epoch, elapsed=elapsed, config=config, **extra), run_dir / "state.tmp")
-    os.replace(run_dir / "state.tmp", run_dir / "state.pt")
+    blob = dict(state, epoch=epoch, elapsed=elapsed, config=config, **extra)
+    atomic_write(run_dir / "state.pt", lambda tmp: torch.save(blob, tmp))
 
 
 def end_epoch(run_dir: Path, record: dict, config, elapsed: float, **stateful) -> None:
