@@ -549,14 +549,35 @@ def study_models(dataset: str) -> set[str]:
     return ours | {H.peer(p).checkpoint(dataset) for p in H.PEER_NAMES} - {None}
 
 
+def _add_paper_only_rs(plan: dict, quick_rs: set, extra_rs: set) -> None:
+    """Add to a paper plan (keyed by configuration key) the rows of the r values only the paper profile sweeps, for every
+    sweep whose quick r values are all in the plan, priced at the slowest of them."""
+    sweeps = {}
+    for row in plan.values():
+        if row["_config"].get("r") in quick_rs and "peer" not in row["_config"]:
+            rest = json.dumps({k: v for k, v in row["_config"].items() if k != "r"}, sort_keys=True, default=str)
+            sweeps.setdefault(rest, []).append(row)
+    for rows in sweeps.values():
+        if {row["_config"]["r"] for row in rows} != quick_rs:
+            continue  # not a sweep over r (05-08 certify with r = 3 only)
+        for r in extra_rs:
+            config = {**rows[0]["_config"], "r": r}
+            key = R.config_key(config)
+            plan.setdefault(key, {**rows[0], "key": key, "r": r, "_config": config,
+                                  "_subset_per_image": max(row["_subset_per_image"] for row in rows)})
+
+
 def paper_plan(cache_dir: Path | None = None) -> pd.DataFrame:
     """Return one row per whole-split counterpart of every certification run cached on a subset (the quick profile's):
     its settings, status (done, partial, missing), images left and the CPU-hours they need at the measured seconds per
     image (of the partial run itself, else the fastest of its subset runs). A peer's shared work (DS's votes, BagNet's
     local logits), which one process computes once for every configuration and patch, is counted once per data set
-    and model: in its configuration with the most images left, the others marked ``shared``. Models the notebooks do not use (see
-    ``study_models``) are left out; subset runs of settings the notebooks no longer use are not, so it is an upper bound."""
+    and model: in its configuration with the most images left, the others marked ``shared``. The window parameters r that
+    only the paper profile sweeps (``notebook.WINDOW_RS``; 11's r = 2) have no subset run: they are priced at the slower
+    of the quick profile's r values of the same sweep. Models the notebooks do not use (see ``study_models``) are left
+    out; subset runs of settings the notebooks no longer use are not."""
     from .baselines import harness as H
+    from .notebook import WINDOW_RS
     cache = Path(cache_dir or R.CACHE_DIR)
     status = R.status(cache).set_index("key")
     plan, ours = {}, {name: study_models(name) for name in ARCH}  # the data sets with shipped models
@@ -572,7 +593,9 @@ def paper_plan(cache_dir: Path | None = None) -> pd.DataFrame:
         plan[target] = {"key": target, **{k: config[k] for k in R.STATUS_FIELDS if k in config},
                         "model": model, "defense": defense, "r": config.get("r"), "early_stop": config.get("early_stop"),
                         "images": n, "_subset_per_image": per_image,
-                        "_shared": (config["dataset"], model) if "peer" in config and H.peer(defense).shared else None}
+                        "_shared": (config["dataset"], model) if "peer" in config and H.peer(defense).shared else None,
+                        "_config": {**config, "ids": ids}}
+    _add_paper_only_rs(plan, set(WINDOW_RS["quick"]), set(WINDOW_RS["paper"]) - set(WINDOW_RS["quick"]))
     rows = []
     for row in sorted(plan.values(), key=lambda r: r["key"]):
         key, n = row["key"], row["images"]

@@ -309,6 +309,26 @@ def test_paper_plan_prices_the_whole_split_counterpart_of_every_subset_run(cache
     assert '{"configurations": 5, "left": 4, "cpu_hours_left": 14.5}' in out  # 1 + 1.5 + 12 + 0 + 0
 
 
+def test_paper_plan_prices_the_r_values_only_the_paper_profile_sweeps(cache, monkeypatch):
+    # 11 sweeps r = 1, 3 in the quick profile and r = 1, 2, 3 in the paper's: r = 2 has no subset run to price it from
+    from scalecert import data as D
+    n = 6
+    monkeypatch.setattr(D, "load_dataset", lambda name, split=None, root=None: range(n))
+    sha = E.load_model(CKPT).card["sha256"]
+    part = R.config_key({"ids": [0, 2, 4]})
+    base = {"dataset": "cifar10", "checkpoint_sha256": sha, "patch": 2.4, "mode": "sound", "rule": "strict",
+            "tau": None, "r": 3, "layer": 1, "rate": 0.2, "ids": part, "chunk_images": 2, "early_stop": True}
+    _fake_run(cache, base, [True] * 3, hours_per_image=1.0)
+    _fake_run(cache, {**base, "patch": 0.4}, [True] * 3, hours_per_image=1.0)  # r = 3 only: not a sweep over r
+    _fake_run(cache, {**base, "r": 1}, [True] * 3, hours_per_image=2.0)
+    plan = E.paper_plan().set_index(["patch", "r"]).sort_index()
+    assert plan.index.tolist() == [(0.4, 3), (2.4, 1), (2.4, 2), (2.4, 3)]
+    assert plan.loc[(2.4, 2), ["status", "images_left", "cpu_hours_left"]].tolist() == ["missing", n, 12.0]
+    whole = R.config_key({"ids": list(range(n))})
+    _fake_run(cache, {**base, "r": 2, "ids": whole}, [True] * n)  # the paper profile's own r = 2 run, done
+    assert E.paper_plan().set_index(["patch", "r"]).loc[(2.4, 2), "status"] == "done"
+
+
 def test_model_accuracy_of_a_run_is_the_plain_models_accuracy(setup):
     model, x, y, ids, *_ = setup
     recs = pd.DataFrame(Engine(model, 32, patch_pixels(2.4, 32)).run(x, y, early_stop=True, ids=ids))
