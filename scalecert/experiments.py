@@ -124,6 +124,41 @@ def model_accuracy(df: pd.DataFrame) -> float:
     return round(100 * float((df.pred == df.label).mean()), 1)
 
 
+def predictions_cached(dataset: str, checkpoint: str, *, per_class: int | None, seed: int = 0, device: str = "cpu",
+                       chunk_images: int = 500, force: bool = False, progress: bool = True) -> pd.DataFrame:
+    """Return one row per evaluation image (id, label, pred_without_sin, pred_with_sin: -1 for a model without a SIN
+    layer) of a shipped checkpoint, computed chunk by chunk and cached by checkpoint hash (01's accuracy table)."""
+    import torch
+    dataset = D.check_dataset(dataset)
+    model = load_model(checkpoint, device=device).eval()
+    ds = D.load_dataset(dataset, "eval")
+    ids = eval_ids(ds, per_class, seed)
+    config = {"kind": "predictions", "dataset": dataset, "checkpoint_sha256": model.card["sha256"],
+              "layer": model.sin_layer, "rate": model.sin_rate, "ids": R.config_key({"ids": ids}),
+              "chunk_images": chunk_images, "seed": seed}
+
+    @torch.no_grad()
+    def one(rg):
+        x, y = ds.tensors(ids[rg.start:rg.stop])
+        x, saved = x.to(device), model.sin
+        try:
+            model.sin = None
+            plain = model(x).argmax(1).cpu()
+        finally:
+            model.sin = saved
+        with_sin = model(x).argmax(1).cpu() if saved is not None else torch.full_like(plain, -1)
+        return pd.DataFrame({"id": ids[rg.start:rg.stop], "label": y.tolist(), "pred_without_sin": plain.tolist(),
+                             "pred_with_sin": with_sin.tolist()})
+
+    return R.cached(config, ids, chunk_images, one, force, progress).drop(columns="config_key")
+
+
+def prediction_accuracies(df: pd.DataFrame) -> dict:
+    """Return the top-1 accuracy (%) without and with the SIN layer (None without one) of ``predictions_cached``."""
+    with_sin = None if (df.pred_with_sin < 0).all() else 100 * float((df.pred_with_sin == df.label).mean())
+    return {"acc_without_sin": 100 * float((df.pred_without_sin == df.label).mean()), "acc_with_sin": with_sin}
+
+
 def cached_universal_patch(dataset: str, checkpoint: str, patch_pct: float, target: int, *, steps: int,
                            alpha: float = 0.0, train_images: int = 2000, seed: int = 0, force: bool = False,
                            device: str = "cpu"):

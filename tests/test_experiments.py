@@ -347,3 +347,31 @@ def test_every_shipped_card_counts_the_images_its_committed_whole_split_records_
 
 def test_fig1c_paper_numbers_are_keyed_by_the_statistics_of_the_analysis():
     assert E.fig1c_paper() == dict(zip(A.FIG1C, (75.0, 99.0, 75.0)))
+
+
+def test_predictions_cached_give_the_evaluated_accuracies_and_are_read_back(cache, setup, monkeypatch):
+    from scalecert.data import load_dataset
+    from scalecert.train import evaluate
+    model, x, y, ids, *_ = setup
+    preds = E.predictions_cached("cifar10", CKPT, **KW)
+    assert list(preds.id) == ids and list(preds.label) == y.tolist()
+    acc = E.prediction_accuracies(preds)
+    ds = load_dataset("cifar10", "eval")
+    assert acc["acc_without_sin"] == evaluate(model, ds, ids, sin=False)
+    assert acc["acc_with_sin"] == evaluate(model, ds, ids)
+    stamps = _stamps(cache)
+    assert len(stamps) == 3
+    monkeypatch.setattr(E, "load_model", lambda *a, **k: model)  # the chunks are read, not recomputed
+    monkeypatch.setattr(model, "forward", lambda *a, **k: pytest.fail("recomputed a cached chunk"))
+    pd.testing.assert_frame_equal(E.predictions_cached("cifar10", CKPT, **KW), preds)
+    assert _stamps(cache) == stamps
+
+
+def test_predictions_of_a_model_without_sin_have_no_accuracy_with_sin(cache):
+    preds = E.predictions_cached("cifar10", "cifar10_resnet20_vanilla", **KW)
+    assert (preds.pred_with_sin == -1).all()
+    acc = E.prediction_accuracies(preds)
+    assert acc["acc_with_sin"] is None and 0 <= acc["acc_without_sin"] <= 100
+    assert E.prediction_accuracies(pd.DataFrame({"label": [1, 2], "pred_without_sin": [1, 0],
+                                                 "pred_with_sin": [1, 2]})) == {"acc_without_sin": 50.0,
+                                                                                "acc_with_sin": 100.0}
