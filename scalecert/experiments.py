@@ -126,8 +126,9 @@ def model_accuracy(df: pd.DataFrame) -> float:
 
 def predictions_cached(dataset: str, checkpoint: str, *, per_class: int | None, seed: int = 0, device: str = "cpu",
                        chunk_images: int = 500, force: bool = False, progress: bool = True) -> pd.DataFrame:
-    """Return one row per evaluation image (id, label, pred_without_sin, pred_with_sin: -1 for a model without a SIN
-    layer) of a shipped checkpoint, computed chunk by chunk and cached by checkpoint hash (01's accuracy table)."""
+    """Return one row per evaluation image of a shipped checkpoint: id, label, and without and with its SIN layer the
+    prediction (-1 for a model without one) and its margin (top-1 minus top-2 logit; a margin near 0 is a tie that
+    float rounding may break either way); computed chunk by chunk and cached by checkpoint hash (01's accuracies)."""
     import torch
     dataset = D.check_dataset(dataset)
     model = load_model(checkpoint, device=device).eval()
@@ -137,18 +138,23 @@ def predictions_cached(dataset: str, checkpoint: str, *, per_class: int | None, 
               "layer": model.sin_layer, "rate": model.sin_rate, "ids": R.config_key({"ids": ids}),
               "chunk_images": chunk_images, "seed": seed}
 
+    def pred_margin(logits):
+        top = logits.float().topk(2, dim=1)
+        return top.indices[:, 0].cpu().tolist(), (top.values[:, 0] - top.values[:, 1]).cpu().tolist()
+
     @torch.no_grad()
     def one(rg):
         x, y = ds.tensors(ids[rg.start:rg.stop])
         x, saved = x.to(device), model.sin
         try:
             model.sin = None
-            plain = model(x).argmax(1).cpu()
+            plain, plain_margin = pred_margin(model(x))
         finally:
             model.sin = saved
-        with_sin = model(x).argmax(1).cpu() if saved is not None else torch.full_like(plain, -1)
-        return pd.DataFrame({"id": ids[rg.start:rg.stop], "label": y.tolist(), "pred_without_sin": plain.tolist(),
-                             "pred_with_sin": with_sin.tolist()})
+        with_sin, sin_margin = pred_margin(model(x)) if saved is not None else ([-1] * len(y), [float("nan")] * len(y))
+        return pd.DataFrame({"id": ids[rg.start:rg.stop], "label": y.tolist(), "pred_without_sin": plain,
+                             "margin_without_sin": plain_margin, "pred_with_sin": with_sin,
+                             "margin_with_sin": sin_margin})
 
     return R.cached(config, ids, chunk_images, one, force, progress).drop(columns="config_key")
 
@@ -552,15 +558,20 @@ def whole_split_results(cache_dir: Path | None = None, datasets=None) -> pd.Data
     return out.sort_values(["dataset", "defense", "model", "patch_pct"], ignore_index=True)
 
 
+#: a top-1 minus top-2 logit margin below this is a tie that float rounding (batching, threads) may break either way
+TIE_MARGIN = 1e-4
+
+
 def card_accuracy_check(cache_dir: Path | None = None) -> pd.DataFrame:
-    """Return one row per shipped ScaleCert checkpoint and SIN setting (on / off) with a whole-split ScaleCert or MR run
-    in the cache: the images its card says it classifies correctly so and those the run's records say, unoccluded.
-    """
+    """Return one row per shipped checkpoint, SIN setting (on / off) and source with whole-split records in the cache
+    (a ScaleCert or MR run's unoccluded predictions, or 01's ``predictions_cached``): the images its card says it
+    classifies correctly so and those the records say, and (01's records only) how many images have a top-2 logit
+    margin below ``TIE_MARGIN``: a measurement with other batches or threads may break those ties the other way."""
     cards = {c.stem: json.loads(c.read_text()) for c in CHECKPOINT_DIR.glob("*.json")}
     rows = {}
     for run, config, model, defense, n, ids in _certification_runs(cache_dir):
         size, card, with_sin = json.loads((run / "size.json").read_text()), cards[model], config.get("rate") is not None
-        if (model, with_sin) in rows or "peer" in config or (size["images"], config["ids"]) != (n, ids):
+        if (model, with_sin, "certification") in rows or "peer" in config or (size["images"], config["ids"]) != (n, ids):
             continue
         if card.get("eval_images") != n or with_sin and (config.get("layer"), config["rate"]) != (
                 card.get("sin_layer"), card.get("sin_rate")):
@@ -570,11 +581,36 @@ def card_accuracy_check(cache_dir: Path | None = None) -> pd.DataFrame:
         except R.CacheMismatch:
             continue  # in progress
         acc = card["accuracy_with_sin"] if with_sin else card["accuracy_without_sin"]
-        rows[model, with_sin] = {"model": model, "sin": with_sin, "images": n, "card_correct": round(acc * n / 100),
-                                 "records_correct": int((df.pred == df.label).sum()), "key": run.name}
-    out = pd.DataFrame(list(rows.values()),
-                       columns=["model", "sin", "images", "card_correct", "records_correct", "key"])
-    return out.sort_values(["model", "sin"], ignore_index=True)
+        rows[model, with_sin, "certification"] = {
+            "model": model, "sin": with_sin, "source": "certification", "images": n,
+            "card_correct": round(acc * n / 100), "records_correct": int((df.pred == df.label).sum()), "key": run.name}
+    names = _checkpoint_names()
+    for meta in sorted(Path(cache_dir or R.CACHE_DIR).glob("*/config.json")):  # 01's predictions, every model
+        run, config = meta.parent, json.loads(meta.read_text())
+        model = names.get(config.get("checkpoint_sha256"))
+        if config.get("kind") != "predictions" or model not in cards or not (run / "size.json").is_file():
+            continue
+        size, card = json.loads((run / "size.json").read_text()), cards[model]
+        n = size["images"]
+        if card.get("eval_images") != n or config["ids"] != R.config_key({"ids": list(range(n))}):
+            continue
+        try:
+            df = R.merge(run, n, size["chunk_images"])
+        except R.CacheMismatch:
+            continue  # in progress
+        for with_sin, col in ((False, "pred_without_sin"), (True, "pred_with_sin")):
+            acc = card.get("accuracy_with_sin" if with_sin else "accuracy_without_sin")
+            if acc is None or with_sin and (df[col] < 0).all():
+                continue
+            margin = df["margin_with_sin" if with_sin else "margin_without_sin"]
+            rows[model, with_sin, "predictions"] = {
+                "model": model, "sin": with_sin, "source": "predictions", "images": n,
+                "card_correct": round(acc * n / 100), "records_correct": int((df[col] == df.label).sum()),
+                "near_ties": int((margin < TIE_MARGIN).sum()), "key": run.name}
+    out = pd.DataFrame(list(rows.values()), columns=["model", "sin", "source", "images", "card_correct",
+                                                     "records_correct", "near_ties", "key"])
+    out["near_ties"] = out.near_ties.fillna(0).astype(int)  # certification records keep no logits
+    return out.sort_values(["model", "sin", "source"], ignore_index=True)
 
 
 def study_models(dataset: str) -> set[str]:

@@ -1,4 +1,6 @@
 """The cached per-image analyses of 02, 03, 04 and 09: equal to the uncached functions, resumed, never recomputed."""
+import json
+
 import pandas as pd
 import pytest
 import torch
@@ -8,6 +10,7 @@ from scalecert import attacks as T
 from scalecert import experiments as E
 from scalecert import results as R
 from scalecert.defense import Engine
+from scalecert.models import ARCHS, CHECKPOINT_DIR
 from scalecert.windows import patch_pixels
 
 CKPT = "cifar10_resnet20_sin1_r20"
@@ -342,7 +345,15 @@ def test_every_shipped_card_counts_the_images_its_committed_whole_split_records_
     # before session 21 the cards measured fp32 weights and 6 of these 12 disagreed by 1-5 images
     check = E.card_accuracy_check()
     assert len(check) >= 12, check
-    assert (check.card_correct == check.records_correct).all(), check[check.card_correct != check.records_correct]
+    # a card and the records may differ only by images whose two top logits tie (below E.TIE_MARGIN): found in
+    # session 25, cifar10_resnet20_sin1_r20_wo4 has one image at a margin of 1e-6 that its card counted as correct
+    off = (check.card_correct - check.records_correct).abs() > check.near_ties
+    assert not off.any(), check[off]
+    # 01's cached predictions cover every shipped ScaleCert and vanilla model, with and without the SIN layer
+    preds = check[check.source == "predictions"]
+    shipped = {c.stem for c in CHECKPOINT_DIR.glob("*.json") if json.loads(c.read_text()).get("arch") in ARCHS}
+    assert set(preds.model) == shipped
+    assert set(preds[preds.sin].model) == {m for m in shipped if "vanilla" not in m}
 
 
 def test_fig1c_paper_numbers_are_keyed_by_the_statistics_of_the_analysis():
@@ -359,6 +370,12 @@ def test_predictions_cached_give_the_evaluated_accuracies_and_are_read_back(cach
     ds = load_dataset("cifar10", "eval")
     assert acc["acc_without_sin"] == evaluate(model, ds, ids, sin=False)
     assert acc["acc_with_sin"] == evaluate(model, ds, ids)
+    with torch.no_grad():
+        top = model(x).topk(2, dim=1)
+    assert list(preds.pred_with_sin) == top.indices[:, 0].tolist()
+    assert torch.allclose(torch.tensor(preds.margin_with_sin.to_numpy(), dtype=torch.float32),
+                          top.values[:, 0] - top.values[:, 1], atol=1e-5)
+    assert (preds.margin_without_sin >= 0).all()
     stamps = _stamps(cache)
     assert len(stamps) == 3
     monkeypatch.setattr(E, "load_model", lambda *a, **k: model)  # the chunks are read, not recomputed
