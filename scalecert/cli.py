@@ -14,7 +14,7 @@ import torch
 
 from . import data as D
 from .defense import Engine, certify as run_certify
-from .models import ARCHS, CHECKPOINT_DIR, load_model
+from .models import ARCHS, CHECKPOINT_DIR, load_model, without_sin
 from .windows import patch_pixels
 
 DEFAULT_MODELS = {"cifar10": ["cifar10_resnet20_sin1_r20", "cifar10_resnet20_sin1_r10", "cifar10_resnet20_vanilla"],
@@ -175,13 +175,9 @@ def bench_one(model, x, patch, tau=None, repeat: int = 3) -> dict:
         raise ValueError(f"repeat must be >= 1, got {repeat}")
     eng = Engine(model, x.shape[-1], patch, tau=tau)
     eng.run(x[:1], early_stop=False)  # warm-up
-    saved = model.sin
-    model.sin = None  # Minority Reports: same family and model, no SIN, every window
-    try:
+    with without_sin(model):  # Minority Reports: same family and model, no SIN, every window
         mr = Engine(model, x.shape[-1], patch, tau=tau)
         mr.run(x[:1], early_stop=False)  # warm-up
-    finally:
-        model.sin = saved
     sc_times, fwd_times, mr_times = [], [], []
     for _ in range(repeat):
         t = time.perf_counter()
@@ -189,13 +185,10 @@ def bench_one(model, x, patch, tau=None, repeat: int = 3) -> dict:
         sc_times.append((time.perf_counter() - t) / len(x))
         cand = sum(r["n_candidates"] for r in recs) / len(recs)
         fwd_times.append(plain_forward_seconds(model, x, round((1 + cand) * len(x))))
-        model.sin = None
-        try:
+        with without_sin(model):
             t = time.perf_counter()
             mr.run(x, early_stop=False)
             mr_times.append((time.perf_counter() - t) / len(x))
-        finally:
-            model.sin = saved
     sc_time, fwd, mr_time = min(sc_times), min(fwd_times), min(mr_times)
     return {"n": x.shape[-1], "patch_px": eng.p, "windows_total": len(eng.family), "candidates_mean": cand,
             "certify_images_per_s": 1 / sc_time, "plain_forward_images_per_s": 1 / fwd,

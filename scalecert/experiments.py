@@ -11,7 +11,7 @@ import pandas as pd
 from . import data as D
 from . import results as R
 from .defense import certify
-from .models import CHECKPOINT_DIR, load_model
+from .models import CHECKPOINT_DIR, load_model, without_sin
 
 PAPER_DIR = Path(__file__).resolve().parent.parent / "data" / "paper"
 PAPER_DATASET = {"cifar10": "cifar10", "imagenette": "imagenet", "imagenet": "imagenet"}
@@ -145,13 +145,11 @@ def predictions_cached(dataset: str, checkpoint: str, *, per_class: int | None, 
     @torch.no_grad()
     def one(rg):
         x, y = ds.tensors(ids[rg.start:rg.stop])
-        x, saved = x.to(device), model.sin
-        try:
-            model.sin = None
+        x = x.to(device)
+        with without_sin(model):
             plain, plain_margin = pred_margin(model(x))
-        finally:
-            model.sin = saved
-        with_sin, sin_margin = pred_margin(model(x)) if saved is not None else ([-1] * len(y), [float("nan")] * len(y))
+        with_sin, sin_margin = (pred_margin(model(x)) if model.sin is not None
+                                else ([-1] * len(y), [float("nan")] * len(y)))
         return pd.DataFrame({"id": ids[rg.start:rg.stop], "label": y.tolist(), "pred_without_sin": plain,
                              "margin_without_sin": plain_margin, "pred_with_sin": with_sin,
                              "margin_with_sin": sin_margin})

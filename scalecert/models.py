@@ -10,6 +10,7 @@ layer s" is the output of unit s (1-based), which gives the paper's Table 7 mean
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -218,6 +219,17 @@ def rest_channels_last(model: SplitNet) -> SplitNet:
 CHECKPOINT_DIR = Path(__file__).resolve().parent.parent / "data" / "checkpoints"
 #: what a card's accuracies were measured on since session 21 (before, the fp32 weights the fp16 checkpoint rounds)
 MEASURED_ON = "stored weights"
+
+
+@contextlib.contextmanager
+def without_sin(model: nn.Module):
+    """Yield the model with its SIN layer switched off (the plain network), restoring the layer however the block ends."""
+    saved = model.sin
+    model.sin = None
+    try:
+        yield model
+    finally:
+        model.sin = saved
 
 
 @torch.no_grad()

@@ -9,6 +9,7 @@ occluded prediction towards the clean one.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import shlex
@@ -23,7 +24,7 @@ import torch.nn.functional as F
 from . import data as D
 from .geometry import footprint, rect_masks
 from .models import (CHECKPOINT_DIR, MEASURED_ON, build, load_model, resolve_checkpoint, round_to_storage, save_checkpoint,
-                     write_card)
+                     write_card, without_sin)
 from .runstate import Interrupted, ResumableRun
 from .windows import patch_pixels, window_side
 
@@ -79,17 +80,12 @@ def worst_window_exclude(model, x: torch.Tensor, y: torch.Tensor, sizes: list[in
 def evaluate(model, ds: D.ImageSet, idx=None, batch: int = 500, device="cpu", sin: bool = True) -> float:
     """Return top-1 accuracy (%) of the model on a split (or a subset), with or without its SIN layer."""
     model.eval()
-    saved = model.sin
-    if not sin:
-        model.sin = None
     idx = np.arange(len(ds)) if idx is None else np.asarray(idx)
     correct = 0
-    try:
+    with without_sin(model) if not sin else contextlib.nullcontext():
         for s in range(0, len(idx), batch):
             x, y = ds.tensors(idx[s: s + batch])
             correct += (model(x.to(device)).argmax(1).cpu() == y).sum().item()
-    finally:
-        model.sin = saved
     return 100.0 * correct / max(1, len(idx))
 
 

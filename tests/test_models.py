@@ -418,3 +418,15 @@ def test_resuming_with_another_configuration_is_refused_but_legacy_states_resume
     st = torch.load(state_path, weights_only=False)
     assert st["partial"]["step"] == 3 and st["config"]["batch_size"] == 16
     assert st["partial"]["gen"].device.type == "cpu"
+
+
+def test_without_sin_switches_the_layer_off_and_restores_it_after_an_error():
+    from scalecert.models import build, without_sin
+    model = build("resnet20", sin_layer=1, sin_rate=0.2)
+    layer = model.sin
+    assert layer is not None
+    with pytest.raises(RuntimeError):
+        with without_sin(model) as m:
+            assert m is model and model.sin is None
+            raise RuntimeError("inside")
+    assert model.sin is layer
