@@ -1,6 +1,6 @@
 """ScaleCert engine: candidate windows, batched occluded inference, certify (Alg. 2) and detect (Alg. 1).
 
-Two modes (see DESIGN.md section 4):
+Two modes (see docs/design.md):
 
 * ``mode="sound"`` (default): a window's occluded prediction removes the window's *footprint*
   (every superficial feature whose receptive field meets the window) from the SIN ranking and
@@ -27,7 +27,7 @@ import torch
 from .models import rest_channels_last
 from .geometry import centre_inside, footprint, rect_masks
 from .sin import importance, masked_topk_from_order, num_winners, sin_mask, strict_order
-from .windows import WindowFamily, candidate_windows, merge_per_image, patch_pixels
+from .windows import WindowFamily, candidate_windows, mask_set, merge_per_image, patch_pixels
 
 MODES = ("sound", "paper")
 RULES = ("strict", "paper")
@@ -93,6 +93,7 @@ class Engine:
     chunk: int | None = None
     device: str | torch.device | None = None
     amp: bool = False  # autocast the layers after the SIN layer (fp16 on CUDA, bf16 on CPU)
+    masks: int | None = None  # k: PatchCleanser's k x k mask set as the window family instead of the r-family
     family: WindowFamily = field(init=False)
 
     def __post_init__(self):
@@ -103,8 +104,14 @@ class Engine:
         self.device = torch.device(self.device or next(self.model.parameters()).device)
         self.model = rest_channels_last(self.model.to(self.device).eval())
         self.p = patch_pixels(self.patch, self.n)
-        # sound mode merges data-independently; paper mode merges each image's candidates
-        self.family = candidate_windows(self.n, self.p, self.r, self.tau if self.mode == "sound" else None)
+        if self.masks is not None:
+            if self.tau is not None or self.rule != "strict":
+                raise ValueError("the mask-set family (masks=k) takes no tau and only the strict rule")
+            # any family that puts every patch wholly inside a member keeps the certificate sound
+            self.family = mask_set(self.n, self.p, self.masks)
+        else:
+            # sound mode merges data-independently; paper mode merges each image's candidates
+            self.family = candidate_windows(self.n, self.p, self.r, self.tau if self.mode == "sound" else None)
         self.base_side = self.p + self.r - 1
         self.geo = self.model.geometry()
         c, self.h, self.w = self.model.feature_shape(self.n)

@@ -33,6 +33,12 @@ def model_name(dataset: str, layer: int | None = 1, rate_pct: int | None = None)
     return f"{base}_vanilla" if rate_pct is None else f"{base}_sin{layer}_r{rate_pct}"
 
 
+def occlusion_model_name(dataset: str) -> str:
+    """Return the checkpoint name of a data set's ablation twin: the SIN model's fine-tuning without SIN, the
+    window's pixels filled instead (Minority Reports' occlusion)."""
+    return f"{dataset}_{ARCH[dataset]}_occl"
+
+
 def available(name: str) -> bool:
     """Return True iff a checkpoint of that name is shipped."""
     return (CHECKPOINT_DIR / f"{name}.pt").is_file()
@@ -64,8 +70,9 @@ def paper_table(name: str, dataset: str | None = None) -> pd.DataFrame:
 def certify_cached(dataset: str, checkpoint: str, patch: float, *, per_class: int | None, seed: int = 0,
                    mode: str = "sound", rule: str = "strict", tau: float | None = None, r: int = 3,
                    sin: bool = True, force: bool = False, device: str = "cpu", chunk_images: int = 50,
-                   early_stop: bool | None = None, progress: bool = True) -> pd.DataFrame:
-    """Return per-image certification records of one configuration, from the cache or computed (and cached)."""
+                   early_stop: bool | None = None, progress: bool = True, masks: int | None = None) -> pd.DataFrame:
+    """Return per-image certification records of one configuration, from the cache or computed (and cached);
+    ``masks=k``: PatchCleanser's k x k mask set as the window family (r and tau unused)."""
     dataset = D.check_dataset(dataset)
     model = load_model(checkpoint, device=device)
     if not sin:
@@ -76,11 +83,13 @@ def certify_cached(dataset: str, checkpoint: str, patch: float, *, per_class: in
     config = {"dataset": dataset, "checkpoint_sha256": model.card["sha256"], "patch": patch, "mode": mode,
               "rule": rule, "tau": tau, "r": r, "layer": model.sin_layer, "rate": model.sin_rate,
               "ids": R.config_key({"ids": ids}), "chunk_images": chunk_images, "early_stop": early}
+    if masks is not None:  # only then: runs cached before this option keep their key
+        config["masks"] = masks
 
     def one(rg):
         x, y = ds.tensors(ids[rg.start:rg.stop])
         return certify(model, x, y, patch, mode=mode, rule=rule, tau=tau, r=r, device=device,
-                       ids=ids[rg.start:rg.stop], early_stop=early)
+                       ids=ids[rg.start:rg.stop], early_stop=early, masks=masks)
 
     return R.cached(config, ids, chunk_images, one, force, progress)
 
@@ -615,6 +624,7 @@ def study_models(dataset: str) -> set[str]:
     """Return the checkpoint names the notebooks use on a data set: vanilla, SIN layers 1-3 and rates 10/15/20%, peers."""
     from .baselines import harness as H
     ours = {model_name(dataset)} | {model_name(dataset, layer, rate) for layer in (1, 2, 3) for rate in (10, 15, 20)}
+    ours |= {occlusion_model_name(dataset)}
     return ours | {H.peer(p).checkpoint(dataset) for p in H.PEER_NAMES} - {None}
 
 

@@ -173,3 +173,28 @@ def image_row_figure(images, titles, title: str, boxes=None):
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     return fig
+
+
+def cost_accuracy_figure(df: pd.DataFrame, title: str, x: str = "forwards_per_image", y: str = "certified",
+                         hue: str = "defense", facet: str = "patch_pct", label: str = "family"):
+    """Return scatter panels (one per ``facet`` value) of y against x on a log axis, one marker per hue, each point
+    annotated with its ``label``, so that equal-cost comparisons can be read off."""
+    keys = sorted(df[facet].unique())
+    hues = sorted(df[hue].unique())
+    fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 3.6), squeeze=False, sharey=True)
+    for ax, key in zip(axes[0], keys):
+        g = df[df[facet] == key]
+        for i, h in enumerate(hues):
+            gh = g[g[hue] == h]
+            ax.scatter(gh[x], gh[y], marker="osD^v"[i % 5], color=f"C{i}", label=h, s=28)
+            for _, r in gh.iterrows():
+                ax.annotate(str(r[label]), (r[x], r[y]), fontsize=6, xytext=(3, 2), textcoords="offset points")
+        ax.set_xscale("log")
+        ax.set_title(f"{key:g}% patch" if isinstance(key, float) else str(key), fontsize=9)
+        ax.set_xlabel("forward passes per image (log)")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("certified accuracy (%)")
+    axes[0][-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1), frameon=False)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return fig

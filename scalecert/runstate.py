@@ -104,7 +104,7 @@ class ResumableRun:
         self._t0 = last = time.time()
         from tqdm.auto import tqdm
         self.bar = bar = tqdm(total=steps, initial=first, desc=desc or f"{self.run_dir.name} {epoch + 1}",
-                              leave=False, mininterval=5, disable=None)
+                              leave=False, mininterval=5, disable=False)
         try:
             for s, batch in enumerate(epoch_batches(train_set, n_train, batch_size, pad, gen, seed, epoch, device,
                                                     first, gen_state), first):

@@ -53,6 +53,7 @@ class WindowFamily:
     stride: int
     r: int
     tau: float | None
+    masks: int | None = None  # k of a PatchCleanser mask set (k x k masks), None for the paper's families
 
     def __len__(self) -> int:
         return len(self.boxes)
@@ -85,6 +86,32 @@ def candidate_windows(n: int, patch, r: int = 3, tau: float | None = None) -> Wi
     r0, c0 = pos[gi], pos[gj]
     boxes = torch.stack([r0, c0, r0 + side - 1, c0 + side - 1], 1)
     return WindowFamily(boxes, torch.stack([gi, gj], 1), n, p, side, stride, r, tau)
+
+
+def mask_set(n: int, patch, k: int = 6) -> WindowFamily:
+    """Return PatchCleanser's k x k mask set for a patch (px or %) on an n x n image.
+
+    Stride ``s = ceil((n - p + 1) / k)`` and mask side ``m = p + s - 1`` (Xiang et al., USENIX Security 2022), so
+    every p x p patch lies wholly inside at least one mask; the last position on each axis is always included.
+    """
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"masks per axis k must be a positive int, got {k!r}")
+    p = patch_pixels(patch, n)
+    stride = max(1, math.ceil((n - p + 1) / k))
+    side = min(n, p + stride - 1)
+    pos = torch.tensor(positions(n, side, stride))
+    gi, gj = torch.meshgrid(torch.arange(len(pos)), torch.arange(len(pos)), indexing="ij")
+    gi, gj = gi.flatten(), gj.flatten()
+    r0, c0 = pos[gi], pos[gj]
+    boxes = torch.stack([r0, c0, r0 + side - 1, c0 + side - 1], 1)
+    return WindowFamily(boxes, torch.stack([gi, gj], 1), n, p, side, stride, stride, None, masks=k)
+
+
+def family_label(family: WindowFamily) -> str:
+    """Return a short name of a window family for tables: ``r=3``, ``r=3 tau=0.3`` or ``k=6 masks``."""
+    if family.masks is not None:
+        return f"k={family.masks} masks"
+    return f"r={family.r}" + (f" tau={family.tau:g}" if family.tau is not None and family.tau < 1 else "")
 
 
 def covers_all_patches(family: WindowFamily) -> bool:

@@ -238,3 +238,45 @@ def test_run_peak_sees_an_allocation_and_resets_between_calls():
     assert peak - before > 90
     before, peak = run_peak_mb(lambda: None)
     assert peak - before < 20
+
+
+@pytest.mark.parametrize("patch,family", [(2, dict(r=2)), (4, dict(masks=3))])
+def test_minority_reports_certified_equals_brute_force_over_every_window(patch, family):
+    """MR certifies an image iff the plain prediction and every window-filled prediction equal the label."""
+    m = spread_model()
+    m.set_sin(1, None)
+    x = images(8, seed=3)
+    with torch.no_grad():
+        y = m(x).argmax(1)
+    y[0] = (y[0] + 1) % 10  # one wrong label: never certified
+    eng = Engine(m, 16, patch, **family)
+    recs = pd.DataFrame(eng.run(x, y))
+    want = []
+    with torch.no_grad():
+        for i in range(len(x)):
+            masks = rect_masks(eng.family.boxes, 16, 16).unsqueeze(1)
+            filled = x[i:i + 1].expand(len(masks), -1, -1, -1).masked_fill(masks, 0.0)
+            labels = m(filled).argmax(1)
+            want.append(bool(m(x[i:i + 1]).argmax(1) == y[i]) and bool((labels == y[i]).all()))
+    assert recs.certified.tolist() == want
+    assert 0 < sum(want) < len(want), "the check needs certified and uncertified images"
+    assert (recs.n_candidates == len(eng.family)).all()
+
+
+def test_sound_mode_on_the_mask_set_has_no_violations():
+    """The certificate stays sound on PatchCleanser's mask set: SIN prunes the masks, every patch lies in one."""
+    m = spread_model(rate=0.2)
+    x = images(6, seed=5)
+    with torch.no_grad():
+        y = m(x).argmax(1)
+    eng = Engine(m, 16, 2, masks=4)
+    assert len(eng.family) == 16
+    res = audit(eng, x, y, progress=False, contents=("zeros", "ones", "noise"))
+    assert res["certified"] > 0 and res["flipped"] > 0
+    assert res["violations"] == 0, res["examples"]
+
+
+@pytest.mark.parametrize("kw", [dict(tau=0.5), dict(rule="paper")])
+def test_mask_set_takes_no_tau_and_only_the_strict_rule(kw):
+    with pytest.raises(ValueError, match="mask-set"):
+        Engine(spread_model(), 16, 2, masks=6, **kw)

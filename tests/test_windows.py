@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from scalecert.windows import candidate_windows, covers_all_patches, merge_per_image, patch_pixels
+from scalecert.windows import (candidate_windows, covers_all_patches, family_label, mask_set, merge_per_image,
+                               patch_pixels)
 
 
 def test_paper_patch_rounding():
@@ -46,3 +47,29 @@ def test_per_image_merge_contains_every_input_window():
         assert ((merged[:, 0] <= r0) & (merged[:, 1] <= c0) & (merged[:, 2] >= r1) & (merged[:, 3] >= c1)).any()
     area = (merged[:, 2] - merged[:, 0] + 1) * (merged[:, 3] - merged[:, 1] + 1)
     assert (100 / area >= 0.5).all()
+
+
+@pytest.mark.parametrize("n,patches", [(32, (0.4, 2.4, 5.0, 8.0)), (224, (1.0, 2.0, 3.0, 5.0, 8.0))])
+def test_patchcleanser_mask_set_covers_every_patch_with_36_masks(n, patches):
+    for pct in patches:
+        fam = mask_set(n, pct, 6)
+        p = patch_pixels(pct, n)
+        assert len(fam) == 36 and fam.masks == 6 and fam.side == p + fam.stride - 1
+        assert fam.stride == -(-(n - p + 1) // 6)  # ceil((n - p + 1) / k)
+        assert covers_all_patches(fam), (n, pct)
+        assert fam.boxes[:, 2].max() == n - 1 and (fam.boxes[:, :2] >= 0).all()
+    assert family_label(mask_set(32, 2.4)) == "k=6 masks"
+
+
+def test_a_mask_set_one_pixel_too_small_misses_a_patch():
+    """The coverage check can fail: shrinking every mask by one pixel leaves some patch uncovered."""
+    fam = mask_set(32, 5, 6)
+    fam.boxes = fam.boxes.clone()
+    fam.boxes[:, 2:] -= 1
+    assert not covers_all_patches(fam)
+
+
+@pytest.mark.parametrize("bad", [0, -2, 2.5, True])
+def test_bad_mask_count_is_rejected(bad):
+    with pytest.raises(ValueError, match="masks per axis"):
+        mask_set(32, 5, bad)

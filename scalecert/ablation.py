@@ -1,0 +1,159 @@
+"""Does SIN help? The equal-budget ablation of notebook 12.
+
+ScaleCert runs on its SIN model; Minority Reports (MR) runs on the *ablation twin* of that model (the same
+fine-tuning from the same vanilla checkpoint, without the SIN layer, each training window's pixels filled as MR's
+certification fills them) and, for reference, on the undefended vanilla model. Every defence runs on every window
+family ScaleCert uses: 05's r = 3 family, 11's r = 1 family, 07's tau-merged families (at 2.4% / 2%) and
+PatchCleanser's k x k mask set. The settings of each family are those of the notebook that runs it first, so that
+their cached runs are shared.
+
+Cost is counted as forward passes per image = 1 + the image's candidate windows: what ``detect`` spends on any
+input and ``certify`` on an image it certifies (an early exit on a failing image does not count as a saving).
+"""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from . import data as D
+from . import experiments as E
+from .stats import mcnemar_exact, paired_bootstrap
+
+SC, SC_PAPER, MR_VANILLA, MR_OCCL = ("ScaleCert", "ScaleCert (paper mode)", "MR (undefended model)",
+                                     "MR (occlusion-trained)")
+DEFENSES = (SC, SC_PAPER, MR_VANILLA, MR_OCCL)
+#: 07's overlap ratios; their families are evaluated at 07's patch size only
+TAUS = (0.3, 0.5, 0.6)
+TAU_PATCH = {"cifar10": 2.4, "imagenette": 2.0}
+#: PatchCleanser's masks per axis (k x k masks), as on the field's leaderboard
+MASKS = 6
+TABLE_COLUMNS = ["dataset", "patch_pct", "family", "defense", "model", "images", "clean", "certified",
+                 "forwards_per_image", "seconds_per_image"]
+VERDICT_COLUMNS = ["dataset", "patch_pct", "family", "images", "scalecert_certified", "mr_occl_certified",
+                   "difference", "ci_low", "ci_high", "p_value"]
+
+
+def families(dataset: str, patch_pct: float, rs=(3, 1), masks: int = MASKS, taus=TAUS) -> list[dict]:
+    """Return the window families at a patch size: ``family`` label, certify options ``kw`` and whether paper mode
+    runs on it (the r = 3 and tau families, where 05 and 07 run it)."""
+    dataset = D.check_dataset(dataset)
+    tau0 = E.DEFAULT_TAU[dataset]
+    label = (lambda r, t: f"r={r}" + ("" if t is None else f" tau={t:g}"))
+    out = [{"family": label(r, tau0), "kw": dict(r=r, tau=tau0), "paper_mode": r == 3} for r in rs]
+    out.append({"family": f"k={masks} masks", "kw": dict(masks=masks), "paper_mode": False})
+    if float(patch_pct) == TAU_PATCH[dataset]:
+        # 07 times its families without early exit; the records (and so every outcome) are the same either way
+        out += [{"family": label(3, t), "kw": dict(r=3, tau=t, early_stop=False), "paper_mode": True}
+                for t in taus if t != tau0]
+    return out
+
+
+def defence_runs(dataset: str, family: dict) -> list[tuple[str, str, dict]]:
+    """Return (defence, checkpoint, certify options) of every defence on a family."""
+    sin = E.model_name(dataset, 1, E.DEFAULT_RATE[dataset])
+    kw = family["kw"]
+    runs = [(SC, sin, dict(mode="sound", rule="strict", **kw))]
+    if family["paper_mode"]:
+        runs.append((SC_PAPER, sin, dict(mode="paper", rule="paper", **kw)))
+    runs += [(MR_VANILLA, E.model_name(dataset), dict(mode="sound", rule="strict", sin=False, **kw)),
+             (MR_OCCL, E.occlusion_model_name(dataset), dict(mode="sound", rule="strict", **kw))]
+    return runs
+
+
+def row(df: pd.DataFrame, **labels) -> dict:
+    """Return one row of 12's table from a run's records (forwards per image = 1 + candidate windows)."""
+    return {**labels, "images": len(df), "clean": round(100 * df.clean_correct.mean(), 1),
+            "certified": round(100 * df.certified.mean(), 1),
+            "forwards_per_image": round(1 + float(df.n_candidates.mean()), 1),
+            "seconds_per_image": round(df.attrs.get("seconds_per_image", float("nan")), 4)}
+
+
+def run_all(dataset: str, patches, *, per_class: int | None, seed: int = 0, device: str = "cpu", force: bool = False,
+            rs=(3, 1), masks: int = MASKS, taus=TAUS) -> tuple[pd.DataFrame, dict]:
+    """Return (table, records) of every defence on every family and patch size of a data set: the table has
+    ``TABLE_COLUMNS`` (a ``note`` for a model not trained yet), records map (patch, family, defence) to the run's
+    per-image records (cached certification runs, computed where missing)."""
+    dataset = D.check_dataset(dataset)
+    rows, recs = [], {}
+    for pct in patches:
+        for fam in families(dataset, pct, rs, masks, taus):
+            for defense, ckpt, kw in defence_runs(dataset, fam):
+                labels = {"dataset": D.DATASET_LABELS[dataset], "patch_pct": float(pct), "family": fam["family"],
+                          "defense": defense, "model": ckpt}
+                if not E.available(ckpt):
+                    rows.append({**labels, "note": f"{ckpt} not trained yet"})
+                    continue
+                df = E.certify_cached(dataset, ckpt, pct, per_class=per_class, seed=seed, force=force, device=device,
+                                      progress=False, **kw)
+                recs[float(pct), fam["family"], defense] = df
+                rows.append(row(df, **labels))
+    table = pd.DataFrame(rows)
+    for c in TABLE_COLUMNS:
+        if c not in table:
+            table[c] = np.nan
+    return table[TABLE_COLUMNS + [c for c in table.columns if c not in TABLE_COLUMNS]], recs
+
+
+def verdict(dataset: str, recs: dict, n_boot: int = 10000, seed: int = 0) -> pd.DataFrame:
+    """Return ``VERDICT_COLUMNS``: per patch size and family, ScaleCert (sound) minus MR (occlusion-trained) in certified
+    accuracy on the same images, with its 95% paired-bootstrap interval and McNemar's exact p value."""
+    rows = []
+    for (pct, fam, defense), sc in recs.items():
+        mr = recs.get((pct, fam, MR_OCCL))
+        if defense != SC or mr is None:
+            continue
+        both = sc[["id", "certified"]].merge(mr[["id", "certified"]], on="id", suffixes=("_sc", "_mr"), validate="1:1")
+        if len(both) != len(sc) or len(both) != len(mr):
+            raise ValueError(f"{dataset} {pct}% {fam}: the two runs do not hold the same images")
+        a, b = both.certified_sc.to_numpy(bool), both.certified_mr.to_numpy(bool)
+        diff, lo, hi = paired_bootstrap(a, b, n_boot=n_boot, seed=seed)
+        rows.append({"dataset": D.DATASET_LABELS[dataset], "patch_pct": pct, "family": fam, "images": len(both),
+                     "scalecert_certified": round(100 * a.mean(), 1), "mr_occl_certified": round(100 * b.mean(), 1),
+                     "difference": round(diff, 1), "ci_low": round(lo, 1), "ci_high": round(hi, 1),
+                     "p_value": float(f"{mcnemar_exact(a, b):.3g}")})
+    return pd.DataFrame(rows, columns=VERDICT_COLUMNS)
+
+
+def equal_forwards(table: pd.DataFrame) -> pd.DataFrame:
+    """Return per patch size and ScaleCert (sound) point, the best MR (occlusion-trained) point of that patch size at no
+    more forward passes per image (NaN where MR has none that cheap)."""
+    out = []
+    t = table.dropna(subset=["certified"])
+    for (ds, pct), g in t.groupby(["dataset", "patch_pct"], sort=True):
+        mr = g[g.defense == MR_OCCL]
+        for _, s in g[g.defense == SC].iterrows():
+            cheap = mr[mr.forwards_per_image <= s.forwards_per_image]
+            best = cheap.loc[cheap.certified.idxmax()] if len(cheap) else None
+            out.append({"dataset": ds, "patch_pct": pct, "family": s.family, "forwards_per_image": s.forwards_per_image,
+                        "scalecert_certified": s.certified,
+                        "mr_occl_family": None if best is None else best.family,
+                        "mr_occl_forwards": np.nan if best is None else best.forwards_per_image,
+                        "mr_occl_certified": np.nan if best is None else best.certified})
+    return pd.DataFrame(out)
+
+
+def sentence(dataset_label: str, verdict_rows: pd.DataFrame, frontier: pd.DataFrame) -> str:
+    """Return one sentence (written from the tables) on whether SIN adds certified accuracy over occlusion training
+    alone: the same-family paired differences, and ScaleCert against MR's best point at no more forwards."""
+    v = verdict_rows[verdict_rows.dataset == dataset_label]
+    if v.empty:
+        return f"{dataset_label}: no paired comparison yet (the occlusion-trained model or its runs are missing)."
+    above, below = int((v.ci_low > 0).sum()), int((v.ci_high < 0).sum())
+    level = int(round(100 * (1 - 0.05)))
+    same = (f"on the same images and window family, ScaleCert (sound) certifies more than MR on the occlusion-trained "
+            f"model in {above}, fewer in {below} and a difference whose {level}% interval includes 0 in "
+            f"{len(v) - above - below} of {len(v)} (patch, family) pairs (differences from {v.difference.min():+.1f} "
+            f"to {v.difference.max():+.1f} points, {int(v.images.iloc[0])} images each)")
+    f = frontier[(frontier.dataset == dataset_label)].dropna(subset=["mr_occl_certified"])
+    if len(f):
+        wins = int((f.scalecert_certified > f.mr_occl_certified).sum())
+        gap = (f.scalecert_certified - f.mr_occl_certified)
+        cost = (f"; at no more forward passes per image, ScaleCert is ahead of MR's best point in {wins} of {len(f)} "
+                f"ScaleCert points (by {gap.min():+.1f} to {gap.max():+.1f} points)")
+    else:
+        cost = "; MR has no point as cheap as any ScaleCert point"
+    answer = ("SIN adds certified accuracy over occlusion training alone" if above and not below else
+              "SIN does not add certified accuracy over occlusion training alone" if below and not above else
+              "SIN's effect over occlusion training alone is mixed" if above and below else
+              "no difference between SIN and occlusion training alone is resolved")
+    return f"{dataset_label}: {answer}: {same}{cost}."

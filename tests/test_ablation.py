@@ -1,0 +1,78 @@
+import numpy as np
+import pandas as pd
+import pytest
+
+from scalecert import ablation as A
+from scalecert import experiments as E
+from scalecert.windows import candidate_windows, covers_all_patches, mask_set
+
+
+def test_families_are_05_11_07_and_the_mask_set_and_each_covers_every_patch():
+    c = A.families("cifar10", 2.4)
+    assert [f["family"] for f in c] == ["r=3", "r=1", "k=6 masks", "r=3 tau=0.3", "r=3 tau=0.5", "r=3 tau=0.6"]
+    assert [f["family"] for f in A.families("cifar10", 0.4)] == ["r=3", "r=1", "k=6 masks"]
+    i = A.families("imagenette", 2.0)  # 05's and 11's Imagenette families are merged at tau = 0.3 already
+    assert [f["family"] for f in i] == ["r=3 tau=0.3", "r=1 tau=0.3", "k=6 masks", "r=3 tau=0.5", "r=3 tau=0.6"]
+    for name, n, pct in (("cifar10", 32, 2.4), ("imagenette", 224, 2.0)):
+        for f in A.families(name, pct):
+            kw = f["kw"]
+            fam = mask_set(n, pct, kw["masks"]) if "masks" in kw else candidate_windows(n, pct, kw["r"], kw["tau"])
+            assert covers_all_patches(fam), (name, f["family"])
+
+
+def test_every_family_runs_all_four_defences_on_the_right_models():
+    runs = A.defence_runs("cifar10", A.families("cifar10", 2.4)[0])
+    assert [(d, m) for d, m, _ in runs] == [
+        (A.SC, "cifar10_resnet20_sin1_r20"), (A.SC_PAPER, "cifar10_resnet20_sin1_r20"),
+        (A.MR_VANILLA, "cifar10_resnet20_vanilla"), (A.MR_OCCL, E.occlusion_model_name("cifar10"))]
+    assert runs[2][2]["sin"] is False and "sin" not in runs[3][2]
+    masks = A.defence_runs("cifar10", A.families("cifar10", 2.4)[2])
+    assert A.SC_PAPER not in [d for d, _, _ in masks]  # the mask set has no paper-mode rule
+
+
+def _recs(certified, ids=None):
+    ids = list(range(len(certified))) if ids is None else ids
+    return pd.DataFrame({"id": ids, "certified": np.asarray(certified, bool)})
+
+
+def test_verdict_pairs_the_two_runs_image_by_image():
+    sc = _recs([1] * 6 + [0] * 4)
+    mr = _recs([1, 1, 1, 1, 0, 0, 0, 0, 0, 1][::-1], ids=list(range(10))[::-1])  # same outcomes, other row order
+    recs = {(2.4, "r=3", A.SC): sc, (2.4, "r=3", A.MR_OCCL): mr, (2.4, "r=3", A.MR_VANILLA): _recs([0] * 10)}
+    v = A.verdict("cifar10", recs, n_boot=2000)
+    assert len(v) == 1 and list(v.columns) == A.VERDICT_COLUMNS
+    r = v.iloc[0]
+    # by id: ScaleCert certifies ids 0-5, MR ids 0-3 and 9: discordant 2 (ids 4, 5) against 1 (id 9)
+    assert (r.scalecert_certified, r.mr_occl_certified, r.difference) == (60.0, 50.0, 10.0)
+    assert r.ci_low < 10 < r.ci_high and r.p_value == 1.0
+
+
+def test_verdict_refuses_runs_on_other_images():
+    recs = {(2.4, "r=3", A.SC): _recs([1, 0, 1]), (2.4, "r=3", A.MR_OCCL): _recs([1, 0, 1], ids=[0, 1, 5])}
+    with pytest.raises(ValueError, match="same images"):
+        A.verdict("cifar10", recs)
+
+
+def _table(rows):
+    return pd.DataFrame(rows, columns=["dataset", "patch_pct", "family", "defense", "forwards_per_image", "certified"])
+
+
+def test_equal_forwards_takes_mr_s_best_point_at_no_more_forwards():
+    t = _table([("C", 2.4, "r=3", A.SC, 50.0, 47.0), ("C", 2.4, "k=6 masks", A.SC, 8.0, 30.0),
+                ("C", 2.4, "r=3", A.MR_OCCL, 677.0, 55.0), ("C", 2.4, "k=6 masks", A.MR_OCCL, 37.0, 40.0),
+                ("C", 2.4, "r=3 tau=0.3", A.MR_OCCL, 50.0, 42.0)])
+    f = A.equal_forwards(t).set_index("family")
+    assert f.loc["r=3", "mr_occl_family"] == "r=3 tau=0.3" and f.loc["r=3", "mr_occl_certified"] == 42.0
+    assert np.isnan(f.loc["k=6 masks", "mr_occl_certified"])  # MR has nothing as cheap as 8 forwards
+
+
+def test_sentence_is_written_from_the_tables():
+    v = pd.DataFrame([{"dataset": "C", "patch_pct": 2.4, "family": "r=3", "images": 100, "scalecert_certified": 50.0,
+                       "mr_occl_certified": 40.0, "difference": 10.0, "ci_low": 3.0, "ci_high": 17.0, "p_value": 0.01}])
+    f = pd.DataFrame([{"dataset": "C", "scalecert_certified": 50.0, "mr_occl_certified": 42.0}])
+    s = A.sentence("C", v, f)
+    assert s.startswith("C: SIN adds certified accuracy") and "+10.0" in s and "100 images" in s and "+8.0" in s
+    v2 = v.assign(difference=-10.0, ci_low=-17.0, ci_high=-3.0)
+    assert "does not add" in A.sentence("C", v2, f)
+    assert "interval includes 0 in 1 of 1" in A.sentence("C", v.assign(ci_low=-1.0), f)
+    assert "no paired comparison" in A.sentence("D", v, f)
