@@ -13,7 +13,7 @@ NOTEBOOKS := $(sort $(wildcard notebooks/[0-9]*.ipynb))
 EXEC_DIR := figures/executed/$(PROFILE)
 # `make figures` runs FIG_JOBS notebooks side by side with FIG_THREADS torch threads each (on this
 # 2-core CPU two one-thread notebooks finish sooner than one two-thread notebook at a time), in the order of
-# ORDER: the longest first so that the job slots finish together (quick-profile seconds measured in session 11:
+# ORDER: the longest first so that the job slots finish together (quick-profile seconds measured on 2026-12-02:
 # 05 610, 02 193, 04 201, 07 147, 11 113, 10 103, 06 91, 09 76, 08 35, 01 20, 00 16), except that 03 (16) comes
 # right after 02, whose universal patch it reuses; notebooks not named here run last
 NPROC := $(shell env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc 2>/dev/null || echo 1)
@@ -26,7 +26,7 @@ EXECUTED := $(addprefix $(EXEC_DIR)/,$(addsuffix .ipynb,$(filter $(basename $(no
 DATA_STAMPS := data/cifar10-jpeg/.test-uint8.npy data/imagenette-224/.val-uint8.npy
 KERNEL := scalecert
 
-.PHONY: help setup data figures test test-fast golden lab audit bench models peers paper-background clean distclean
+.PHONY: help setup data figures test test-fast golden lab audit bench readme models peers paper-background clean distclean
 .DEFAULT_GOAL := help
 
 help: ## list the targets
@@ -35,7 +35,7 @@ help: ## list the targets
 
 setup: $(STAMP) ## create .venv, install pinned packages and the package, register the Jupyter kernel
 
-# pip compiles bytecode at install: --no-compile was tried (session 11) and lost, because this machine sets
+# pip compiles bytecode at install: --no-compile was tried (2026-12-02) and lost, because this machine sets
 # PYTHONDONTWRITEBYTECODE=1, so every later import recompiled from source (about 8 s per notebook kernel)
 $(STAMP): requirements.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -66,7 +66,7 @@ $(EXEC_DIR)/%.ipynb: notebooks/%.ipynb $(STAMP) $(DATA_STAMPS) $(wildcard scalec
 # of the same configurations, and 05 too in the paper profile; 11 reads 05's r = 3 rows) may run side by side:
 # the cache computes each chunk and each patch under a lock, once, and the other notebook reads it. There are no
 # make prerequisites between them because GNU make -j left a notebook whose prerequisite had just finished
-# until after every other notebook (seen in session 12: 03 started 6 minutes after 02 was done).
+# until after every other notebook (seen on 2026-12-02: 03 started 6 minutes after 02 was done).
 
 figures/REPORT.md: $(EXECUTED)
 	$(PY) -m scalecert.report --profile $(PROFILE) > $@.tmp && mv $@.tmp $@
@@ -95,6 +95,10 @@ audit: $(STAMP) $(DATA_STAMPS) ## soundness audit of both modes (quick)
 
 bench: $(STAMP) $(DATA_STAMPS) ## certify throughput vs plain forwards and Minority Reports (quick)
 	$(PY) -m scalecert bench --quick
+
+readme: $(STAMP) ## regenerate the README's claims table and the models table of docs/models.md
+	$(PY) -m scalecert.claims --readme
+	bash tools/readme_models.sh
 
 models: $(STAMP) $(DATA_STAMPS) ## train every shipped ScaleCert model (hours on a CPU; resumable; never in CI)
 	bash tools/train_all.sh all

@@ -1,0 +1,83 @@
+"""The claims table: the verdict rule, its coverage of the paper's claims, and the README block it writes."""
+import math
+import shutil
+
+import pandas as pd
+import pytest
+
+from scalecert import claims as C
+from scalecert import experiments as E
+
+
+@pytest.mark.parametrize("paper, ours, better, tol, want", [
+    (55.4, 60.9, "higher", 5.0, "reproduced"),        # beyond the paper in the claim's direction
+    (55.4, 50.4, "higher", 5.0, "reproduced"),        # exactly at the tolerance
+    (55.4, 50.3, "higher", 5.0, "not reproduced"),    # just past it
+    (7.9, 12.9, "lower", 5.0, "reproduced"),
+    (7.9, 66.3, "lower", 5.0, "not reproduced"),
+    (100.0, 100.0, "lower", 0.0, "reproduced"),       # a bound without tolerance
+    (100.0, 100.1, "lower", 0.0, "not reproduced"),
+    (-0.6, 4.4, "lower", 5.0, "reproduced"),          # differences in points follow the same rule
+    (50.0, 64.4 - 9.4, "lower", 5.0, "reproduced"),   # 55.00000000000001: compared as printed, not as binary floats
+    (math.nan, 96.0, "higher", 5.0, "not testable here"),
+    (82.1, math.nan, "higher", 5.0, "not testable here"),
+])
+def test_verdict_rule_on_hand_made_rows(paper, ours, better, tol, want):
+    assert C.verdict(paper, ours, better, tol)[0] == want
+
+
+def test_verdict_reason_says_how_far_and_which_way():
+    assert C.verdict(75.3, 47.3, "higher") == ("not reproduced", "28.0 below the paper's")
+    assert C.verdict(85.8, 87.1, "higher") == ("reproduced", "1.3 above the paper's")
+    assert C.verdict(0.0, 0.0, "lower", 0.0) == ("reproduced", "equal to the paper's")
+    assert C.verdict(219.0, 295.0, "lower", untestable="no GPU here") == ("not testable here", "no GPU here")
+    with pytest.raises(ValueError):
+        C.threshold(1.0, "closer", 5.0)
+
+
+def test_table_holds_every_claim_with_a_verdict():
+    df = C.claims()
+    assert set(C.KINDS) <= set(df.kind), set(C.KINDS) - set(df.kind)
+    assert set(df.verdict) <= set(C.VERDICTS) and not df.ours.isna().any()
+    cert = df[df.kind == "certified accuracy"]
+    for ds, data in C.DATA.items():  # every headline patch size of Tables 2 and 5, on both data sets
+        sizes = {f"{p:g}% patch" for p in E.PATCHES[ds] + E.LARGE_PATCHES[ds]}
+        assert {c.split(", ")[1].split(" (")[0] for c in cert[cert.data == data].claim} == sizes
+    # the paper's numbers come from data/paper, ours from the committed whole-split tables
+    row = cert[(cert.data == C.DATA["imagenette"]) & cert.claim.str.contains(" 2% patch")].iloc[0]
+    t2 = E.paper_table("table2_certified", "imagenette")
+    assert row.paper == t2[(t2.patch_pct == 2) & (t2.defense == "ScaleCert")].certified.item()
+    whole = C.ours_table("imagenette", "05_whole_splits")
+    assert row.ours == whole[(whole.patch_pct == 2) & (whole.defense == "ScaleCert")].certified.item()
+    assert row.images == 3925
+    md = C.markdown()
+    rows = [line for line in md.splitlines() if line.startswith("| ")]
+    assert all(claim in md for claim in df.claim) and len(rows) == 1 + len(set(df.data)) + len(df)  # header, groups
+
+
+def test_a_changed_result_changes_its_verdict(tmp_path):
+    shutil.copytree(C.FIG_DIR, tmp_path / "paper", ignore=shutil.ignore_patterns("*.png", "*.pdf"))
+    path = tmp_path / "paper" / "imagenette" / "05_whole_splits.csv"
+    df = pd.read_csv(path)
+    df.loc[(df.patch_pct == 2) & (df.defense == "ScaleCert"), "certified"] = 40.0
+    df.to_csv(path, index=False)
+    before, after = C.claims(), C.claims(tmp_path / "paper")
+    changed = before.verdict != after.verdict
+    assert after[changed].claim.tolist() == ["Certified accuracy (%), 2% patch (Table 2)"]
+    assert after[changed].verdict.item() == "not reproduced"
+
+
+def test_readme_block_is_what_the_command_generates_today():
+    # fails when the README is stale: run `make readme` (python -m scalecert.claims --readme) and commit it
+    assert C.block(C.README.read_text()) == C.markdown()
+
+
+def test_write_readme_replaces_only_the_block(tmp_path):
+    p = tmp_path / "README.md"
+    p.write_text(f"# title\n\n{C.START}\nold\n{C.END}\n\ntail\n")
+    assert C.write_readme(p) and not C.write_readme(p)
+    text = p.read_text()
+    assert text.startswith("# title\n\n") and text.endswith(f"{C.END}\n\ntail\n") and C.block(text) == C.markdown()
+    p.write_text("no markers\n")
+    with pytest.raises(ValueError):
+        C.write_readme(p)
