@@ -101,7 +101,7 @@ class SplitNet(nn.Module):
         shapes = self.__dict__.setdefault("_feature_shapes", {})  # probed once: training asks every step
         if key not in shapes:
             # in eval mode: a probe forward in train mode would pull the BatchNorm running statistics towards a
-            # blank image (it did, once per fine-tuning step, until session 8)
+            # blank image (it did, once per fine-tuning step, until 2026-11-25)
             was = self.training
             self.eval()
             try:
@@ -217,7 +217,7 @@ def rest_channels_last(model: SplitNet) -> SplitNet:
 
 # --------------------------------------------------------------------------- checkpoints
 CHECKPOINT_DIR = Path(__file__).resolve().parent.parent / "data" / "checkpoints"
-#: what a card's accuracies were measured on since session 21 (before, the fp32 weights the fp16 checkpoint rounds)
+#: what a card's accuracies were measured on since 2026-12-06 (before, the fp32 weights the fp16 checkpoint rounds)
 MEASURED_ON = "stored weights"
 
 

@@ -8,7 +8,7 @@ import numbers
 from . import data as D
 from .windows import patch_pixels
 
-#: images per class used by each profile (None = the whole evaluation split); quick: 5 since session 11, towards
+#: images per class used by each profile (None = the whole evaluation split); quick: 5 since 2026-12-02, towards
 #: the 20-minute budget of a cold quick run on a slower 2-core CPU (10 before: 34 to 49 minutes there)
 PROFILES = {"tiny": 1, "quick": 5, "paper": None}
 #: Adam steps of the universal patches (02-04) per profile; Imagenette patches dominate the quick profile's time

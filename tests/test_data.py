@@ -43,7 +43,7 @@ def test_both_cifar_formats_give_identical_tensors(tmp_path):
 
 def test_two_writers_of_the_split_cache_both_finish(tmp_path, monkeypatch):
     # a second process decodes and caches the same split while the first is between its save and its rename
-    # (session 22: `cache --plan` beside `make data` lost its temp file to the other writer)
+    # (seen on 2026-12-06: `cache --plan` beside `make data` lost its temp file to the other writer)
     _, tree, imgs, labels = _write_cifar_both(tmp_path)
     real_replace, nested = D.os.replace, {}
 

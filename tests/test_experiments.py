@@ -342,11 +342,11 @@ def test_model_accuracy_of_a_run_is_the_plain_models_accuracy(setup):
 
 
 def test_every_shipped_card_counts_the_images_its_committed_whole_split_records_count():
-    # before session 21 the cards measured fp32 weights and 6 of these 12 disagreed by 1-5 images
+    # until the re-measurement of 2026-12-06 the cards measured fp32 weights; 6 of these 12 disagreed by 1-5 images
     check = E.card_accuracy_check()
     assert len(check) >= 12, check
-    # a card and the records may differ only by images whose two top logits tie (below E.TIE_MARGIN): found in
-    # session 25, cifar10_resnet20_sin1_r20_wo4 has one image at a margin of 1e-6 that its card counted as correct
+    # a card and the records may differ only by images whose two top logits tie (below E.TIE_MARGIN): found on
+    # 2026-12-06, cifar10_resnet20_sin1_r20_wo4 has one image at a margin of 1e-6 that its card counted as correct
     off = (check.card_correct - check.records_correct).abs() > check.near_ties
     assert not off.any(), check[off]
     # 01's cached predictions cover every shipped ScaleCert and vanilla model, with and without the SIN layer

@@ -40,7 +40,7 @@ def test_a_model_rounded_to_storage_is_exactly_the_model_that_loads(tmp_path):
     with torch.no_grad():
         fp32 = m(x)
         save_checkpoint(m, tmp_path / "raw.pt", {})
-        assert not torch.equal(fp32, load_model(tmp_path / "raw.pt")(x))  # what cards measured before session 21
+        assert not torch.equal(fp32, load_model(tmp_path / "raw.pt")(x))  # what cards measured until 2026-12-06
         round_to_storage(m)
         save_checkpoint(m, tmp_path / "m.pt", {})
         loaded = load_model(tmp_path / "m.pt")
@@ -190,7 +190,7 @@ def test_feature_shape_probe_leaves_batchnorm_statistics_alone():
     m = build("resnet20", 10, 1, 0.2).train()
     before = {k: v.clone() for k, v in m.state_dict().items()}
     assert m.feature_shape(32) == (16, 32, 32) and m.training
-    assert all(torch.equal(v, before[k]) for k, v in m.state_dict().items())  # it moved them before session 8
+    assert all(torch.equal(v, before[k]) for k, v in m.state_dict().items())  # it moved them until 2026-11-25
 
 
 class _Images:

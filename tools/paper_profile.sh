@@ -12,9 +12,9 @@
 set -euo pipefail
 main() {
   cd "$(dirname "$0")/.."
-  # With the kernel's autogroup scheduling, nice only ranks processes within one session, and the
-  # notebook kernel (which does the work) starts a session of its own: lower that session's weight,
-  # so that training jobs elsewhere keep the cores.
+  # With the kernel's autogroup scheduling, nice only ranks processes within one autogroup, and the
+  # notebook kernel (which does the work) gets an autogroup of its own (Jupyter starts it with setsid):
+  # lower that autogroup's weight, so that training jobs elsewhere keep the cores.
   lower() { for k in $(pgrep -P "$1"); do { echo "${NICE:-19}" > "/proc/$k/autogroup"; } 2>/dev/null || true; done; }
   local PY=.venv/bin/python
   # one folder per job (JOB, default DATASET), so that jobs can run side by side; two jobs on one data set share the

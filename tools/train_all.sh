@@ -12,10 +12,10 @@ if [[ $which == cifar || $which == all ]]; then
     set -- $spec
     $PY -m scalecert train --name cifar10_resnet20_sin$1_r$2 --dataset cifar10 --init cifar10_resnet20_vanilla \
       --sin-layer $1 --sin-rate 0.$2 --occlude 0.4,2.4 --consistency 1.0 --epochs 8 --lr 0.02 --eval-subset 2000 $T
-    # session 8: BatchNorm statistics re-estimated (a card already recalibrated is left alone)
+    # BatchNorm statistics re-estimated (since 2026-11-25; a card already recalibrated is left alone)
     $PY -m scalecert recalibrate cifar10_resnet20_sin$1_r$2 --images 10000 $T
   done
-  # session 10: the longer fine-tune of layer 1 at 20% with worst-of-4 occlusion (not used by the notebooks)
+  # the longer fine-tune of layer 1 at 20% with worst-of-4 occlusion (2026-12-02; not used by the notebooks)
   $PY -m scalecert train --name cifar10_resnet20_sin1_r20_wo4 --dataset cifar10 --init cifar10_resnet20_sin1_r20 \
     --sin-layer 1 --sin-rate 0.20 --occlude 0.4,2.4 --consistency 1.0 --occlude-worst-of 4 --epochs 10 --lr 0.01 \
     --eval-subset 2000 $T
