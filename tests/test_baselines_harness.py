@@ -25,7 +25,7 @@ def test_every_peer_of_table_2_is_registered():
     assert H.peer("DS").shared is H.peer("PG-Mask-DS").shared is H.peer("DS").shared is not None
     assert H.peer("CBN").shared is H.peer("PatchGuard++").shared is H.peer("PG-Mask-BN").shared is not None
     with pytest.raises(ValueError, match="unknown peer"):
-        H.peer("PatchCleanser")
+        H.peer("NoSuchDefence")
 
 
 def test_peer_cached_computes_once_then_reads_the_cache(tmp_path, monkeypatch):

@@ -11,7 +11,7 @@ Every peer returns the same per-image records (one dict per image, a pandas row 
 * ``seconds``: wall time per image.
 
 ``kind`` is "recovery" (the certificate guarantees the right label) or "detection" (the right
-label or an alert), as in the paper's tables.
+label or an alert), as in the paper's tables; ``records_frame`` also writes it as ``guarantee``.
 """
 from __future__ import annotations
 
@@ -32,16 +32,16 @@ def batch_ids(batch_size, ids, b: int) -> list:
 
 
 def records_frame(records: list[dict], defense: str, kind: str) -> pd.DataFrame:
-    """Return the records as a DataFrame with the common columns first and ``defense``/``kind`` set."""
+    """Return the records as a DataFrame with the common columns first and ``defense``/``kind``/``guarantee`` set."""
     if kind not in KINDS:
         raise ValueError(f"unknown kind {kind!r}: expected one of {KINDS}")
     df = pd.DataFrame.from_records(records)
     missing = [c for c in RECORD_COLUMNS if c not in df.columns]
     if missing:
         raise ValueError(f"records of {defense} lack columns {missing}")
-    df["defense"], df["kind"] = defense, kind
-    return df[[*RECORD_COLUMNS, "defense", "kind", *[c for c in df.columns if c not in RECORD_COLUMNS
-                                                       and c not in ("defense", "kind")]]]
+    df["defense"], df["kind"], df["guarantee"] = defense, kind, kind
+    named = (*RECORD_COLUMNS, "defense", "kind", "guarantee")
+    return df[[*named, *[c for c in df.columns if c not in named]]]
 
 
 def summarise_records(df: pd.DataFrame, **labels) -> dict:
