@@ -223,3 +223,8 @@ def test_patchcleanser_runs_through_the_peer_harness(tmp_path, monkeypatch):
     assert (df.certify_forwards == 9 * 10 // 2).all() and (df.patch_px == 5).all() and (df.masks == 9).all()
     assert ((df.forwards >= 9) & (df.forwards <= 9 + 8 * df.disagreers)).all()
     assert (~df.certified | df.clean_correct).all()    # a certified image's defended output is its label
+    names = []  # another checkpoint than the peer's own: the occlusion-trained twin, say
+    other = H.dataclasses.replace(fake, loader=lambda name, device="cpu": names.append(name) or net)
+    monkeypatch.setattr(H, "_peers", lambda: {"PatchCleanser": other})
+    H.peer_cached("PatchCleanser", "cifar10", 2.4, per_class=1, chunk_images=5, progress=False, checkpoint="twin")
+    assert names == ["twin"]

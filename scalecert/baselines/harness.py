@@ -133,11 +133,13 @@ def peer_available(name: str, dataset: str) -> bool:
 
 
 def peer_cached(name: str, dataset: str, patch: float, *, per_class: int | None, seed: int = 0,
-                force: bool = False, device: str = "cpu", chunk_images: int = 50, progress: bool = True) -> pd.DataFrame:
-    """Return the common per-image records of one peer configuration, from the cache or computed (and cached)."""
+                force: bool = False, device: str = "cpu", chunk_images: int = 50, progress: bool = True,
+                checkpoint: str | None = None) -> pd.DataFrame:
+    """Return the common per-image records of one peer configuration, from the cache or computed (and cached);
+    ``checkpoint``: run the peer on that shipped model instead of its own (e.g. PatchCleanser on any classifier)."""
     dataset = D.check_dataset(dataset)
     pr = peer(name)
-    ck = pr.checkpoint(dataset)
+    ck = checkpoint or pr.checkpoint(dataset)
     if ck is None:
         raise ValueError(f"{name} has no {dataset} model (the paper reports it on other data only)")
     model = pr.loader(ck, device=device)
