@@ -19,7 +19,7 @@ EXEC_DIR := figures/executed/$(PROFILE)
 NPROC := $(shell env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc 2>/dev/null || echo 1)
 FIG_JOBS ?= $(if $(filter 1,$(NPROC)),1,2)
 FIG_THREADS ?= $(shell n=$$(( $(NPROC) / $(FIG_JOBS) )); echo $$(( n > 0 ? n : 1 )))
-ORDER := 05_certification 02_sin_localization 03_prediction_stability 04_adaptive_attack 07_window_merging \
+ORDER := 05_certification 02_sin_localization 03_prediction_stability 04_adaptive_attack 07_window_merging 12_does_sin_help \
   11_window_family 10_soundness_audit 06_topk_rate 09_empirical_recovery 08_layer_selection 01_models 00_data
 EXECUTED := $(addprefix $(EXEC_DIR)/,$(addsuffix .ipynb,$(filter $(basename $(notdir $(NOTEBOOKS))),$(ORDER)) \
   $(filter-out $(ORDER),$(basename $(notdir $(NOTEBOOKS))))))

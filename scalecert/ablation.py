@@ -33,6 +33,15 @@ VERDICT_COLUMNS = ["dataset", "patch_pct", "family", "images", "scalecert_certif
                    "difference", "ci_low", "ci_high", "p_value"]
 
 
+def profile_settings(profile: str, dataset: str) -> dict:
+    """Return the patch sizes, r values and tau values 12 sweeps on a data set for a profile: tiny (nbval) takes one
+    patch size, r = 3, the mask set and one tau family, enough to run every code path; quick and paper take all."""
+    dataset = D.check_dataset(dataset)
+    if profile == "tiny":
+        return {"patches": [TAU_PATCH[dataset]], "rs": (3,), "taus": (0.5,)}
+    return {"patches": list(E.PATCHES[dataset]), "rs": (3, 1), "taus": TAUS}
+
+
 def families(dataset: str, patch_pct: float, rs=(3, 1), masks: int = MASKS, taus=TAUS) -> list[dict]:
     """Return the window families at a patch size: ``family`` label, certify options ``kw`` and whether paper mode
     runs on it (the r = 3 and tau families, where 05 and 07 run it)."""
@@ -91,6 +100,7 @@ def run_all(dataset: str, patches, *, per_class: int | None, seed: int = 0, devi
     for c in TABLE_COLUMNS:
         if c not in table:
             table[c] = np.nan
+    table["images"] = table["images"].astype("Int64")  # whole numbers beside the rows of models not trained yet
     return table[TABLE_COLUMNS + [c for c in table.columns if c not in TABLE_COLUMNS]], recs
 
 

@@ -524,7 +524,7 @@ def _certification_runs(cache_dir: Path | None = None, datasets=None):
         if model is None:
             continue  # made with a checkpoint that is no longer shipped
         if "peer" in config:
-            if config["peer"] not in H.PEER_NAMES or config.get("version") != H.peer(config["peer"]).version:
+            if config["peer"] not in H.PEER_NAMES + H.EXTRA_PEER_NAMES or config.get("version") != H.peer(config["peer"]).version:
                 continue  # a certificate of an older version of the peer: not what the harness computes now
             defense = config["peer"]
         elif "mode" in config:
@@ -625,7 +625,7 @@ def study_models(dataset: str) -> set[str]:
     from .baselines import harness as H
     ours = {model_name(dataset)} | {model_name(dataset, layer, rate) for layer in (1, 2, 3) for rate in (10, 15, 20)}
     ours |= {occlusion_model_name(dataset)}
-    return ours | {H.peer(p).checkpoint(dataset) for p in H.PEER_NAMES} - {None}
+    return ours | {H.peer(p).checkpoint(dataset) for p in H.PEER_NAMES + H.EXTRA_PEER_NAMES} - {None}
 
 
 def _add_paper_only_rs(plan: dict, quick_rs: set, extra_rs: set) -> None:

@@ -181,7 +181,8 @@ def cost_accuracy_figure(df: pd.DataFrame, title: str, x: str = "forwards_per_im
     annotated with its ``label``, so that equal-cost comparisons can be read off."""
     keys = sorted(df[facet].unique())
     hues = sorted(df[hue].unique())
-    fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 3.6), squeeze=False, sharey=True)
+    from matplotlib.ticker import NullFormatter, ScalarFormatter
+    fig, axes = plt.subplots(1, len(keys), figsize=(max(5.5, 4.2 * len(keys)), 3.6), squeeze=False, sharey=True)
     for ax, key in zip(axes[0], keys):
         g = df[df[facet] == key]
         for i, h in enumerate(hues):
@@ -190,6 +191,8 @@ def cost_accuracy_figure(df: pd.DataFrame, title: str, x: str = "forwards_per_im
             for _, r in gh.iterrows():
                 ax.annotate(str(r[label]), (r[x], r[y]), fontsize=6, xytext=(3, 2), textcoords="offset points")
         ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(ScalarFormatter())
+        ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_title(f"{key:g}% patch" if isinstance(key, float) else str(key), fontsize=9)
         ax.set_xlabel("forward passes per image (log)")
         ax.grid(alpha=0.3)

@@ -76,3 +76,11 @@ def test_sentence_is_written_from_the_tables():
     assert "does not add" in A.sentence("C", v2, f)
     assert "interval includes 0 in 1 of 1" in A.sentence("C", v.assign(ci_low=-1.0), f)
     assert "no paired comparison" in A.sentence("D", v, f)
+
+
+def test_tiny_profile_runs_every_code_path_on_one_patch_size():
+    t = A.profile_settings("tiny", "imagenette")
+    assert t["patches"] == [2.0] and t["rs"] == (3,) and t["taus"] == (0.5,)
+    fams = A.families("imagenette", 2.0, t["rs"], taus=t["taus"])
+    assert [f["family"] for f in fams] == ["r=3 tau=0.3", "k=6 masks", "r=3 tau=0.5"]
+    assert A.profile_settings("paper", "cifar10")["patches"] == E.PATCHES["cifar10"]

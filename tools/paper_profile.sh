@@ -22,7 +22,7 @@ main() {
   local out=build/paper/${JOB:-${DATASET:-all}}
   export OMP_NUM_THREADS=${THREADS:-1} SCALECERT_FIG_DIR=$PWD/$out/figures
   local order=(05_certification 06_topk_rate 08_layer_selection 02_sin_localization 03_prediction_stability
-         04_adaptive_attack 09_empirical_recovery 10_soundness_audit 11_window_family 07_window_merging 01_models 00_data)
+         04_adaptive_attack 09_empirical_recovery 10_soundness_audit 11_window_family 07_window_merging 12_does_sin_help 01_models 00_data)
   [[ $# -gt 0 ]] && order=("$@")
   mkdir -p "$out/executed" "$SCALECERT_FIG_DIR"
   local nb start pm rc
