@@ -362,7 +362,17 @@ def cache(argv=None) -> int:
     p.add_argument("--plan", action="store_true",
                    help="instead: the whole-split counterpart of every certification run cached on a subset, with the "
                         "CPU-hours left at the measured seconds per image (the paper profile's certification, priced)")
+    p.add_argument("--compact", action="store_true",
+                   help="instead: turn every complete run into one records.parquet (its chunk and timing files removed; "
+                        "partial runs and runs being computed are left alone) and write INDEX.csv")
     a = p.parse_args(argv)
+    if a.compact:
+        done = R.compact_all(Path(a.dir))
+        for row in done[done.outcome == "refused"].itertuples():
+            print(f"{row.key}: refused: {row.detail}")
+        print(json.dumps({"runs": len(done), **{k: int((done.outcome == k).sum()) for k in
+                                                ("compacted", "already", "partial", "busy", "refused")}}))
+        return 0
     if a.plan:
         from . import experiments as E
         plan = E.paper_plan(Path(a.dir))
