@@ -5,9 +5,14 @@ import sys
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     cmds = ("train", "recalibrate", "remeasure", "certify", "bench", "audit", "data", "models", "cache")
-    if not argv or argv[0] not in cmds:
-        print(f"usage: python -m scalecert {{{','.join(cmds)}}} [options]  (-h after a command for help)")
-        return 0 if argv and argv[0] in ("-h", "--help") else 2
+    usage = f"usage: python -m scalecert {{{','.join(cmds)}}} [options]  (-h after a command for help)"
+    if argv and argv[0] in ("-h", "--help"):
+        print(usage)
+        return 0
+    if not argv or argv[0] not in cmds:  # one line on stderr, as every command's argument errors (cli.Parser)
+        what = f"unknown command {argv[0]!r}" if argv else "no command"
+        print(f"error: {what}; {usage}", file=sys.stderr)
+        return 2
     cmd, rest = argv[0], argv[1:]
     if cmd == "train":
         from .train import main as run
@@ -15,8 +20,6 @@ def main(argv=None) -> int:
         from .train import recalibrate_main as run
     elif cmd == "remeasure":
         from .train import remeasure_main as run
-    elif cmd == "data":
-        from .data import main as run
     else:
         from . import cli
         run = getattr(cli, cmd)

@@ -1,7 +1,9 @@
-"""Commands ``python -m scalecert certify | bench | audit | models | cache``."""
+"""Commands ``python -m scalecert certify | bench | audit | data | models | cache``, and the one-line argument
+errors (``error: …`` on stderr, exit status 2) every command shares."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -14,7 +16,7 @@ import torch
 
 from . import data as D
 from .defense import Engine, certify as run_certify
-from .models import ARCHS, CHECKPOINT_DIR, load_model, without_sin
+from .models import ARCHS, CHECKPOINT_DIR, load_model, resolve_checkpoint, without_sin
 from .windows import patch_pixels
 
 DEFAULT_MODELS = {"cifar10": ["cifar10_resnet20_sin1_r20", "cifar10_resnet20_sin1_r10", "cifar10_resnet20_vanilla"],
@@ -22,11 +24,68 @@ DEFAULT_MODELS = {"cifar10": ["cifar10_resnet20_sin1_r20", "cifar10_resnet20_sin
 
 
 def default_checkpoint(dataset: str) -> str:
-    """Return the first shipped checkpoint for a data set, or raise a clear error."""
-    for name in DEFAULT_MODELS[dataset]:
+    """Return the first shipped checkpoint for a data set, or raise FileNotFoundError."""
+    for name in DEFAULT_MODELS.get(dataset, []):
         if (CHECKPOINT_DIR / f"{name}.pt").is_file():
             return name
-    raise SystemExit(f"error: no shipped checkpoint for {dataset} in {CHECKPOINT_DIR}; pass --checkpoint")
+    raise FileNotFoundError(f"no shipped checkpoint for {dataset} in {CHECKPOINT_DIR}; pass --checkpoint")
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse whose errors are one line on stderr, ``error: …``, with exit status 2 (no usage block)."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {' '.join(str(message).splitlines())}  (see {self.prog} -h)\n")
+
+
+@contextlib.contextmanager
+def usage_errors(p: argparse.ArgumentParser):
+    """Turn the package's own checks of arguments (ValueError, FileNotFoundError, KeyError) into ``p.error``."""
+    try:
+        yield
+    except (ValueError, FileNotFoundError, KeyError) as e:
+        p.error(e.args[0] if isinstance(e, KeyError) and e.args else str(e))
+
+
+def int_at_least(low: int, note: str = ""):
+    """Return an argparse type: an int >= low (``note`` is added to the error, e.g. what 0 means)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}{note}, got {value}")
+        return value
+    return parse
+
+
+def overlap_ratio(text: str) -> float:
+    """argparse type of tau: a number in (0, 1]; 1 merges no windows."""
+    try:
+        tau = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0 < tau <= 1:  # NaN fails too
+        raise argparse.ArgumentTypeError(f"overlap ratio tau must lie in (0, 1] (1 = no merging), got {text}")
+    return tau
+
+
+def device_name(text: str) -> str:
+    """argparse type of --device: a torch device this machine has (cpu, cuda, cuda:N, mps)."""
+    try:
+        dev = torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"unknown device {text!r}: expected cpu, cuda, cuda:N or mps") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"device {text!r}: CUDA is not available on this machine")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise argparse.ArgumentTypeError(f"device {text!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise argparse.ArgumentTypeError(f"device {text!r}: MPS is not available on this machine")
+    if dev.type not in ("cpu", "cuda", "mps"):
+        raise argparse.ArgumentTypeError(f"device {text!r}: not supported (cpu, cuda, cuda:N or mps)")
+    return text
 
 
 def eval_subset(dataset: str, n: int | None, seed: int = 0):
@@ -65,40 +124,55 @@ def _common(p: argparse.ArgumentParser):
     p.add_argument("--dataset", default="cifar10")
     p.add_argument("--checkpoint", default=None, help="shipped name or .pt path")
     p.add_argument("--patch", type=float, default=None, help="patch size in %% of the image")
-    p.add_argument("--images", type=int, default=100, help="number of evaluation images (class-balanced; 0 = all)")
+    p.add_argument("--images", type=int_at_least(0, " (0 = the whole evaluation split)"), default=100,
+                   help="number of evaluation images (class-balanced; 0 = all)")
     p.add_argument("--mode", default="sound", choices=["sound", "paper"])
     p.add_argument("--rule", default="strict", choices=["strict", "paper"])
     p.add_argument("--rate", type=float, default=None, help="SIN rate (default: the checkpoint's)")
     p.add_argument("--layer", type=int, default=None, help="superficial layer (default: the checkpoint's)")
-    p.add_argument("--tau", type=float, default=None)
-    p.add_argument("--window-r", dest="r", type=int, default=3, help="r: windows have side p + r - 1")
+    p.add_argument("--tau", type=overlap_ratio, default=None, help="window merging, in (0, 1] (default and 1: none)")
+    p.add_argument("--window-r", dest="r", type=int_at_least(1), default=3, help="r: windows have side p + r - 1")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--batch-size", type=int_at_least(1), default=32)
+    p.add_argument("--device", type=device_name, default="cuda" if torch.cuda.is_available() else "cpu")
 
 
-def _model(a):
+def _parse_common(p: argparse.ArgumentParser, argv) -> argparse.Namespace:
+    """Return the arguments of a command built on ``_common`` after the package's own checks of the data set, the
+    patch size (on that data set's images) and the checkpoint; a failure is ``p.error``, before any work starts."""
+    a = p.parse_args(argv)
+    with usage_errors(p):
+        name = D.check_dataset(a.dataset)
+        if a.patch is not None:
+            patch_pixels(a.patch, D.image_size(name))
+        resolve_checkpoint(a.checkpoint or default_checkpoint(name))
+    return a
+
+
+def _model(p: argparse.ArgumentParser, a):
+    """Return (data set, model) of parsed arguments; a checkpoint that does not load (altered file, no card) or a SIN
+    layer or rate it cannot take is ``p.error``."""
     name = D.check_dataset(a.dataset)
-    model = load_model(a.checkpoint or default_checkpoint(name), device=a.device)
-    if a.layer is not None or a.rate is not None:
-        model.set_sin(a.layer or model.sin_layer, a.rate if a.rate is not None else model.sin_rate)
+    with usage_errors(p):
+        model = load_model(a.checkpoint or default_checkpoint(name), device=a.device)
+        if a.layer is not None or a.rate is not None:
+            model.set_sin(a.layer if a.layer is not None else model.sin_layer,
+                          a.rate if a.rate is not None else model.sin_rate)
     return name, model
 
 
 def certify(argv=None) -> int:
     """``python -m scalecert certify``: per-image records, cached per chunk, sharded over torchrun ranks."""
     from . import results as R
-    p = argparse.ArgumentParser(prog="python -m scalecert certify", description=certify.__doc__)
+    p = Parser(prog="python -m scalecert certify", description=certify.__doc__)
     _common(p)
     p.add_argument("--out", default=None, help="merged CSV (written atomically by rank 0)")
     p.add_argument("--cache-dir", default=str(R.CACHE_DIR))
-    p.add_argument("--chunk-images", type=int, default=32, help="images per cached chunk")
+    p.add_argument("--chunk-images", type=int_at_least(1), default=32, help="images per cached chunk")
     p.add_argument("--fail-after", type=int, default=None, help=argparse.SUPPRESS)  # fault injection (tests)
-    a = p.parse_args(argv)
-    if a.images < 0:
-        p.error("--images must be >= 0 (0 = the whole evaluation split)")
+    a = _parse_common(p, argv)
     rank, world, a.device = dist_setup(a.device)
-    name, model = _model(a)
+    name, model = _model(p, a)
     patch = a.patch if a.patch is not None else (2.4 if name == "cifar10" else 2.0)
     x, y, ids = eval_subset(name, a.images, a.seed)
     config = {"dataset": name, "checkpoint_sha256": model.card["sha256"], "patch": patch, "mode": a.mode,
@@ -237,18 +311,23 @@ def memory_probe(dataset: str, patch: float, tau: float | None, images: int, dev
 
 def bench(argv=None) -> int:
     """``python -m scalecert bench``: certify throughput vs plain forwards and vs Minority Reports."""
-    p = argparse.ArgumentParser(prog="python -m scalecert bench", description=bench.__doc__)
+    from tqdm.auto import tqdm
+    p = Parser(prog="python -m scalecert bench", description=bench.__doc__)
     p.add_argument("--quick", action="store_true", help="a few images per data set")
-    p.add_argument("--images", type=int, default=None)
-    p.add_argument("--tau", type=float, default=0.3, help="window merging for the 224 case (paper: 0.3; 1 = none)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--images", type=int_at_least(0, " (0 = the default: 4 with --quick, else 32)"), default=None)
+    p.add_argument("--tau", type=overlap_ratio, default=0.3,
+                   help="window merging for the 224 case (paper: 0.3; 1 = none)")
+    p.add_argument("--device", type=device_name, default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--memory", action="store_true",
                    help="also the peak RSS of certify with few and with many windows, each in a fresh process")
     a = p.parse_args(argv)
+    cases = (("cifar10", 2.4), ("imagenette", 2.0))
+    with usage_errors(p):
+        checkpoints = {dataset: default_checkpoint(dataset) for dataset, _ in cases}
     n = a.images or (4 if a.quick else 32)
     rows = []
-    for dataset, patch in (("cifar10", 2.4), ("imagenette", 2.0)):
-        model = load_model(default_checkpoint(dataset), device=a.device)
+    for dataset, patch in tqdm(cases, desc="bench (data sets)", file=sys.stderr):
+        model = load_model(checkpoints[dataset], device=a.device)
         x, _, _ = eval_subset(dataset, max(n, 10), 0)
         row = bench_one(model, x[:n].to(a.device), patch, tau=a.tau if dataset == "imagenette" and a.tau < 1 else None)
         row.update(dataset=D.DATASET_LABELS[dataset], model=model.card.get("name"))
@@ -268,17 +347,30 @@ def bench(argv=None) -> int:
     return 0
 
 
+def audit_with_progress(engine: Engine, x: torch.Tensor, y: torch.Tensor, desc: str, **kw) -> dict:
+    """Return ``audit.audit``'s totals over images x (labels y), one image at a time under one progress bar shown from
+    the start (``audit.audit`` certifies all images before its bar appears: minutes of silence on a whole split)."""
+    from tqdm.auto import tqdm
+    from .audit import audit as run_audit
+    total = {"images": 0, "certified": 0, "cases": 0, "flipped": 0, "violations": 0, "examples": []}
+    for i in tqdm(range(len(x)), desc=desc, file=sys.stderr):
+        res = run_audit(engine, x[i:i + 1].to(engine.device), y[i:i + 1], progress=False, **kw)
+        for k in ("images", "certified", "cases", "flipped", "violations"):
+            total[k] += res[k]
+        total["examples"] += [dict(e, image=i) for e in res["examples"]]
+    return total
+
+
 def audit(argv=None) -> int:
     """``python -m scalecert audit``: soundness audit of both modes; ends with one line of JSON."""
-    from .audit import audit as run_audit
-    p = argparse.ArgumentParser(prog="python -m scalecert audit", description=audit.__doc__)
+    p = Parser(prog="python -m scalecert audit", description=audit.__doc__)
     _common(p)
     p.add_argument("--quick", action="store_true",
                    help="10 images, attack of 3 steps at <= 5 positions per axis")
-    p.add_argument("--stride", type=int, default=None,
+    p.add_argument("--stride", type=int_at_least(1), default=None,
                    help="patch position stride (default 1 = every position; --quick: at most 32 positions per axis)")
-    a = p.parse_args(argv)
-    name, model = _model(a)
+    a = _parse_common(p, argv)
+    name, model = _model(p, a)
     patch = a.patch if a.patch is not None else (2.4 if name == "cifar10" else 2.0)
     n = 10 if a.quick else a.images
     x, y, _ = eval_subset(name, n, a.seed)
@@ -289,8 +381,8 @@ def audit(argv=None) -> int:
     out = {}
     for mode in ("sound", "paper"):
         eng = Engine(model, x.shape[-1], patch, r=a.r, tau=a.tau, mode=mode, device=a.device)
-        res = run_audit(eng, x.to(a.device), y, stride=a.stride, attack_steps=3 if a.quick else 10,
-                        attack_stride=attack_stride)
+        res = audit_with_progress(eng, x, y, f"audit {mode} (images)", stride=a.stride,
+                                  attack_steps=3 if a.quick else 10, attack_stride=attack_stride)
         print(json.dumps({"mode": mode, "stride": a.stride, "attack_stride": attack_stride, **{k: v for k, v in res.items()}}), file=sys.stderr)
         out[mode] = res
     print(json.dumps({"mode_sound_violations": out["sound"]["violations"],
@@ -339,9 +431,22 @@ def models_table(checkpoint_dir: Path = CHECKPOINT_DIR) -> "pd.DataFrame":
     return pd.DataFrame(rows)
 
 
+def data(argv=None) -> int:
+    """``python -m scalecert data [NAME ...] [--decode]``: ``scalecert.data``'s step (extract or fetch, and decode),
+    the data set names checked first."""
+    p = Parser(prog="python -m scalecert data", description=data.__doc__)
+    p.add_argument("datasets", nargs="*", help="data sets (default: cifar10 imagenette)")
+    p.add_argument("--decode", action="store_true", help="also decode to the uint8 cache")
+    a = p.parse_args(argv)
+    with usage_errors(p):
+        for name in a.datasets:
+            D.check_dataset(name)
+    return D.main(a.datasets + ["--decode"] * a.decode)
+
+
 def models(argv=None) -> int:
     """``python -m scalecert models``: a Markdown table of the shipped checkpoints, read from their cards."""
-    p = argparse.ArgumentParser(prog="python -m scalecert models", description=models.__doc__)
+    p = Parser(prog="python -m scalecert models", description=models.__doc__)
     p.add_argument("--dir", default=str(CHECKPOINT_DIR), help="checkpoint folder")
     a = p.parse_args(argv)
     table = models_table(Path(a.dir))
@@ -353,7 +458,7 @@ def cache(argv=None) -> int:
     """``python -m scalecert cache``: progress of every cached run (chunks and images done, seconds, ETA); last line is JSON."""
     import pandas as pd
     from . import results as R
-    p = argparse.ArgumentParser(prog="python -m scalecert cache", description=cache.__doc__)
+    p = Parser(prog="python -m scalecert cache", description=cache.__doc__)
     p.add_argument("--dir", default=str(R.CACHE_DIR), help="cache folder")
     p.add_argument("--unfinished", action="store_true",
                    help="only runs with chunks left (runs cached before sizes were recorded have no total and are left out)")

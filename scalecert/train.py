@@ -116,19 +116,19 @@ def recalibrate_bn(model, ds: D.ImageSet, images: int, batch: int = 128, seed: i
 def recalibrate_main(argv=None) -> int:
     """``python -m scalecert recalibrate NAME``: re-estimate a shipped checkpoint's BatchNorm statistics, re-measure
     its accuracy on the whole evaluation split and rewrite checkpoint and card (the card keeps the numbers before)."""
-    p = argparse.ArgumentParser(prog="python -m scalecert recalibrate", description=recalibrate_main.__doc__)
+    from .cli import Parser, device_name, int_at_least, usage_errors
+    p = Parser(prog="python -m scalecert recalibrate", description=recalibrate_main.__doc__)
     p.add_argument("name", help="checkpoint name (data/checkpoints/NAME.pt) or path")
-    p.add_argument("--images", type=int, default=10000, help="training images averaged over")
-    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--images", type=int_at_least(1), default=10000, help="training images averaged over")
+    p.add_argument("--batch-size", type=int_at_least(1), default=128)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=0)
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int_at_least(0), default=0)
+    p.add_argument("--device", type=device_name, default="cpu")
     a = p.parse_args(argv)
-    if a.images < 1:
-        raise SystemExit(f"error: --images must be >= 1, got {a.images}")
+    with usage_errors(p):
+        path = resolve_checkpoint(a.name)
     if a.threads:
         torch.set_num_threads(a.threads)
-    path = resolve_checkpoint(a.name)
     model = load_model(path, device=a.device)
     card = dict(model.card)
     settings = {"images": a.images, "batch_size": a.batch_size, "seed": a.seed}
@@ -185,11 +185,12 @@ def remeasure(name_or_path, device="cpu", force: bool = False) -> dict | None:
 def remeasure_main(argv=None) -> int:
     """``python -m scalecert remeasure NAME...``: re-measure shipped ScaleCert checkpoints' accuracies on their stored
     weights and rewrite their cards (earlier cards measured the fp32 weights before the fp16 rounding)."""
-    p = argparse.ArgumentParser(prog="python -m scalecert remeasure", description=remeasure_main.__doc__)
+    from .cli import Parser, device_name, int_at_least
+    p = Parser(prog="python -m scalecert remeasure", description=remeasure_main.__doc__)
     p.add_argument("names", nargs="+", help="checkpoint names or .pt paths")
     p.add_argument("--force", action="store_true", help="re-measure cards already measured on the stored weights")
-    p.add_argument("--threads", type=int, default=0)
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int_at_least(0), default=0)
+    p.add_argument("--device", type=device_name, default="cpu")
     a = p.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -212,7 +213,8 @@ def remeasure_main(argv=None) -> int:
 
 
 def parse(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m scalecert train", description="Train or SIN-finetune a model.")
+    from .cli import Parser, device_name, int_at_least, overlap_ratio, usage_errors
+    p = Parser(prog="python -m scalecert train", description="Train or SIN-finetune a model.")
     p.add_argument("--name", required=True, help="checkpoint name (data/checkpoints/NAME.pt)")
     p.add_argument("--dataset", default="cifar10")
     p.add_argument("--arch", default=None, help="architecture (default: resnet20 / resnet18w16)")
@@ -225,16 +227,16 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--sin-rate", type=float, default=None, help="SIN rate (omit for a vanilla model)")
     p.add_argument("--occlude", default="", help="comma-separated patch sizes in %% for occlusion windows")
     p.add_argument("--occlude-prob", type=float, default=1.0)
-    p.add_argument("--occlude-tau", type=float, default=None, help="also occlude the tau-merged window sizes")
+    p.add_argument("--occlude-tau", type=overlap_ratio, default=None, help="also occlude the tau-merged window sizes")
     p.add_argument("--consistency", type=float, default=0.0, help="weight of KL(clean || occluded)")
-    p.add_argument("--occlude-worst-of", type=int, default=1,
+    p.add_argument("--occlude-worst-of", type=int_at_least(1), default=1,
                    help="occlude, per image, the worst (highest-loss) of this many random windows")
-    p.add_argument("--r", type=int, default=3)
+    p.add_argument("--r", type=int_at_least(1), default=3)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--threads", type=int_at_least(0), default=0)
     p.add_argument("--max-train", type=int, default=0, help="use only the first N training images (tests)")
     p.add_argument("--eval-subset", type=int, default=0, help="evaluate per epoch on N images (0: all)")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", type=device_name, default="cpu")
     p.add_argument("--out-dir", default=str(CHECKPOINT_DIR))
     p.add_argument("--save-every", type=float, default=600.0,
                    help="also save a mid-epoch state every N seconds (0: after every step), so that an "
@@ -244,7 +246,14 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--snapshot", action="store_true",
                    help="write a provisional checkpoint from the run's last saved state (a finished epoch or a "
                         "mid-epoch step), without training")
-    return p.parse_args(argv)
+    a = p.parse_args(argv)
+    with usage_errors(p):  # the checks train() makes, before any data or model is loaded
+        n = D.image_size(a.dataset)
+        for s in filter(None, a.occlude.split(",")):
+            patch_pixels(float(s), n)
+        if a.init:
+            resolve_checkpoint(a.init)
+    return a
 
 
 def finished_card(a: argparse.Namespace) -> dict | None:
