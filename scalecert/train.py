@@ -43,37 +43,71 @@ def augment(x: torch.Tensor, pad: int, gen: torch.Generator) -> torch.Tensor:
               rows[:, None, :, None], cols[:, None, None, :]]
 
 
-def random_window_exclude(model, n: int, sizes: list[int], b: int, gen: torch.Generator) -> torch.Tensor:
-    """Return footprint masks (b, h*w) of one random square window per image, sides drawn from sizes."""
-    geo = model.geometry()
-    _, h, w = model.feature_shape(n)
+OCCLUSIONS = ("footprint", "pixels")
+#: Pixel occlusion fills a window with the value Minority Reports' certification fills it with (Engine.fill).
+PIXEL_FILL = 0.0
+
+
+def random_window_boxes(n: int, sizes: list[int], b: int, gen: torch.Generator) -> torch.Tensor:
+    """Return (b, 4) inclusive pixel boxes of one random square window per image, sides drawn from sizes."""
     side = torch.tensor(sizes)[torch.randint(0, len(sizes), (b,), generator=gen)]
     r0 = (torch.rand(b, generator=gen) * (n - side + 1)).long()
     c0 = (torch.rand(b, generator=gen) * (n - side + 1)).long()
-    boxes = torch.stack([r0, c0, r0 + side - 1, c0 + side - 1], 1)
-    return rect_masks(footprint(geo, boxes, h, w), h, w).flatten(1)
+    return torch.stack([r0, c0, r0 + side - 1, c0 + side - 1], 1)
+
+
+def footprint_masks(model, n: int, boxes: torch.Tensor) -> torch.Tensor:
+    """Return footprint masks (b, h*w): the superficial features whose receptive field meets each box."""
+    _, h, w = model.feature_shape(n)
+    return rect_masks(footprint(model.geometry(), boxes, h, w), h, w).flatten(1)
+
+
+def random_window_exclude(model, n: int, sizes: list[int], b: int, gen: torch.Generator) -> torch.Tensor:
+    """Return footprint masks (b, h*w) of one random square window per image, sides drawn from sizes."""
+    return footprint_masks(model, n, random_window_boxes(n, sizes, b, gen))
+
+
+def occlude(model, x: torch.Tensor, boxes: torch.Tensor, occlusion: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Return (images, footprint exclusion or None) of a batch with each image's box occluded.
+
+    ``footprint``: the images unchanged and the box's footprint removed from the SIN ranking (what the sound
+    engine certifies with); ``pixels``: the box's pixels filled and no exclusion (what Minority Reports
+    certifies with)."""
+    if occlusion == "footprint":
+        return x, footprint_masks(model, x.shape[-1], boxes).to(x.device)
+    if occlusion == "pixels":
+        m = rect_masks(boxes.to(x.device), x.shape[-2], x.shape[-1]).unsqueeze(1)
+        return x.masked_fill(m, PIXEL_FILL), None
+    raise ValueError(f"unknown occlusion {occlusion!r}: expected one of {OCCLUSIONS}")
 
 
 @torch.no_grad()
-def worst_window_exclude(model, x: torch.Tensor, y: torch.Tensor, sizes: list[int], k: int,
-                         gen: torch.Generator) -> torch.Tensor:
-    """Return footprint masks (b, h*w): per image, of k random windows the one whose occlusion costs the most loss.
+def worst_window_boxes(model, x: torch.Tensor, y: torch.Tensor, sizes: list[int], k: int, gen: torch.Generator,
+                       occlusion: str = "footprint") -> torch.Tensor:
+    """Return (b, 4) boxes: per image, of k random windows the one whose occlusion costs the most loss.
 
     Certification needs every candidate window's occluded prediction right, so training on the worst of a
     few draws aims at that worst case (k = 1: one random window, as in the paper). The choice is made with
     the model in eval mode, so it does not touch the BatchNorm statistics."""
     b, n = len(y), x.shape[-1]
-    masks = torch.stack([random_window_exclude(model, n, sizes, b, gen) for _ in range(k)])  # (k, b, h*w)
+    draws = torch.stack([random_window_boxes(n, sizes, b, gen) for _ in range(k)])  # (k, b, 4)
     if k == 1:
-        return masks[0]
+        return draws[0]
     was = model.training
     model.eval()
     try:
-        out = model(x.repeat(k, 1, 1, 1), masks.flatten(0, 1).to(x.device))
+        xo, excl = occlude(model, x.repeat(k, 1, 1, 1), draws.flatten(0, 1), occlusion)
+        out = model(xo, excl) if excl is not None else model(xo)
         loss = F.cross_entropy(out, y.repeat(k), reduction="none").view(k, b)
     finally:
         model.train(was)
-    return masks[loss.argmax(0).cpu(), torch.arange(b)]
+    return draws[loss.argmax(0).cpu(), torch.arange(b)]
+
+
+def worst_window_exclude(model, x: torch.Tensor, y: torch.Tensor, sizes: list[int], k: int,
+                         gen: torch.Generator) -> torch.Tensor:
+    """Return footprint masks (b, h*w) of the worst of k random windows per image (``worst_window_boxes``)."""
+    return footprint_masks(model, x.shape[-1], worst_window_boxes(model, x, y, sizes, k, gen))
 
 
 @torch.no_grad()
@@ -231,6 +265,10 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--consistency", type=float, default=0.0, help="weight of KL(clean || occluded)")
     p.add_argument("--occlude-worst-of", type=int_at_least(1), default=1,
                    help="occlude, per image, the worst (highest-loss) of this many random windows")
+    p.add_argument("--occlusion", choices=OCCLUSIONS, default="footprint",
+                   help="how a window is occluded in training: footprint (removed from the SIN ranking, as the sound "
+                        "engine certifies; needs a SIN layer) or pixels (filled, as Minority Reports certifies; no SIN)")
+    p.add_argument("--twin", default=None, help="name of the model this one is an ablation twin of (recorded in the card)")
     p.add_argument("--r", type=int_at_least(1), default=3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int_at_least(0), default=0)
@@ -304,8 +342,15 @@ def train(a: argparse.Namespace, argv_text: str = "") -> dict:
                                          "seed", "max_train")}
     if a.occlude_worst_of != 1:  # recorded only when used, so that earlier runs keep resuming
         config["occlude_worst_of"] = a.occlude_worst_of
+    if a.occlusion != "footprint":  # recorded only when not the default, so that earlier runs keep resuming
+        config["occlusion"] = a.occlusion
     if a.occlude_worst_of < 1:
         raise ValueError(f"--occlude-worst-of must be >= 1, got {a.occlude_worst_of}")
+    if occl and a.occlusion == "footprint" and model.sin is None:
+        raise ValueError("--occlude with footprint occlusion needs a SIN layer (--sin-rate); "
+                         "use --occlusion pixels to occlude a model without one")
+    if a.occlusion == "pixels" and model.sin is not None:
+        raise ValueError("--occlusion pixels trains a model without a SIN layer (omit --sin-rate)")
     # states written before configurations were recorded are resumed (accept_legacy)
     run = ResumableRun(run_dir, config, a.device, a.save_every, a.stop_after_steps, accept_legacy=True,
                        model=model, opt=opt, sched=sched)
@@ -320,19 +365,26 @@ def train(a: argparse.Namespace, argv_text: str = "") -> dict:
             t = {"tot": 0.0, "correct": 0, "seen": 0}
             for x, y in run.batches(train_ds, n_train, a.batch_size, pad, gen, a.seed, epoch, a.device, t,
                                     desc=f"{a.name} {epoch + 1}/{a.epochs}"):
-                if occl and model.sin is not None:
+                if occl:
                     b = len(y)
-                    excl = worst_window_exclude(model, x, y, occl, a.occlude_worst_of, gen).to(a.device)
+                    boxes = worst_window_boxes(model, x, y, occl, a.occlude_worst_of, gen, a.occlusion)
                     keep = torch.rand(b, generator=gen) < a.occlude_prob
-                    excl[~keep.to(a.device)] = False
+                    xo, excl = occlude(model, x, boxes, a.occlusion)
+                    if excl is not None:
+                        excl[~keep.to(a.device)] = False
+                    else:
+                        xo = torch.where(keep.to(a.device)[:, None, None, None], xo, x)
                     if a.consistency > 0:
-                        out = model(torch.cat([x, x]), torch.cat([torch.zeros_like(excl), excl]))
+                        if excl is not None:
+                            out = model(torch.cat([x, x]), torch.cat([torch.zeros_like(excl), excl]))
+                        else:
+                            out = model(torch.cat([x, xo]))
                         clean, occ = out[:b], out[b:]
                         loss = (F.cross_entropy(clean, y) + F.cross_entropy(occ, y)) / 2 + a.consistency * \
                             F.kl_div(F.log_softmax(occ, 1), F.softmax(clean.detach(), 1), reduction="batchmean")
                         out = clean
                     else:
-                        out = model(x, excl)
+                        out = model(xo, excl) if excl is not None else model(xo)
                         loss = F.cross_entropy(out, y)
                 else:
                     out = model(x)
@@ -363,7 +415,8 @@ def train(a: argparse.Namespace, argv_text: str = "") -> dict:
             f"provisional: snapshot after epoch {finished} of {a.epochs}{more} (training continues)",
             "epochs_done": finished, "dataset": D.DATASET_LABELS[name], "dataset_key": name,
             "epochs": a.epochs, "seed": a.seed, "init": a.init, "occlude_pct": a.occlude, "occlude_tau": a.occlude_tau, "occlude_sides_px": occl,
-            "consistency": a.consistency, "occlude_worst_of": a.occlude_worst_of, "lr": a.lr, "batch_size": a.batch_size,
+            "consistency": a.consistency, "occlude_worst_of": a.occlude_worst_of, "occlusion": a.occlusion if occl else None,
+            "twin": a.twin, "lr": a.lr, "batch_size": a.batch_size,
             "eval_split": test_ds.split, "eval_images": len(test_ds),
             "accuracy_with_sin": acc_sin if model.sin is not None else None,
             "accuracy_without_sin": acc_plain, "accuracy_measured_on": MEASURED_ON, "train_seconds": round(elapsed, 1),

@@ -9,6 +9,7 @@ from scalecert import data as D
 from scalecert.models import (ARCHS, CHECKPOINT_DIR, build, from_torchvision_state, load_model, rest_channels_last,
                               round_to_storage, save_checkpoint)
 from scalecert.train import augment, evaluate, random_window_exclude, worst_window_exclude
+from scalecert.geometry import rect_masks
 
 
 def test_tampered_checkpoint_is_refused(tmp_path):
@@ -430,3 +431,44 @@ def test_without_sin_switches_the_layer_off_and_restores_it_after_an_error():
             assert m is model and model.sin is None
             raise RuntimeError("inside")
     assert model.sin is layer
+
+
+def test_footprint_and_pixel_occlusion_runs_differ_only_in_the_occlusion(tmp_path, monkeypatch):
+    """The ablation twin's trainer: same batches, same windows, same schedule; only how a window is occluded."""
+    from scalecert import train as T
+    monkeypatch.setattr(T, "RUNS_DIR", tmp_path / "runs")
+    seen = {}
+    real = T.occlude
+
+    def spy(model, x, boxes, occlusion):
+        xo, excl = real(model, x, boxes, occlusion)
+        seen.setdefault(occlusion, []).append((x.clone(), boxes.clone(), xo.clone(), excl))
+        return xo, excl
+
+    monkeypatch.setattr(T, "occlude", spy)
+    common = ["--dataset", "cifar10", "--occlude", "2.4", "--consistency", "1", "--epochs", "1", "--max-train", "48",
+              "--batch-size", "16", "--eval-subset", "10", "--threads", "1", "--out-dir", str(tmp_path)]
+    sin = T.train(T.parse(["--name", "s", "--sin-rate", "0.2"] + common))
+    occl = T.train(T.parse(["--name", "o", "--occlusion", "pixels", "--twin", "s"] + common))
+    fp, px = seen["footprint"], seen["pixels"]
+    assert len(fp) == len(px) == 3
+    for (x1, b1, xo1, e1), (x2, b2, xo2, e2) in zip(fp, px):
+        assert torch.equal(x1, x2) and torch.equal(b1, b2)          # same images, augmentation and windows
+        assert torch.equal(xo1, x1) and e1 is not None and e1.any()  # footprint: image kept, features excluded
+        inside = rect_masks(b2, 32, 32).unsqueeze(1).expand_as(x2)
+        assert e2 is None and torch.equal(xo2[~inside], x2[~inside]) and (xo2[inside] == T.PIXEL_FILL).all()
+    cfg = [torch.load(tmp_path / "runs" / n / "state.pt", weights_only=False)["config"] for n in "so"]
+    assert {k for k in cfg[0].keys() | cfg[1].keys() if cfg[0].get(k) != cfg[1].get(k)} == {"sin_rate", "occlusion"}
+    assert sin["occlusion"] == "footprint" and occl["occlusion"] == "pixels" and occl["twin"] == "s"
+    assert occl["accuracy_with_sin"] is None
+
+
+def test_occlusion_switch_refuses_the_wrong_model(tmp_path, monkeypatch):
+    from scalecert import train as T
+    monkeypatch.setattr(T, "RUNS_DIR", tmp_path / "runs")
+    common = ["--dataset", "cifar10", "--occlude", "2.4", "--epochs", "1", "--max-train", "16", "--threads", "1",
+              "--out-dir", str(tmp_path)]
+    with pytest.raises(ValueError, match="needs a SIN layer"):
+        T.train(T.parse(["--name", "a"] + common))
+    with pytest.raises(ValueError, match="without a SIN layer"):
+        T.train(T.parse(["--name", "b", "--sin-rate", "0.2", "--occlusion", "pixels"] + common))
