@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from . import data as D
+from .args import Parser, device_name, int_at_least, overlap_ratio, usage_errors
 from .geometry import footprint, rect_masks
 from .models import (CHECKPOINT_DIR, MEASURED_ON, build, load_model, resolve_checkpoint, round_to_storage, save_checkpoint,
                      write_card, without_sin)
@@ -29,18 +30,6 @@ from .runstate import Interrupted, ResumableRun
 from .windows import patch_pixels, window_side
 
 RUNS_DIR = Path(__file__).resolve().parent.parent / "data" / "runs"
-
-
-def augment(x: torch.Tensor, pad: int, gen: torch.Generator) -> torch.Tensor:
-    """Return a batch after random crop (reflect padding) and horizontal flip, per image."""
-    b, c, h, w = x.shape
-    xp = F.pad(x, (pad,) * 4, mode="reflect")
-    rows = torch.randint(0, 2 * pad + 1, (b, 1), generator=gen) + torch.arange(h)
-    cols = torch.randint(0, 2 * pad + 1, (b, 1), generator=gen) + torch.arange(w)
-    flip = torch.rand(b, generator=gen) < 0.5
-    cols = torch.where(flip[:, None], cols.flip(1), cols)
-    return xp[torch.arange(b)[:, None, None, None], torch.arange(c)[None, :, None, None],
-              rows[:, None, :, None], cols[:, None, None, :]]
 
 
 OCCLUSIONS = ("footprint", "pixels")
@@ -150,7 +139,6 @@ def recalibrate_bn(model, ds: D.ImageSet, images: int, batch: int = 128, seed: i
 def recalibrate_main(argv=None) -> int:
     """``python -m scalecert recalibrate NAME``: re-estimate a shipped checkpoint's BatchNorm statistics, re-measure
     its accuracy on the whole evaluation split and rewrite checkpoint and card (the card keeps the numbers before)."""
-    from .cli import Parser, device_name, int_at_least, usage_errors
     p = Parser(prog="python -m scalecert recalibrate", description=recalibrate_main.__doc__)
     p.add_argument("name", help="checkpoint name (data/checkpoints/NAME.pt) or path")
     p.add_argument("--images", type=int_at_least(1), default=10000, help="training images averaged over")
@@ -219,7 +207,6 @@ def remeasure(name_or_path, device="cpu", force: bool = False) -> dict | None:
 def remeasure_main(argv=None) -> int:
     """``python -m scalecert remeasure NAME...``: re-measure shipped ScaleCert checkpoints' accuracies on their stored
     weights and rewrite their cards (earlier cards measured the fp32 weights before the fp16 rounding)."""
-    from .cli import Parser, device_name, int_at_least
     p = Parser(prog="python -m scalecert remeasure", description=remeasure_main.__doc__)
     p.add_argument("names", nargs="+", help="checkpoint names or .pt paths")
     p.add_argument("--force", action="store_true", help="re-measure cards already measured on the stored weights")
@@ -247,7 +234,6 @@ def remeasure_main(argv=None) -> int:
 
 
 def parse(argv=None) -> argparse.Namespace:
-    from .cli import Parser, device_name, int_at_least, overlap_ratio, usage_errors
     p = Parser(prog="python -m scalecert train", description="Train or SIN-finetune a model.")
     p.add_argument("--name", required=True, help="checkpoint name (data/checkpoints/NAME.pt)")
     p.add_argument("--dataset", default="cifar10")
@@ -406,8 +392,10 @@ def train(a: argparse.Namespace, argv_text: str = "") -> dict:
         return None
     elapsed = run.elapsed + (partial["seconds"] if a.snapshot and partial else 0.0)
     round_to_storage(model)  # measure the weights that ship, not their fp32 originals
-    acc_sin = evaluate(model, test_ds, device=a.device)
-    acc_plain = evaluate(model, test_ds, device=a.device, sin=False)
+    # a run on the first --max-train images only (tests) is provisional: its card measures the eval subset
+    card_idx = eval_idx if a.max_train and eval_idx is not None else None
+    acc_sin = evaluate(model, test_ds, card_idx, device=a.device)
+    acc_plain = evaluate(model, test_ds, card_idx, device=a.device, sin=False)
     finished = start if a.snapshot else a.epochs
     more = f" and {partial['step']} steps of the next" if partial else ""
     card = {"name": a.name, "status": "final" if finished >= a.epochs and not a.max_train else
@@ -417,7 +405,7 @@ def train(a: argparse.Namespace, argv_text: str = "") -> dict:
             "epochs": a.epochs, "seed": a.seed, "init": a.init, "occlude_pct": a.occlude, "occlude_tau": a.occlude_tau, "occlude_sides_px": occl,
             "consistency": a.consistency, "occlude_worst_of": a.occlude_worst_of, "occlusion": a.occlusion if occl else None,
             "twin": a.twin, "lr": a.lr, "batch_size": a.batch_size,
-            "eval_split": test_ds.split, "eval_images": len(test_ds),
+            "eval_split": test_ds.split, "eval_images": len(test_ds) if card_idx is None else len(card_idx),
             "accuracy_with_sin": acc_sin if model.sin is not None else None,
             "accuracy_without_sin": acc_plain, "accuracy_measured_on": MEASURED_ON, "train_seconds": round(elapsed, 1),
             "command": argv_text or "python -m scalecert train " + " ".join(sys.argv[1:]),
