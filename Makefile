@@ -25,6 +25,9 @@ EXECUTED := $(addprefix $(EXEC_DIR)/,$(addsuffix .ipynb,$(filter $(basename $(no
   $(filter-out $(ORDER),$(basename $(notdir $(NOTEBOOKS))))))
 DATA_STAMPS := data/cifar10-jpeg/.test-uint8.npy data/imagenette-224/.val-uint8.npy
 KERNEL := scalecert
+# make test: pytest and nbval each spread over one worker per core (pytest-xdist; a notebook's cells stay on one
+# worker), one torch thread per worker
+TEST_JOBS ?= $(NPROC)
 
 .PHONY: help setup data figures test test-fast golden lab audit bench readme models peers paper-background clean distclean
 .DEFAULT_GOAL := help
@@ -72,9 +75,10 @@ figures/REPORT.md: $(EXECUTED)
 	$(PY) -m scalecert.report --profile $(PROFILE) > $@.tmp && mv $@.tmp $@
 
 test: $(STAMP) $(DATA_STAMPS) ## pytest on the package + nbval on the notebooks (tiny profile)
-	$(PY) -m pytest -q -p no:cacheprovider tests
+	SCALECERT_TEST_THREADS=1 OMP_NUM_THREADS=1 $(PY) -m pytest -q -p no:cacheprovider -n $(TEST_JOBS) --dist loadfile tests
 	rm -rf build/test-cache build/test-figures  # nbval must recompute, not read results cached by a previous run
-	SCALECERT_FIG_DIR=$(CURDIR)/build/test-figures SCALECERT_CACHE_DIR=$(CURDIR)/build/test-cache $(PY) -m pytest -q -p no:cacheprovider --nbval-lax --nbval-current-env \
+	OMP_NUM_THREADS=1 SCALECERT_FIG_DIR=$(CURDIR)/build/test-figures SCALECERT_CACHE_DIR=$(CURDIR)/build/test-cache \
+	  $(PY) -m pytest -q -p no:cacheprovider -n $(TEST_JOBS) --dist loadfile --nbval-lax --nbval-current-env \
 	  --nbval-sanitize-with tests/nbval_sanitize.cfg tests/notebooks
 
 test-fast: $(STAMP) ## pytest only (no notebooks)
