@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DATA_DIR = Path(os.environ.get("SCALECERT_DATA_DIR", PROJECT_ROOT / "data"))
@@ -341,6 +342,23 @@ def load_dataset(name: str, split: str | None = None, root: Path | None = None) 
 def image_size(name: str) -> int:
     """Return the image side in pixels of a data set."""
     return 32 if check_dataset(name) == "cifar10" else 224
+
+
+def eval_ids(ds: ImageSet, per_class: int | None, seed: int = 0) -> list[int]:
+    """Return the image indices of a seeded class-balanced subset (every index if per_class is None)."""
+    return list(range(len(ds))) if per_class is None else ds.subset(per_class, seed).tolist()
+
+
+def augment(x: torch.Tensor, pad: int, gen: torch.Generator) -> torch.Tensor:
+    """Return a batch after random crop (reflect padding) and horizontal flip, per image."""
+    b, c, h, w = x.shape
+    xp = F.pad(x, (pad,) * 4, mode="reflect")
+    rows = torch.randint(0, 2 * pad + 1, (b, 1), generator=gen) + torch.arange(h)
+    cols = torch.randint(0, 2 * pad + 1, (b, 1), generator=gen) + torch.arange(w)
+    flip = torch.rand(b, generator=gen) < 0.5
+    cols = torch.where(flip[:, None], cols.flip(1), cols)
+    return xp[torch.arange(b)[:, None, None, None], torch.arange(c)[None, :, None, None],
+              rows[:, None, :, None], cols[:, None, None, :]]
 
 
 def main(argv=None) -> int:

@@ -10,6 +10,7 @@ import pandas as pd
 
 from . import data as D
 from . import results as R
+from .data import eval_ids  # lives in data (harness needs it too); E.eval_ids stays for the notebooks
 from .defense import certify
 from .models import CHECKPOINT_DIR, load_model, without_sin
 
@@ -203,11 +204,6 @@ def _atomic_torch_save(obj, path: Path) -> None:
     """Save a torch object through a temporary file and a rename."""
     import torch
     R.atomic_write(path, lambda tmp: torch.save(obj, tmp))
-
-
-def eval_ids(ds: D.ImageSet, per_class: int | None, seed: int = 0) -> list[int]:
-    """Return the image indices of a seeded class-balanced subset (every index if per_class is None)."""
-    return list(range(len(ds))) if per_class is None else ds.subset(per_class, seed).tolist()
 
 
 def eval_images(dataset: str, per_class: int | None, seed: int = 0):
@@ -511,7 +507,7 @@ def _paper_number(dataset: str, config: dict, model: str, defense: str) -> dict:
 def _certification_runs(cache_dir: Path | None = None, datasets=None):
     """Yield (run folder, config, model name, defence, split size, whole-split ids key) of every cached certification
     run (ScaleCert, MR or a peer) made with a shipped checkpoint and, for a peer, the current certificate version."""
-    from .baselines import harness as H  # harness imports this module
+    from .baselines import harness as H
     names, whole = _checkpoint_names(), {}
     for meta in sorted(Path(cache_dir or R.CACHE_DIR).glob("*/config.json")):
         run, config = meta.parent, json.loads(meta.read_text())

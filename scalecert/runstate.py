@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from . import data as D
 from .results import atomic_write
 
 
@@ -136,7 +137,6 @@ class ResumableRun:
 
 def prepare(seed: int, threads: int, dataset: str, train_set=None, eval_set=None):
     """Seed torch, set the thread count and return (train_set, eval_set, image side) of a training run."""
-    from . import data as D
     torch.manual_seed(seed)
     if threads:
         torch.set_num_threads(threads)
@@ -150,14 +150,13 @@ def epoch_batches(train_set, n_train: int, batch_size: int, pad: int, gen: torch
                   epoch: int, device="cpu", first_step: int = 0, gen_state: torch.Tensor | None = None):
     """Yield the augmented (x, y) batches of one epoch: a seeded permutation of the first n_train draws
     (from batch ``first_step`` on, with the generator set to ``gen_state`` first when resuming)."""
-    from .train import augment
     gen.manual_seed(seed * 1000 + epoch)
     perm = torch.randperm(len(train_set), generator=gen)[:n_train].numpy()
     if gen_state is not None:
         gen.set_state(gen_state)
     for s in range(first_step * batch_size, n_train, batch_size):
         x, y = train_set.tensors(np.sort(perm[s: s + batch_size]))
-        yield augment(x, pad, gen).to(device), y.to(device)
+        yield D.augment(x, pad, gen).to(device), y.to(device)
 
 
 def finished_card(card_path: Path, config: dict, epochs: int) -> dict | None:

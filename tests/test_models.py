@@ -8,7 +8,8 @@ import torchvision
 from scalecert import data as D
 from scalecert.models import (ARCHS, CHECKPOINT_DIR, build, from_torchvision_state, load_model, rest_channels_last,
                               round_to_storage, save_checkpoint)
-from scalecert.train import augment, evaluate, random_window_exclude, worst_window_exclude
+from scalecert.data import augment
+from scalecert.train import evaluate, random_window_exclude, worst_window_exclude
 from scalecert.geometry import rect_masks
 
 

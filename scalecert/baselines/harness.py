@@ -24,7 +24,7 @@ import pandas as pd
 
 from .. import data as D
 from .. import results as R
-from ..experiments import eval_ids
+from ..data import eval_ids
 from ..models import CHECKPOINT_DIR
 
 

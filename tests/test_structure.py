@@ -1,0 +1,157 @@
+"""The package's import graph has no circle.
+
+Every ``import``/``from ... import`` inside ``scalecert/`` counts, at module level or deferred inside a
+function: a deferred import still makes one module depend on the other, it only hides the circle from the
+interpreter until that function runs.
+"""
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+PACKAGE = "scalecert"
+ROOT = Path(__file__).resolve().parent.parent / PACKAGE
+
+
+def module_files(root: Path = ROOT) -> dict[str, Path]:
+    """Return {dotted module name: file} of every module of the package (a package is its __init__)."""
+    out = {}
+    for path in sorted(root.rglob("*.py")):
+        parts = list(path.relative_to(root.parent).with_suffix("").parts)
+        if parts[-1] == "__init__":
+            parts = parts[:-1]
+        out[".".join(parts)] = path
+    return out
+
+
+def _resolve(name: str, modules: dict[str, Path]) -> str | None:
+    """Return the longest prefix of the dotted name that is a module of the package, or None."""
+    parts = name.split(".")
+    for k in range(len(parts), 0, -1):
+        if ".".join(parts[:k]) in modules:
+            return ".".join(parts[:k])
+    return None
+
+
+def imports_of(module: str, path: Path, modules: dict[str, Path]) -> set[str]:
+    """Return the package modules that ``module`` imports anywhere in its file (functions included).
+
+    ``from .x import y`` names ``x``, or ``x.y`` when that is a submodule; ``from . import y`` names
+    the submodule ``y``, or the package itself when ``y`` is one of its attributes."""
+    is_package = path.name == "__init__.py"
+    package = module if is_package else module.rpartition(".")[0]
+    targets = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            bases = [a.name for a in node.names]
+            names = []
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                anchor = package.split(".")
+                anchor = anchor[:len(anchor) - (node.level - 1)]
+                base = ".".join(anchor + ([node.module] if node.module else []))
+            else:
+                base = node.module or ""
+            bases = [base]
+            names = [f"{base}.{a.name}" for a in node.names]
+        else:
+            continue
+        for name in bases:
+            if name.split(".")[0] != PACKAGE:
+                continue
+            subs = [n for n in names if n in modules]
+            if subs:
+                targets.update(subs)
+            if not subs or len(subs) < len(names):
+                hit = _resolve(name, modules)
+                if hit is not None:
+                    targets.add(hit)
+    targets.discard(module)
+    return targets
+
+
+def import_graph(root: Path = ROOT) -> dict[str, set[str]]:
+    """Return {module: the package modules it imports}."""
+    modules = module_files(root)
+    return {m: imports_of(m, p, modules) for m, p in modules.items()}
+
+
+def _shortest_circle(graph: dict[str, set[str]], start: str, members: set[str]) -> list[str] | None:
+    """Return a shortest circle start -> ... -> start inside members (breadth first), or None."""
+    prev, frontier = {start: None}, [start]
+    while frontier:
+        nxt = []
+        for v in frontier:
+            if start in graph[v]:
+                path = [v]
+                while prev[path[-1]] is not None:
+                    path.append(prev[path[-1]])
+                return [*reversed(path), start]
+            for w in sorted(graph[v] & members):
+                if w not in prev:
+                    prev[w] = v
+                    nxt.append(w)
+        frontier = nxt
+    return None
+
+
+def circles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Return the import circles: a shortest one through every module that lies on one, each circle once
+    (rotated to start at its first module in sorted order)."""
+    index, low, stack, on_stack, comps = {}, {}, [], set(), []
+
+    def visit(v):  # Tarjan's strongly connected components; a few dozen modules, recursion is fine
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in sorted(graph.get(v, ())):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = set()
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                comp.add(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                comps.append(comp)
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    out = []
+    for comp in comps:
+        for start in sorted(comp):
+            ring = _shortest_circle(graph, start, comp)[:-1]
+            k = ring.index(min(ring))
+            ring = ring[k:] + ring[:k] + [ring[k]]
+            if ring not in out:
+                out.append(ring)
+    return sorted(out, key=lambda c: (len(c), c))
+
+
+def test_graph_sees_relative_absolute_and_deferred_imports(tmp_path):
+    pkg = tmp_path / PACKAGE
+    (pkg / "sub").mkdir(parents=True)
+    (pkg / "__init__.py").write_text("from .a import f\n")
+    (pkg / "a.py").write_text("def f():\n    from . import b\n")
+    (pkg / "b.py").write_text("import scalecert.sub.c\nfrom scalecert import a\n")
+    (pkg / "sub" / "__init__.py").write_text("X = 1\n")
+    (pkg / "sub" / "c.py").write_text("from .. import a\nfrom . import X\nfrom ..sub import c\n")
+    graph = import_graph(pkg)
+    assert graph == {"scalecert": {"scalecert.a"}, "scalecert.a": {"scalecert.b"},
+                     "scalecert.b": {"scalecert.a", "scalecert.sub.c"}, "scalecert.sub": set(),
+                     "scalecert.sub.c": {"scalecert.a", "scalecert.sub"}}
+    assert circles(graph) == [["scalecert.a", "scalecert.b", "scalecert.a"],
+                              ["scalecert.a", "scalecert.b", "scalecert.sub.c", "scalecert.a"]]
+    assert circles({"x": {"y"}, "y": {"z"}, "z": set()}) == []
+
+
+def test_no_import_circle():
+    found = circles(import_graph())
+    assert not found, "import circles in scalecert/:\n" + "\n".join(" -> ".join(c) for c in found)
