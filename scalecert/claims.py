@@ -10,10 +10,9 @@ from pathlib import Path
 import pandas as pd
 
 from . import experiments as E
+from .paths import PAPER_FIG_DIR as FIG_DIR  # the paper-profile tables the notebooks write, one folder per data set
+from .paths import ROOT
 
-ROOT = Path(__file__).resolve().parent.parent
-#: the paper-profile tables the notebooks write from the result cache, one folder per data set
-FIG_DIR = ROOT / "figures" / "paper"
 README = ROOT / "README.md"
 START, END = "<!-- claims:start -->", "<!-- claims:end -->"
 _BLOCK = re.escape(START) + r"\n?(.*?)\n?" + re.escape(END)

@@ -25,8 +25,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
-DATA_DIR = Path(os.environ.get("SCALECERT_DATA_DIR", PROJECT_ROOT / "data"))
+from .paths import DATA_DIR, ROOT
+
 
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer",
                    "dog", "frog", "horse", "ship", "truck"]
@@ -84,7 +84,7 @@ def shared_dirs() -> list[Path]:
     dirs = []
     if os.environ.get("SCALECERT_SHARED_DATA"):
         dirs.append(Path(os.environ["SCALECERT_SHARED_DATA"]))
-    dirs.append(PROJECT_ROOT.parent / "shared" / "data")
+    dirs.append(ROOT.parent / "shared" / "data")
     return dirs
 
 

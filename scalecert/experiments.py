@@ -13,8 +13,8 @@ from . import results as R
 from .data import eval_ids  # lives in data (harness needs it too); E.eval_ids stays for the notebooks
 from .defense import certify
 from .models import CHECKPOINT_DIR, load_model, without_sin
+from .paths import PAPER_DIR
 
-PAPER_DIR = Path(__file__).resolve().parent.parent / "data" / "paper"
 PAPER_DATASET = {"cifar10": "cifar10", "imagenette": "imagenet", "imagenet": "imagenet"}
 PAPER_LABEL = {"cifar10": "paper (lossless CIFAR-10, ResNet-18)", "imagenette": "paper (ImageNet, ResNet-50)",
                "imagenet": "paper (ImageNet, ResNet-50)"}

@@ -21,6 +21,7 @@ from torch import nn
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
 from .geometry import Geometry, units_geometry
+from .paths import CHECKPOINT_DIR
 from .results import atomic_write, atomic_write_text
 from .sin import SINLayer
 
@@ -216,7 +217,6 @@ def rest_channels_last(model: SplitNet) -> SplitNet:
 
 
 # --------------------------------------------------------------------------- checkpoints
-CHECKPOINT_DIR = Path(__file__).resolve().parent.parent / "data" / "checkpoints"
 #: what a card's accuracies were measured on since 2026-12-06 (before, the fp32 weights the fp16 checkpoint rounds)
 MEASURED_ON = "stored weights"
 

@@ -7,9 +7,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
-import os
-
-FIG_DIR = Path(os.environ.get("SCALECERT_FIG_DIR", Path(__file__).resolve().parent.parent / "figures"))
+from .paths import FIG_DIR
 
 
 def save(fig, name: str, fig_dir: Path | None = None) -> Path:

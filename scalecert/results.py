@@ -42,10 +42,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-CACHE_DIR = Path(os.environ.get("SCALECERT_CACHE_DIR", Path(__file__).resolve().parent.parent / "data" / "cache"))
-#: the checkpoint cards (``<name>.json`` with a ``sha256``) that ``INDEX.csv`` names checkpoints by (models.py keeps the
-#: same folder as CHECKPOINT_DIR; it imports this module, so the path is repeated here rather than imported)
-CARDS_DIR = Path(__file__).resolve().parent.parent / "data" / "checkpoints"
+from .paths import CACHE_DIR, CHECKPOINT_DIR
+
 TIMING_COLUMNS = ("seconds",)
 #: the records and timings of a compacted run
 RECORDS = "records.parquet"
@@ -541,7 +539,7 @@ def compact_all(cache_dir: Path | None = None, min_age: float = 0.0,
 def checkpoint_names(checkpoint_dir: Path | None = None) -> dict:
     """Return {sha256: checkpoint name} of every checkpoint card (``<name>.json``) in a folder."""
     names = {}
-    for card in sorted(Path(checkpoint_dir or CARDS_DIR).glob("*.json")):
+    for card in sorted(Path(checkpoint_dir or CHECKPOINT_DIR).glob("*.json")):
         c = json.loads(card.read_text())
         if "sha256" in c:
             names[c["sha256"]] = card.stem

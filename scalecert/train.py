@@ -26,10 +26,9 @@ from .args import Parser, device_name, int_at_least, overlap_ratio, usage_errors
 from .geometry import footprint, rect_masks
 from .models import (CHECKPOINT_DIR, MEASURED_ON, build, load_model, resolve_checkpoint, round_to_storage, save_checkpoint,
                      write_card, without_sin)
+from .paths import RUNS_DIR
 from .runstate import Interrupted, ResumableRun
 from .windows import patch_pixels, window_side
-
-RUNS_DIR = Path(__file__).resolve().parent.parent / "data" / "runs"
 
 
 OCCLUSIONS = ("footprint", "pixels")

@@ -67,7 +67,7 @@ def test_report_names_the_folder_it_reads(tmp_path, monkeypatch, capsys):
     """The header says which tables the report is from: figures/ itself, a paper-profile subfolder, or elsewhere."""
     from scalecert import report
     monkeypatch.setattr(report, "FIG_DIR", tmp_path / "project" / "figures")
-    monkeypatch.setattr(report, "PROJECT", tmp_path / "project")
+    monkeypatch.setattr(report, "ROOT", tmp_path / "project")
     sub, outside = report.FIG_DIR / "paper" / "imagenette", tmp_path / "elsewhere"
     for folder, shown in ((report.FIG_DIR, "`figures/`"), (sub, "`figures/paper/imagenette/`"),
                           (outside, f"`{outside}`")):

@@ -68,6 +68,7 @@ from torch import nn
 from ..geometry import Geometry, units_geometry
 from ..models import CHECKPOINT_DIR, CIFAR_MEAN, CIFAR_STD, IMAGENET_MEAN, IMAGENET_STD, MEASURED_ON, Normalize
 from ..models import read_checkpoint, round_to_storage, save_checkpoint
+from ..paths import RUNS_DIR, relative
 from ..runstate import ResumableRun, finished_card, prepare
 
 #: name -> (stem (width, kernel, stride), stages as (blocks, out channels, stride, blocks with a 3x3), mean, std)
@@ -202,7 +203,7 @@ def train_bagnet(name: str, dataset: str = "cifar10", arch: str | None = None, e
     uses only that many training images per epoch and marks the checkpoint provisional.
     """
     from .. import data as D
-    from ..train import RUNS_DIR, evaluate
+    from ..train import evaluate
     train_set, eval_set, n = prepare(seed, threads, dataset, train_set, eval_set)
     arch = arch or DEFAULT_ARCH.get(train_set.name, "bagnet11_cifar" if n <= 64 else "bagnet17_w16")
     model = BagNet(arch, len(train_set.classes)).to(device)
@@ -235,7 +236,6 @@ def train_bagnet(name: str, dataset: str = "cifar10", arch: str | None = None, e
     elapsed = run.elapsed
     round_to_storage(model.eval())  # measure the weights that ship
     geo = model.geometry()
-    root = D.PROJECT_ROOT.resolve()
     card = {"name": name, "model": "BagNet", **config, "status": "final" if not max_train else
             f"provisional: trained on {n_train} images per epoch only",
             "dataset": D.DATASET_LABELS.get(eval_set.name, eval_set.name), "dataset_key": eval_set.name,
@@ -245,7 +245,7 @@ def train_bagnet(name: str, dataset: str = "cifar10", arch: str | None = None, e
             "clean_accuracy": evaluate(model, eval_set, device=device), "accuracy_measured_on": MEASURED_ON,
             "train_seconds": round(elapsed, 1),
             "command": command or "python -m scalecert.baselines.bagnet " + shlex.join(sys.argv[1:]),
-            "log": str(log_path.resolve().relative_to(root)) if root in log_path.resolve().parents else str(log_path)}
+            "log": relative(log_path)}
     return save_checkpoint(model, Path(out_dir or CHECKPOINT_DIR) / f"{name}.pt", card)
 
 

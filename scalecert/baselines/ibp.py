@@ -78,6 +78,7 @@ from ..defense import check_images, check_labels, default_chunk
 from ..geometry import rect_masks
 from ..models import (CHECKPOINT_DIR, CIFAR_MEAN, CIFAR_STD, MEASURED_ON, Normalize, read_checkpoint, round_to_storage,
                       save_checkpoint)
+from ..paths import RUNS_DIR, relative
 from ..runstate import ResumableRun, finished_card, prepare
 from ..windows import patch_pixels
 from . import batch_ids, records_frame
@@ -429,7 +430,6 @@ def train_ibp(name: str, patch=2.4, epochs: int = 20, dataset: str = "cifar10", 
     images, command). ``train_set``/``eval_set`` (ImageSets) replace the data set (tests).
     """
     from .. import data as D
-    from ..train import RUNS_DIR
     train_set, eval_set, n = prepare(seed, threads, dataset, train_set, eval_set)
     p = patch_pixels(patch, n)
     model = ibp_cnn(arch, n, len(train_set.classes)).to(device)
@@ -479,7 +479,6 @@ def train_ibp(name: str, patch=2.4, epochs: int = 20, dataset: str = "cifar10", 
     cert_idx = _balanced(eval_set, final_cert, seed)[:final_cert] if final_cert else []
     t0 = time.time()
     cert = certified_accuracy(model, eval_set, cert_idx, patch, device=device) if len(cert_idx) else None
-    root = D.PROJECT_ROOT.resolve()
     card = {"name": name, "defense": DEFENSE, "status": "final" if not max_train else
             f"provisional: trained on {n_train} images only",
             "dataset": D.DATASET_LABELS.get(eval_set.name, eval_set.name), "dataset_key": eval_set.name,
@@ -490,7 +489,7 @@ def train_ibp(name: str, patch=2.4, epochs: int = 20, dataset: str = "cifar10", 
             "certify_seconds_per_image": round((time.time() - t0) / max(1, len(cert_idx)), 3),
             "train_seconds": round(elapsed, 1),
             "command": command or "python -m scalecert.baselines.ibp " + shlex.join(sys.argv[1:]),
-            "log": str(log_path.resolve().relative_to(root)) if root in log_path.resolve().parents else str(log_path)}
+            "log": relative(log_path)}
     return save_checkpoint(model, Path(out_dir or CHECKPOINT_DIR) / f"{name}.pt", card)
 
 

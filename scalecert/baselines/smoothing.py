@@ -112,6 +112,7 @@ from torch import nn
 from ..defense import check_images, check_labels, default_chunk
 from ..models import (CHECKPOINT_DIR, CIFAR_STD, IMAGENET_STD, MEASURED_ON, Normalize, SplitNet, build,
                       read_checkpoint, rest_channels_last, round_to_storage, save_checkpoint)
+from ..paths import RUNS_DIR, relative
 from ..runstate import ResumableRun, finished_card, prepare
 from ..windows import patch_pixels
 from . import batch_ids, records_frame, summarise_records
@@ -620,7 +621,6 @@ def train_ds(name: str, dataset: str = "cifar10", arch: str | None = None, band:
     (tests); ``max_train`` > 0 uses only that many training images per epoch (provisional checkpoint).
     """
     from .. import data as D
-    from ..train import RUNS_DIR
     train_set, eval_set, n = prepare(seed, threads, dataset, train_set, eval_set)
     arch = arch or ("resnet20" if n <= 64 else "resnet18w16")
     band = _check_band(default_band(n) if band is None else band, n)
@@ -662,7 +662,6 @@ def train_ds(name: str, dataset: str = "cifar10", arch: str | None = None, band:
     cert_idx = _balanced(eval_set, final_cert, seed)[:final_cert] if final_cert else []
     t0 = time.time()
     smooth = smoothed_accuracy(model, eval_set, cert_idx, cert_patch, theta, device) if len(cert_idx) else {}
-    root = D.PROJECT_ROOT.resolve()
     card = {"name": name, "defense": "DS / PG-Mask-DS base model", **config,
             "status": "final" if not max_train else f"provisional: trained on {n_train} images per epoch only",
             "dataset": D.DATASET_LABELS.get(eval_set.name, eval_set.name), "dataset_key": eval_set.name,
@@ -673,7 +672,7 @@ def train_ds(name: str, dataset: str = "cifar10", arch: str | None = None, band:
             **smooth, "certify_seconds_per_image": round((time.time() - t0) / max(1, len(cert_idx)), 3),
             "train_seconds": round(elapsed, 1),
             "command": command or "python -m scalecert.baselines.smoothing " + shlex.join(sys.argv[1:]),
-            "log": str(log_path.resolve().relative_to(root)) if root in log_path.resolve().parents else str(log_path)}
+            "log": relative(log_path)}
     return save_checkpoint(model, Path(out_dir or CHECKPOINT_DIR) / f"{name}.pt", card)
 
 
