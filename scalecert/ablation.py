@@ -9,6 +9,16 @@ their cached runs are shared.
 
 Cost is counted as forward passes per image = 1 + the image's candidate windows: what ``detect`` spends on any
 input and ``certify`` on an image it certifies (an early exit on a failing image does not count as a saving).
+
+PatchCleanser (issue #36; :mod:`scalecert.baselines.patchcleanser`, a recovery defence, the paper does not report it)
+adds one point per data set and patch size on its own k = 6 mask set (family "k=6 masks", the family the SIN prunes
+above), on the undefended vanilla model and on the occlusion-trained twin (rows ``PC_VANILLA`` and ``PC_OCCL``: the
+peer harness's runs, on at most ``PC_MAX_PER_CLASS`` images per class on a subset, 05's quick sizes, so that they are
+05's cached runs). Its ``forwards_per_image`` is the cost of its *inference*, as for the others what it spends on an
+input: the mean network evaluations double masking spends on the image (k^2 = 36 when the first round agrees, 35 more
+per second round run). ``certify_forwards`` (k^2 (k^2 + 1) / 2 = 666, the pair table its certificate needs, and what
+the run's seconds pay for) is a column of its own, empty for the other defences, whose certification costs what their
+detection does.
 """
 from __future__ import annotations
 
@@ -21,12 +31,16 @@ from .stats import mcnemar_exact, paired_bootstrap
 
 SC, SC_PAPER, MR_VANILLA, MR_OCCL = ("ScaleCert", "ScaleCert (paper mode)", "MR (undefended model)",
                                      "MR (occlusion-trained)")
+PC_VANILLA, PC_OCCL = E.PC_VANILLA, E.PC_OCCL
 DEFENSES = (SC, SC_PAPER, MR_VANILLA, MR_OCCL)
 #: 07's overlap ratios; their families are evaluated at 07's patch size only
 TAUS = (0.3, 0.5, 0.6)
 TAU_PATCH = {"cifar10": 2.4, "imagenette": 2.0}
 #: PatchCleanser's masks per axis (k x k masks), as on the field's leaderboard
 MASKS = 6
+#: PatchCleanser's images per class on a subset at most (666 forwards per image): 05's quick sizes, whose cached runs
+#: 12 then reads
+PC_MAX_PER_CLASS = {"cifar10": 2, "imagenette": 1}
 TABLE_COLUMNS = ["dataset", "patch_pct", "family", "defense", "model", "images", "clean", "certified",
                  "forwards_per_image", "seconds_per_image"]
 VERDICT_COLUMNS = ["dataset", "patch_pct", "family", "images", "scalecert_certified", "mr_occl_certified",
@@ -77,12 +91,52 @@ def row(df: pd.DataFrame, **labels) -> dict:
             "seconds_per_image": round(df.attrs.get("seconds_per_image", float("nan")), 4)}
 
 
-def run_all(dataset: str, patches, *, per_class: int | None, seed: int = 0, device: str = "cpu", force: bool = False,
-            rs=(3, 1), masks: int = MASKS, taus=TAUS) -> tuple[pd.DataFrame, dict]:
-    """Return (table, records) of every defence on every family and patch size of a data set: the table has
-    ``TABLE_COLUMNS`` (a ``note`` for a model not trained yet), records map (patch, family, defence) to the run's
-    per-image records (cached certification runs, computed where missing)."""
+def patchcleanser_row(df: pd.DataFrame, **labels) -> dict:
+    """Return one row of 12's table from a PatchCleanser run's records: forwards per image = its inference's mean
+    ``forwards``, and its ``certify_forwards`` beside them (see the module docstring)."""
+    return {**labels, "images": len(df), "clean": round(100 * df.clean_correct.mean(), 1),
+            "certified": round(100 * df.certified.mean(), 1),
+            "forwards_per_image": round(float(df.forwards.mean()), 1),
+            "seconds_per_image": round(df.attrs.get("seconds_per_image", float("nan")), 4),
+            "certify_forwards": round(float(df.certify_forwards.mean()), 1)}
+
+
+def patchcleanser_runs(dataset: str, pct: float, *, per_class: int | None, seed: int = 0, device: str = "cpu",
+                       force: bool = False) -> tuple[list[dict], dict]:
+    """Return (rows, records keyed like ``run_all``'s) of PatchCleanser at one patch size on the vanilla model and on
+    the occlusion-trained twin (``experiments.patchcleanser_runs``; a ``note`` row for a model not trained yet)."""
+    from .baselines import harness as H
+    from .baselines.patchcleanser import PAPER_K
     dataset = D.check_dataset(dataset)
+    family = f"k={PAPER_K} masks"
+    rows, recs = [], {}
+    for defense, ckpt in E.patchcleanser_runs(dataset):
+        labels = {"dataset": D.DATASET_LABELS[dataset], "patch_pct": float(pct), "family": family, "defense": defense,
+                  "model": ckpt}
+        if not E.available(ckpt):
+            rows.append({**labels, "note": f"{ckpt} not trained yet"})
+            continue
+        df = H.peer_cached("PatchCleanser", dataset, pct, per_class=per_class, seed=seed, force=force, device=device,
+                           progress=False, checkpoint=ckpt)
+        recs[float(pct), family, defense] = df
+        rows.append(patchcleanser_row(df, **labels))
+    return rows, recs
+
+
+def run_all(dataset: str, patches, *, per_class: int | None, seed: int = 0, device: str = "cpu", force: bool = False,
+            rs=(3, 1), masks: int = MASKS, taus=TAUS, patchcleanser: bool = True,
+            pc_per_class: int | None | str = "auto") -> tuple[pd.DataFrame, dict]:
+    """Return (table, records) of every defence on every family and patch size of a data set: the table has
+    ``TABLE_COLUMNS`` (a ``note`` for a model not trained yet; ``certify_forwards`` for PatchCleanser's rows), records
+    map (patch, family, defence) to the run's per-image records (cached certification runs, computed where missing).
+
+    With ``patchcleanser``, each patch size also gets PatchCleanser's two rows (:func:`patchcleanser_runs`) after the
+    other defences' rows, on ``pc_per_class`` images per class (None: the whole split); "auto": ``per_class`` capped at
+    ``PC_MAX_PER_CLASS`` (666 forwards per image; 05's quick sizes, so the runs are 05's cached ones), the whole split
+    when ``per_class`` is None."""
+    dataset = D.check_dataset(dataset)
+    if pc_per_class == "auto":
+        pc_per_class = None if per_class is None else min(per_class, PC_MAX_PER_CLASS[dataset])
     rows, recs = [], {}
     for pct in patches:
         for fam in families(dataset, pct, rs, masks, taus):
@@ -96,6 +150,11 @@ def run_all(dataset: str, patches, *, per_class: int | None, seed: int = 0, devi
                                       progress=False, **kw)
                 recs[float(pct), fam["family"], defense] = df
                 rows.append(row(df, **labels))
+        if patchcleanser:
+            pc_rows, pc_recs = patchcleanser_runs(dataset, pct, per_class=pc_per_class, seed=seed, device=device,
+                                                  force=force)
+            rows += pc_rows
+            recs.update(pc_recs)
     table = pd.DataFrame(rows)
     for c in TABLE_COLUMNS:
         if c not in table:

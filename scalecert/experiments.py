@@ -40,6 +40,25 @@ def occlusion_model_name(dataset: str) -> str:
     return f"{dataset}_{ARCH[dataset]}_occl"
 
 
+#: 05's and 12's row labels of PatchCleanser (a peer any classifier can run) on the two models it runs on
+PC_VANILLA, PC_OCCL = "PatchCleanser (undefended model)", "PatchCleanser (occlusion-trained)"
+
+
+def patchcleanser_runs(dataset: str) -> list[tuple[str, str]]:
+    """Return (row label, checkpoint) of PatchCleanser's rows on a data set: on the vanilla model (its harness default,
+    the reference's "without masked training") and on the occlusion-trained twin (``occlusion_model_name``: the closest
+    of the project's models to PatchCleanser's masked training; the twin hides windows of its SIN model's family with
+    pixels filled, not Cutout squares)."""
+    return [(PC_VANILLA, model_name(dataset)), (PC_OCCL, occlusion_model_name(dataset))]
+
+
+def _peer_label(peer: str, dataset: str, model: str) -> str:
+    """Return a peer run's row label: its name, or for PatchCleanser the label of the model it ran on (05's rows)."""
+    if peer == "PatchCleanser":
+        return {ck: label for label, ck in patchcleanser_runs(dataset)}.get(model, peer)
+    return peer
+
+
 def available(name: str) -> bool:
     """Return True iff a checkpoint of that name is shipped."""
     return (CHECKPOINT_DIR / f"{name}.pt").is_file()
@@ -116,6 +135,45 @@ def audit_cached(dataset: str, checkpoint: str, patch: float, *, per_class: int 
         x, y = ds.tensors(ids[rg.start:rg.stop])
         return audit_records(engine, x.to(device), y, ids=ids[rg.start:rg.stop], progress=False, stride=stride,
                              attack_stride=attack_stride, attack_steps=attack_steps, seed=seed)
+
+    return R.cached(config, ids, 1, one, force, progress)
+
+
+def audit_patchcleanser_cached(dataset: str, checkpoint: str, patch: float, *, per_class: int | None, seed: int = 0,
+                               k: int = 6, stride: int = 1, attack_stride: int | None = None, attack_steps: int = 10,
+                               attack_masks: int = 16, force: bool = False, device: str = "cpu",
+                               progress: bool = True) -> pd.DataFrame:
+    """Return per-image soundness-audit rows of PatchCleanser (``scalecert.audit.audit_records_patchcleanser``) on a
+    shipped checkpoint and the class-balanced subset of ``per_class`` images per class, cached one image per chunk:
+    k x k masks; fixed contents every ``stride`` px, the PGD attack (``attack_steps`` steps, ``attack_masks``
+    one-mask predictions per step) every ``attack_stride`` px (default ``stride``).
+
+    The certificates are the peer harness's (``harness.peer_cached``; ``k`` must be its k, 6), read from its cache
+    when 05 (or 12) certified the same images, computed and cached otherwise; ``force`` recomputes the audit only.
+    The configuration has "kind": "audit" and "defense": "PatchCleanser" (ScaleCert's audits, ``audit_cached``, have
+    no "defense" key), so the two never share a cache key, the peer's certificate ``version`` and the key of the
+    certification run."""
+    from .audit import CONTENTS, audit_records_patchcleanser
+    from .baselines import harness as H
+    dataset = D.check_dataset(dataset)
+    model = load_model(checkpoint, device=device)
+    ds = D.load_dataset(dataset, "eval")
+    ids = eval_ids(ds, per_class, seed)
+    cert = H.peer_cached("PatchCleanser", dataset, patch, per_class=per_class, seed=seed, device=device,
+                         progress=progress, checkpoint=checkpoint)
+    if not (cert.masks == k * k).all():
+        raise ValueError(f"the cached certificates use {int(cert.masks.iloc[0])} masks, not {k} x {k}")
+    config = {"kind": "audit", "defense": "PatchCleanser", "version": H.peer("PatchCleanser").version,
+              "dataset": dataset, "checkpoint_sha256": model.card["sha256"], "patch": patch, "masks": k,
+              "ids": R.config_key({"ids": ids}), "certificates": Path(cert.attrs["cache"]).name, "stride": stride,
+              "attack_stride": attack_stride or stride, "attack_steps": attack_steps, "attack_masks": attack_masks,
+              "contents": list(CONTENTS), "seed": seed}
+
+    def one(rg):
+        x, y = ds.tensors(ids[rg.start:rg.stop])
+        return audit_records_patchcleanser(model, x, y, patch, k=k, ids=ids[rg.start:rg.stop], certificates=cert,
+                                           progress=False, device=device, stride=stride, attack_stride=attack_stride,
+                                           attack_steps=attack_steps, attack_masks=attack_masks, seed=seed)
 
     return R.cached(config, ids, 1, one, force, progress)
 
@@ -474,18 +532,25 @@ def _settings_05(config: dict, early_stop: bool = True) -> bool:
 
 
 def _is_05(dataset: str, config: dict, model: str, defense: str, early_stop: bool = True) -> bool:
-    """Return True iff a certification run is one of 05's rows: a peer on its own model, or ScaleCert on the default SIN
-    model or MR on the vanilla one, at 05's settings (``_settings_05``)."""
+    """Return True iff a certification run is one of 05's rows: a peer on its own model (PatchCleanser: on either model
+    of ``patchcleanser_runs``), or ScaleCert on the default SIN model or MR on the vanilla one, at 05's settings
+    (``_settings_05``)."""
     if "peer" in config:
         from .baselines import harness as H
-        return model == H.peer(defense).checkpoint(dataset)
+        if config["peer"] == "PatchCleanser":
+            return model in {ck for _, ck in patchcleanser_runs(dataset)}
+        return model == H.peer(config["peer"]).checkpoint(dataset)
     want = model_name(dataset) if defense == "MR" else model_name(dataset, 1, DEFAULT_RATE[dataset])
     return model == want and _settings_05(config, early_stop)
 
 
 def _paper_number(dataset: str, config: dict, model: str, defense: str) -> dict:
     """Return the paper's clean and certified accuracy of a whole-split row and the table they are from ({} if none):
-    Table 2 or 5 for 05's configurations, Table 3/6 for 06's other top-k rates (layer 1, sound mode, 05's settings)."""
+    Table 2 or 5 for 05's configurations, Table 3/6 for 06's other top-k rates (layer 1, sound mode, 05's settings);
+    none for the peers the paper does not report (``harness.EXTRA_PEER_NAMES``: PatchCleanser)."""
+    from .baselines import harness as H
+    if config.get("peer") in H.EXTRA_PEER_NAMES:
+        return {}
     pd_name, patch = PAPER_DATASET[dataset], float(config["patch"])
     layer1_rate = {model_name(dataset, 1, r): r for r in (10, 15, 20)}
     if _is_05(dataset, config, model, defense, early_stop=False):
@@ -522,7 +587,7 @@ def _certification_runs(cache_dir: Path | None = None, datasets=None):
         if "peer" in config:
             if config["peer"] not in H.PEER_NAMES + H.EXTRA_PEER_NAMES or config.get("version") != H.peer(config["peer"]).version:
                 continue  # a certificate of an older version of the peer: not what the harness computes now
-            defense = config["peer"]
+            defense = _peer_label(config["peer"], dataset, model)
         elif "mode" in config:
             defense = "MR" if config["rate"] is None else ("ScaleCert (paper mode)" if config["mode"] == "paper"
                                                             else "ScaleCert")
@@ -536,9 +601,11 @@ def _certification_runs(cache_dir: Path | None = None, datasets=None):
 
 def whole_split_results(cache_dir: Path | None = None, datasets=None) -> pd.DataFrame:
     """Return one row per certification run (ScaleCert, MR or a peer) complete on a whole test/val split in the cache:
-    model, defence, patch, whether it is one of 05's rows, images, clean and certified accuracy (%), CPU-hours, and the
-    paper's number where it has one (Tables 2 and 5 for 05's rows, 3 and 6 for the other top-k rates); ``datasets``:
-    only those."""
+    model, defence (PatchCleanser labelled by its model, ``patchcleanser_runs``), guarantee (detection or recovery),
+    patch, whether it is one of 05's rows, images, clean and certified accuracy (%), CPU-hours, and the paper's number
+    where it has one (Tables 2 and 5 for 05's rows, 3 and 6 for the other top-k rates; PatchCleanser has none: the paper
+    does not report it); ``datasets``: only those."""
+    from .baselines import harness as H
     rows = []
     for run, config, model, defense, n, ids in _certification_runs(cache_dir, datasets):
         dataset = config["dataset"]
@@ -551,12 +618,13 @@ def whole_split_results(cache_dir: Path | None = None, datasets=None) -> pd.Data
             continue  # chunks still missing: in progress
         in_05 = _is_05(dataset, config, model, defense)
         row = {"dataset": D.DATASET_LABELS[dataset], "model": model, "defense": defense,
+               "guarantee": H.peer(config["peer"]).kind if "peer" in config else "detection",
                "patch_pct": float(config["patch"]), "tau": config.get("tau"), "in_05": in_05, "images": len(df),
                "clean": round(100 * df.clean_correct.mean(), 1), "certified": round(100 * df.certified.mean(), 1),
                "cpu_hours": round(float(R.timings(run).seconds.sum()) / 3600, 2), "key": run.name}
         rows.append({**row, **_paper_number(dataset, config, model, defense)})
-    cols = ["dataset", "model", "defense", "patch_pct", "tau", "in_05", "images", "clean", "certified", "paper_clean",
-            "paper_certified", "paper_table", "cpu_hours", "key"]
+    cols = ["dataset", "model", "defense", "guarantee", "patch_pct", "tau", "in_05", "images", "clean", "certified",
+            "paper_clean", "paper_certified", "paper_table", "cpu_hours", "key"]
     out = pd.DataFrame(rows, columns=cols).astype({"in_05": bool})  # so that out[out.in_05] selects rows when empty
     return out.sort_values(["dataset", "defense", "model", "patch_pct"], ignore_index=True)
 
@@ -668,7 +736,8 @@ def paper_plan(cache_dir: Path | None = None) -> pd.DataFrame:
         plan[target] = {"key": target, **{k: config[k] for k in R.STATUS_FIELDS if k in config},
                         "model": model, "defense": defense, "r": config.get("r"), "early_stop": config.get("early_stop"),
                         "images": n, "_subset_per_image": per_image,
-                        "_shared": (config["dataset"], model) if "peer" in config and H.peer(defense).shared else None,
+                        "_shared": (config["dataset"], model) if "peer" in config and H.peer(config["peer"]).shared
+                        else None,
                         "_config": {**config, "ids": ids}}
     _add_paper_only_rs(plan, set(WINDOW_RS["quick"]), set(WINDOW_RS["paper"]) - set(WINDOW_RS["quick"]))
     rows = []

@@ -84,3 +84,49 @@ def test_tiny_profile_runs_every_code_path_on_one_patch_size():
     fams = A.families("imagenette", 2.0, t["rs"], taus=t["taus"])
     assert [f["family"] for f in fams] == ["r=3 tau=0.3", "k=6 masks", "r=3 tau=0.5"]
     assert A.profile_settings("paper", "cifar10")["patches"] == E.PATCHES["cifar10"]
+
+
+def test_run_all_adds_patchcleanser_points_and_keeps_every_other_row(monkeypatch):
+    from scalecert.baselines import harness as H
+    occl = E.occlusion_model_name("cifar10")
+    shipped = {E.model_name(d) for d in ("cifar10", "imagenette")} | {E.model_name("cifar10", 1, 20)}
+    monkeypatch.setattr(E, "available", lambda name: name in shipped)   # the twin is not trained yet
+
+    def certify_cached(dataset, ckpt, pct, *, per_class, **kw):
+        df = pd.DataFrame({"id": range(4), "clean_correct": [True] * 4, "certified": [True, False, True, False],
+                           "n_candidates": [9, 9, 9, 9]})
+        df.attrs["seconds_per_image"] = 0.5
+        return df
+
+    calls = []
+
+    def peer_cached(name, dataset, pct, *, per_class, checkpoint=None, **kw):
+        calls.append((name, dataset, pct, per_class, checkpoint))
+        df = pd.DataFrame({"id": range(2), "clean_correct": [True, True], "certified": [True, False],
+                           "forwards": [36, 106], "certify_forwards": [666, 666]})
+        df.attrs["seconds_per_image"] = 4.0
+        return df
+
+    monkeypatch.setattr(E, "certify_cached", certify_cached)
+    monkeypatch.setattr(H, "peer_cached", peer_cached)
+    kw = dict(per_class=2, rs=(3,), taus=(0.5,))
+    without, _ = A.run_all("cifar10", [0.4, 2.4], patchcleanser=False, **kw)
+    table, recs = A.run_all("cifar10", [0.4, 2.4], pc_per_class=1, **kw)
+    pc = table.defense.isin([A.PC_VANILLA, A.PC_OCCL])
+    pd.testing.assert_frame_equal(table[~pc].reset_index(drop=True)[without.columns], without)
+    assert table[~pc].certify_forwards.isna().all()
+    got = table[pc].set_index(["patch_pct", "defense"])
+    assert list(got.index) == [(0.4, A.PC_VANILLA), (0.4, A.PC_OCCL), (2.4, A.PC_VANILLA), (2.4, A.PC_OCCL)]
+    assert (got.family == "k=6 masks").all()
+    v = got.loc[(2.4, A.PC_VANILLA)]
+    assert (v.model, v.images, v.clean, v.certified, v.forwards_per_image, v.certify_forwards, v.seconds_per_image) == (
+        "cifar10_resnet20_vanilla", 2, 100.0, 50.0, 71.0, 666.0, 4.0)   # inference forwards: (36 + 106) / 2
+    o = got.loc[(2.4, A.PC_OCCL)]
+    assert o.model == occl and o.note == f"{occl} not trained yet" and pd.isna(o.certified)
+    assert calls == [("PatchCleanser", "cifar10", p, 1, "cifar10_resnet20_vanilla") for p in (0.4, 2.4)]
+    calls.clear()  # by default: 05's quick sizes on a subset (its cached runs), the whole split on the whole split
+    for name, per_class, want in (("cifar10", 5, 2), ("imagenette", 2, 1), ("imagenette", None, None)):
+        A.run_all(name, [A.TAU_PATCH[name]], **{**kw, "per_class": per_class})
+        assert calls[-1][3] == want
+    assert set(recs) >= {(0.4, "k=6 masks", A.PC_VANILLA), (2.4, "k=6 masks", A.PC_VANILLA)}
+    assert len(A.verdict("cifar10", recs, n_boot=200)) == 0   # no MR (occlusion-trained) runs here: nothing to pair

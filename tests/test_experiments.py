@@ -312,6 +312,50 @@ def test_paper_plan_prices_the_whole_split_counterpart_of_every_subset_run(cache
     assert '{"configurations": 5, "left": 4, "cpu_hours_left": 14.5}' in out  # 1 + 1.5 + 12 + 0 + 0
 
 
+def test_patchcleanser_on_either_model_is_05_s_row_without_a_paper_number_and_is_planned(cache, monkeypatch):
+    from scalecert import data as D
+    from scalecert.baselines import harness as H
+    n = 6
+    monkeypatch.setattr(D, "load_dataset", lambda name, split=None, root=None: range(n))
+    occl = E.occlusion_model_name("cifar10")
+    names = E._checkpoint_names()
+    monkeypatch.setattr(E, "_checkpoint_names", lambda: {**names, "f" * 64: occl})  # the twin, as if shipped
+    shas = {name: sha for sha, name in E._checkpoint_names().items()}
+    whole, part = R.config_key({"ids": list(range(n))}), R.config_key({"ids": [0, 2, 4]})
+    version = H.peer("PatchCleanser").version
+    pc = {"peer": "PatchCleanser", "version": version, "dataset": "cifar10", "patch": 2.4, "ids": whole,
+          "chunk_images": 2, "checkpoint_sha256": shas["cifar10_resnet20_vanilla"]}
+    cert = [True, False, True, True, False, False]
+    _fake_run(cache, pc, cert)
+    _fake_run(cache, {**pc, "checkpoint_sha256": "f" * 64, "patch": 5.0}, [True] * n)
+    _fake_run(cache, {**pc, "checkpoint_sha256": shas[CKPT]}, cert)  # on the SIN model: listed, not one of 05's rows
+    _fake_run(cache, {**pc, "version": version - 1, "patch": 0.4}, cert)  # an older certificate: left out
+    base = {"dataset": "cifar10", "checkpoint_sha256": shas[CKPT], "patch": 2.4, "mode": "sound", "rule": "strict",
+            "tau": None, "r": 3, "layer": 1, "rate": 0.2, "ids": whole, "chunk_images": 2, "early_stop": True}
+    _fake_run(cache, base, cert)
+
+    every = E.whole_split_results().set_index(["defense", "patch_pct"])
+    assert sorted(every.index) == [("PatchCleanser", 2.4), (E.PC_OCCL, 5.0), (E.PC_VANILLA, 2.4), ("ScaleCert", 2.4)]
+    assert every.loc[(E.PC_VANILLA, 2.4), ["model", "in_05", "guarantee", "certified"]].tolist() == [
+        "cifar10_resnet20_vanilla", True, "recovery", 50.0]
+    assert every.loc[(E.PC_OCCL, 5.0), ["model", "in_05", "guarantee", "certified"]].tolist() == [
+        occl, True, "recovery", 100.0]
+    assert not every.loc[("PatchCleanser", 2.4), "in_05"]
+    assert every.loc[[(E.PC_VANILLA, 2.4), (E.PC_OCCL, 5.0)], ["paper_certified", "paper_table"]].isna().all().all()
+    assert every.loc[("ScaleCert", 2.4), ["guarantee", "paper_table"]].tolist() == ["detection", "2"]
+
+    # the quick profile's subset runs of both rows are priced for their whole splits, each on its own model
+    _fake_run(cache, {**pc, "ids": part}, [True] * 3, hours_per_image=1.0)  # its whole split is done above
+    _fake_run(cache, {**pc, "checkpoint_sha256": "f" * 64, "patch": 8.0, "ids": part}, [True] * 3,
+              hours_per_image=2.0)
+    plan = E.paper_plan().set_index(["defense", "patch"])
+    assert sorted(plan.index) == [(E.PC_OCCL, 8.0), (E.PC_VANILLA, 2.4)]
+    assert plan.loc[(E.PC_VANILLA, 2.4), ["model", "status", "cpu_hours_left"]].tolist() == [
+        "cifar10_resnet20_vanilla", "done", 0.0]
+    assert plan.loc[(E.PC_OCCL, 8.0), ["model", "status", "images_left", "shared", "cpu_hours_left"]].tolist() == [
+        occl, "missing", n, False, 12.0]
+
+
 def test_paper_plan_prices_the_r_values_only_the_paper_profile_sweeps(cache, monkeypatch):
     # 11 sweeps r = 1, 3 in the quick profile and r = 1, 2, 3 in the paper's: r = 2 has no subset run to price it from
     from scalecert import data as D
