@@ -69,10 +69,7 @@ def module_geometry(m: nn.Module) -> Geometry:
         short = module_geometry(m.downsample) if m.downsample is not None else Geometry()
         return main.union(short)
     if isinstance(m, (nn.Sequential, nn.ModuleList)):
-        g = Geometry()
-        for child in m:
-            g = g.compose(module_geometry(child))
-        return g
+        return units_geometry(m)
     raise ValueError(f"cannot derive the receptive field of {type(m).__name__}")
 
 

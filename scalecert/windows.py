@@ -42,6 +42,16 @@ def positions(n: int, side: int, stride: int) -> list[int]:
     return out
 
 
+def square_grid(n: int, side: int, stride: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return (boxes, grid) of the square windows of a side at every ``positions`` start on both axes of an n x n
+    image, row-major: boxes (K, 4) inclusive pixel boxes, grid (K, 2) their (row, column) grid indices."""
+    pos = torch.tensor(positions(n, side, stride))
+    gi, gj = torch.meshgrid(torch.arange(len(pos)), torch.arange(len(pos)), indexing="ij")
+    gi, gj = gi.flatten(), gj.flatten()
+    r0, c0 = pos[gi], pos[gj]
+    return torch.stack([r0, c0, r0 + side - 1, c0 + side - 1], 1), torch.stack([gi, gj], 1)
+
+
 @dataclass
 class WindowFamily:
     """A fixed list of square pixel windows with their grid coordinates."""
@@ -80,12 +90,8 @@ def candidate_windows(n: int, patch, r: int = 3, tau: float | None = None) -> Wi
     """Return the data-independent window family for a patch (px or %) on an n x n image."""
     p = patch_pixels(patch, n)
     side, stride = window_side(p, n, r, tau)
-    pos = torch.tensor(positions(n, side, stride))
-    gi, gj = torch.meshgrid(torch.arange(len(pos)), torch.arange(len(pos)), indexing="ij")
-    gi, gj = gi.flatten(), gj.flatten()
-    r0, c0 = pos[gi], pos[gj]
-    boxes = torch.stack([r0, c0, r0 + side - 1, c0 + side - 1], 1)
-    return WindowFamily(boxes, torch.stack([gi, gj], 1), n, p, side, stride, r, tau)
+    boxes, grid = square_grid(n, side, stride)
+    return WindowFamily(boxes, grid, n, p, side, stride, r, tau)
 
 
 def mask_set(n: int, patch, k: int = 6) -> WindowFamily:
@@ -99,12 +105,8 @@ def mask_set(n: int, patch, k: int = 6) -> WindowFamily:
     p = patch_pixels(patch, n)
     stride = max(1, math.ceil((n - p + 1) / k))
     side = min(n, p + stride - 1)
-    pos = torch.tensor(positions(n, side, stride))
-    gi, gj = torch.meshgrid(torch.arange(len(pos)), torch.arange(len(pos)), indexing="ij")
-    gi, gj = gi.flatten(), gj.flatten()
-    r0, c0 = pos[gi], pos[gj]
-    boxes = torch.stack([r0, c0, r0 + side - 1, c0 + side - 1], 1)
-    return WindowFamily(boxes, torch.stack([gi, gj], 1), n, p, side, stride, stride, None, masks=k)
+    boxes, grid = square_grid(n, side, stride)
+    return WindowFamily(boxes, grid, n, p, side, stride, stride, None, masks=k)
 
 
 def family_label(family: WindowFamily) -> str:

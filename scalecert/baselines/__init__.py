@@ -15,6 +15,9 @@ label or an alert), as in the paper's tables; ``records_frame`` also writes it a
 """
 from __future__ import annotations
 
+import argparse
+
+import numpy as np
 import pandas as pd
 
 RECORD_COLUMNS = ("id", "label", "pred", "alert", "clean_correct", "certified", "forwards", "seconds")
@@ -29,6 +32,32 @@ def batch_ids(batch_size, ids, b: int) -> list:
     if len(ids) != b:
         raise ValueError(f"ids must have {b} entries, got {len(ids)}")
     return ids
+
+
+def balanced_ids(ds, n_images: int, seed: int) -> np.ndarray:
+    """Return a class-balanced seeded subset of about n_images indices of an ImageSet (all of them when n_images <= 0
+    or >= its length)."""
+    if n_images <= 0 or n_images >= len(ds):
+        return np.arange(len(ds))
+    return ds.subset(max(1, n_images // len(ds.classes)), seed)
+
+
+def patch_arg(text: str):
+    """argparse type of a patch size: "5px" -> 5 pixels (int), "2.4" -> 2.4 % (float)."""
+    return int(text[:-2]) if text.endswith("px") else float(text)
+
+
+def add_run_args(p: argparse.ArgumentParser) -> None:
+    """Add the options every peer's ``train`` command shares (seed, threads, resumable state, device, folders)."""
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--save-every", type=float, default=600.0,
+                   help="save a mid-epoch state every N seconds (an interrupted epoch resumes at its step)")
+    p.add_argument("--max-train", type=int, default=0,
+                   help="use only N training images per epoch (a provisional checkpoint)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--out-dir", default=None, help="checkpoint folder (default data/checkpoints)")
+    p.add_argument("--runs-dir", default=None, help="per-epoch state and log go to RUNS_DIR/NAME (default data/runs)")
 
 
 def records_frame(records: list[dict], defense: str, kind: str) -> pd.DataFrame:

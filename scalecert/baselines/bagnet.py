@@ -70,6 +70,7 @@ from ..models import CHECKPOINT_DIR, CIFAR_MEAN, CIFAR_STD, IMAGENET_MEAN, IMAGE
 from ..models import read_checkpoint, round_to_storage, save_checkpoint
 from ..paths import RUNS_DIR, relative
 from ..runstate import ResumableRun, finished_card, prepare
+from . import add_run_args, balanced_ids
 
 #: name -> (stem (width, kernel, stride), stages as (blocks, out channels, stride, blocks with a 3x3), mean, std)
 ARCHS = {
@@ -220,8 +221,7 @@ def train_bagnet(name: str, dataset: str = "cifar10", arch: str | None = None, e
         return done
     run = ResumableRun(run_dir, config, device, save_every, stop_after, model=model, opt=opt, sched=sched)
     gen = torch.Generator().manual_seed(seed)
-    eval_idx = (eval_set.subset(max(1, eval_subset // len(eval_set.classes)), seed)
-                if 0 < eval_subset < len(eval_set) else None)
+    eval_idx = balanced_ids(eval_set, eval_subset, seed)
     pad = max(1, n // 8) if n < 224 else 16
     for epoch in range(run.start, epochs):
         t = {"tot": 0.0, "correct": 0, "seen": 0}
@@ -264,15 +264,8 @@ def main(argv=None) -> int:
     t.add_argument("--batch-size", type=int, default=128)
     t.add_argument("--lr", type=float, default=0.1)
     t.add_argument("--wd", type=float, default=5e-4)
-    t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--threads", type=int, default=0)
-    t.add_argument("--save-every", type=float, default=600.0,
-                   help="save a mid-epoch state every N seconds (an interrupted epoch resumes at its step)")
-    t.add_argument("--max-train", type=int, default=0, help="use only N training images per epoch")
     t.add_argument("--eval-subset", type=int, default=1000, help="images evaluated after each epoch")
-    t.add_argument("--device", default="cpu")
-    t.add_argument("--out-dir", default=None, help="checkpoint folder (default data/checkpoints)")
-    t.add_argument("--runs-dir", default=None, help="run-state folder (default data/runs)")
+    add_run_args(t)
     g = sub.add_parser("geometry", help="print the receptive-field geometry of every architecture")
     g.add_argument("--size", type=int, default=0, help="also print the local-logit map size for this input side")
     a = p.parse_args(argv)

@@ -81,7 +81,7 @@ from ..models import (CHECKPOINT_DIR, CIFAR_MEAN, CIFAR_STD, MEASURED_ON, Normal
 from ..paths import RUNS_DIR, relative
 from ..runstate import ResumableRun, finished_card, prepare
 from ..windows import patch_pixels
-from . import batch_ids, records_frame
+from . import add_run_args, balanced_ids, batch_ids, patch_arg, records_frame, summarise_records
 
 DEFENSE, KIND = "IBP", "recovery"
 
@@ -406,13 +406,6 @@ def certified_accuracy(model: IBPNet, ds, idx, patch, device="cpu") -> float:
     return 100.0 * float(certify_ibp(model, x, y, patch, device=device).certified.mean())
 
 
-def _balanced(ds, n_images: int, seed: int) -> np.ndarray:
-    """Return a class-balanced seeded subset of about n_images indices (all of them when n_images >= len)."""
-    if n_images <= 0 or n_images >= len(ds):
-        return np.arange(len(ds))
-    return ds.subset(max(1, n_images // len(ds.classes)), seed)
-
-
 def train_ibp(name: str, patch=2.4, epochs: int = 20, dataset: str = "cifar10", arch: str = "ibp_small",
               batch_size: int = 128, lr: float = 1e-3, k: int = 4, selection: str = "random",
               candidates: int = 8, warmup: float = 0.15, ramp: float = 0.5, kappa_end: float = 0.5,
@@ -448,7 +441,7 @@ def train_ibp(name: str, patch=2.4, epochs: int = 20, dataset: str = "cifar10", 
         return done
     run = ResumableRun(run_dir, config, device, save_every, stop_after, model=model, opt=opt)
     gen = torch.Generator().manual_seed(seed)
-    eval_idx = _balanced(eval_set, eval_subset, seed)
+    eval_idx = balanced_ids(eval_set, eval_subset, seed)
     pad = max(1, n // 8)
     for epoch in range(run.start, epochs):
         sums = {"loss": 0.0, "clean_ce": 0.0, "robust_ce": 0.0, "acc": 0.0, "seen": 0, "rob_seen": 0}
@@ -470,13 +463,13 @@ def train_ibp(name: str, patch=2.4, epochs: int = 20, dataset: str = "cifar10", 
                "robust_ce": sums["robust_ce"] / rob_seen if rob_seen else None,
                "eps": eps, "kappa": kappa, "lr": opt.param_groups[0]["lr"],
                "test_acc": clean_accuracy(model, eval_set, eval_idx, device=device),
-               "cert_acc": certified_accuracy(model, eval_set, _balanced(eval_set, cert_eval, seed)[:cert_eval],
+               "cert_acc": certified_accuracy(model, eval_set, balanced_ids(eval_set, cert_eval, seed)[:cert_eval],
                                               patch, device=device) if cert_eval else None,
                "cert_images": cert_eval, "seconds": dt}
         run.end_epoch(rec, seconds=dt)
     elapsed = run.elapsed
     round_to_storage(model.eval())  # measure the weights that ship
-    cert_idx = _balanced(eval_set, final_cert, seed)[:final_cert] if final_cert else []
+    cert_idx = balanced_ids(eval_set, final_cert, seed)[:final_cert] if final_cert else []
     t0 = time.time()
     cert = certified_accuracy(model, eval_set, cert_idx, patch, device=device) if len(cert_idx) else None
     card = {"name": name, "defense": DEFENSE, "status": "final" if not max_train else
@@ -543,11 +536,6 @@ def ibp_cost(n: int = 224, patch=2.0, arch: str = "ibp_small", num_classes: int 
 
 
 # --------------------------------------------------------------------------- command line
-def _patch_arg(text: str):
-    """Parse a patch size: "5px" -> 5 pixels (int), "2.4" -> 2.4 % (float)."""
-    return int(text[:-2]) if text.endswith("px") else float(text)
-
-
 def main(argv=None) -> int:
     """``python -m scalecert.baselines.ibp {train,certify,cost}``."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -555,7 +543,7 @@ def main(argv=None) -> int:
     sub = ap.add_subparsers(dest="cmd", required=True)
     t = sub.add_parser("train", help="train an IBP patch model (resumable)")
     t.add_argument("--name", required=True, help="checkpoint name (data/checkpoints/NAME.pt)")
-    t.add_argument("--patch", type=_patch_arg, default=2.4, help="patch size: %% of the image, or e.g. 5px")
+    t.add_argument("--patch", type=patch_arg, default=2.4, help="patch size: %% of the image, or e.g. 5px")
     t.add_argument("--dataset", default="cifar10", choices=["cifar10"])
     t.add_argument("--arch", default="ibp_small", choices=sorted(ARCHS))
     t.add_argument("--epochs", type=int, default=20)
@@ -569,26 +557,19 @@ def main(argv=None) -> int:
     t.add_argument("--kappa-end", type=float, default=0.5)
     t.add_argument("--power", type=float, default=2.0, help="eps = t ** power during the ramp (t: 0 -> 1)")
     t.add_argument("--clip", type=float, default=10.0, help="clip the gradient norm to this value (0: off)")
-    t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--threads", type=int, default=0)
-    t.add_argument("--save-every", type=float, default=600.0,
-                   help="save a mid-epoch state every N seconds (an interrupted epoch resumes at its step)")
-    t.add_argument("--max-train", type=int, default=0, help="use only N training images (tests)")
     t.add_argument("--eval-subset", type=int, default=1000, help="clean accuracy per epoch on N images (0: all)")
     t.add_argument("--cert-eval", type=int, default=50, help="certified accuracy per epoch on N images")
     t.add_argument("--final-cert", type=int, default=500, help="certified accuracy for the card on N images")
-    t.add_argument("--device", default="cpu")
-    t.add_argument("--out-dir", default=str(CHECKPOINT_DIR))
-    t.add_argument("--runs-dir", default=None, help="per-epoch state and log go to RUNS_DIR/NAME (default data/runs)")
+    add_run_args(t)
     c = sub.add_parser("certify", help="certify images of the evaluation split with a trained model")
     c.add_argument("--model", required=True)
-    c.add_argument("--patch", type=_patch_arg, default=2.4)
+    c.add_argument("--patch", type=patch_arg, default=2.4)
     c.add_argument("--images", type=int, default=100, help="class-balanced subset size")
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--device", default="cpu")
     k = sub.add_parser("cost", help="measure the cost of certifying one image (e.g. 224 x 224 Imagenette)")
     k.add_argument("--n", type=int, default=224)
-    k.add_argument("--patch", type=_patch_arg, default=2.0)
+    k.add_argument("--patch", type=patch_arg, default=2.0)
     k.add_argument("--arch", default="ibp_small", choices=sorted(ARCHS))
     k.add_argument("--sample", type=int, default=8)
     k.add_argument("--device", default="cpu")
@@ -601,10 +582,9 @@ def main(argv=None) -> int:
         from .. import data as D
         model = load_ibp(a.model, a.device)
         ds = D.load_dataset(model.card.get("dataset_key", "cifar10"), "eval")
-        idx = _balanced(ds, a.images, a.seed)
+        idx = balanced_ids(ds, a.images, a.seed)
         x, y = ds.tensors(idx)
         df = certify_ibp(model, x, y, a.patch, device=a.device, ids=idx.tolist())
-        from . import summarise_records
         print(json.dumps(summarise_records(df, model=a.model, patch=a.patch)))
     else:
         print(json.dumps(ibp_cost(a.n, a.patch, a.arch, sample=a.sample, device=a.device)))

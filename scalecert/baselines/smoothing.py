@@ -115,7 +115,7 @@ from ..models import (CHECKPOINT_DIR, CIFAR_STD, IMAGENET_STD, MEASURED_ON, Norm
 from ..paths import RUNS_DIR, relative
 from ..runstate import ResumableRun, finished_card, prepare
 from ..windows import patch_pixels
-from . import batch_ids, records_frame, summarise_records
+from . import add_run_args, balanced_ids, batch_ids, patch_arg, records_frame, summarise_records
 
 KIND = "recovery"
 DEFENSES = ("DS", "PG-Mask-DS")
@@ -588,13 +588,6 @@ def base_accuracy(model: nn.Module, ds, idx=None, band: int | None = None, batch
     return 100.0 * correct / max(1, len(idx))
 
 
-def _balanced(ds, n_images: int, seed: int) -> np.ndarray:
-    """Return a class-balanced seeded subset of about n_images indices (all of them when n_images >= len)."""
-    if n_images <= 0 or n_images >= len(ds):
-        return np.arange(len(ds))
-    return ds.subset(max(1, n_images // len(ds.classes)), seed)
-
-
 def smoothed_accuracy(model: nn.Module, ds, idx, patch, threshold="paper", device="cpu") -> dict:
     """Return {ds_clean, ds_certified, pg_clean, pg_certified} (%) on ds[idx] from one set of votes."""
     x, y = ds.tensors(idx)
@@ -641,7 +634,7 @@ def train_ds(name: str, dataset: str = "cifar10", arch: str | None = None, band:
         return done
     run = ResumableRun(run_dir, config, device, save_every, stop_after, model=model, opt=opt, sched=sched)
     gen = torch.Generator().manual_seed(seed)
-    eval_idx = _balanced(eval_set, eval_subset, seed)
+    eval_idx = balanced_ids(eval_set, eval_subset, seed)
     pad = {32: 4, 224: 16}.get(n, max(1, n // 8))
     for epoch in range(run.start, epochs):
         t = {"tot": 0.0, "correct": 0, "seen": 0}
@@ -653,13 +646,13 @@ def train_ds(name: str, dataset: str = "cifar10", arch: str | None = None, band:
         rec = {"epoch": epoch + 1, "loss": t["tot"] / t["seen"], "train_acc": 100 * t["correct"] / t["seen"],
                "base_acc": base_accuracy(model, eval_set, eval_idx, device=device, seed=seed),
                **({f"{k}_{cert_eval}": v for k, v in smoothed_accuracy(
-                   model, eval_set, _balanced(eval_set, cert_eval, seed)[:cert_eval], cert_patch, theta,
+                   model, eval_set, balanced_ids(eval_set, cert_eval, seed)[:cert_eval], cert_patch, theta,
                    device).items()} if cert_eval else {}),
                "lr": sched.get_last_lr()[0], "seconds": round(dt, 1)}
         run.end_epoch(rec, seconds=dt)
     elapsed = run.elapsed
     round_to_storage(model.eval())  # measure the weights that ship
-    cert_idx = _balanced(eval_set, final_cert, seed)[:final_cert] if final_cert else []
+    cert_idx = balanced_ids(eval_set, final_cert, seed)[:final_cert] if final_cert else []
     t0 = time.time()
     smooth = smoothed_accuracy(model, eval_set, cert_idx, cert_patch, theta, device) if len(cert_idx) else {}
     card = {"name": name, "defense": "DS / PG-Mask-DS base model", **config,
@@ -677,11 +670,6 @@ def train_ds(name: str, dataset: str = "cifar10", arch: str | None = None, band:
 
 
 # --------------------------------------------------------------------------- command line
-def _patch_arg(text: str):
-    """Parse a patch size: "5px" -> 5 pixels (int), "2.4" -> 2.4 % (float)."""
-    return int(text[:-2]) if text.endswith("px") else float(text)
-
-
 def _threshold_arg(text: str):
     return None if text == "none" else text if text == "paper" else float(text)
 
@@ -701,22 +689,15 @@ def main(argv=None) -> int:
     t.add_argument("--batch-size", type=int, default=128)
     t.add_argument("--lr", type=float, default=0.1)
     t.add_argument("--wd", type=float, default=5e-4)
-    t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--threads", type=int, default=0)
-    t.add_argument("--save-every", type=float, default=600.0,
-                   help="save a mid-epoch state every N seconds (an interrupted epoch resumes at its step)")
-    t.add_argument("--max-train", type=int, default=0, help="use only N training images per epoch")
     t.add_argument("--eval-subset", type=int, default=1000, help="ablated images evaluated after each epoch")
     t.add_argument("--cert-eval", type=int, default=50, help="images certified after each epoch (0: none)")
     t.add_argument("--final-cert", type=int, default=500, help="images certified for the card")
-    t.add_argument("--cert-patch", type=_patch_arg, default=None, help="patch for the logged certificates")
+    t.add_argument("--cert-patch", type=patch_arg, default=None, help="patch for the logged certificates")
     t.add_argument("--threshold", type=_threshold_arg, default="paper", help="'paper', 'none' or theta")
-    t.add_argument("--device", default="cpu")
-    t.add_argument("--out-dir", default=None)
-    t.add_argument("--runs-dir", default=None)
+    add_run_args(t)
     c = sub.add_parser("certify", help="certify evaluation images with DS and PG-Mask-DS")
     c.add_argument("--model", required=True)
-    c.add_argument("--patch", type=_patch_arg, default=2.4)
+    c.add_argument("--patch", type=patch_arg, default=2.4)
     c.add_argument("--images", type=int, default=100, help="class-balanced subset size")
     c.add_argument("--threshold", type=_threshold_arg, default="paper")
     c.add_argument("--seed", type=int, default=0)
@@ -730,7 +711,7 @@ def main(argv=None) -> int:
     from .. import data as D
     model = load_ds(a.model, a.device)
     ds = D.load_dataset(model.card.get("dataset_key", "cifar10"), "eval")
-    idx = _balanced(ds, a.images, a.seed)
+    idx = balanced_ids(ds, a.images, a.seed)
     x, y = ds.tensors(idx)
     t0 = time.perf_counter()
     votes = ds_votes(model, x, threshold=a.threshold, device=a.device)  # shared by both defences
