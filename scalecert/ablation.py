@@ -40,7 +40,7 @@ TAU_PATCH = {"cifar10": 2.4, "imagenette": 2.0}
 MASKS = 6
 #: PatchCleanser's images per class on a subset at most (666 forwards per image): 05's quick sizes, whose cached runs
 #: 12 then reads
-PC_MAX_PER_CLASS = {"cifar10": 2, "imagenette": 1}
+PC_MAX_PER_CLASS = {"cifar10": 1, "imagenette": 1}
 TABLE_COLUMNS = ["dataset", "patch_pct", "family", "defense", "model", "images", "clean", "certified",
                  "forwards_per_image", "seconds_per_image"]
 VERDICT_COLUMNS = ["dataset", "patch_pct", "family", "images", "scalecert_certified", "mr_occl_certified",
@@ -132,10 +132,11 @@ def run_all(dataset: str, patches, *, per_class: int | None, seed: int = 0, devi
 
     With ``patchcleanser``, each patch size also gets PatchCleanser's two rows (:func:`patchcleanser_runs`) after the
     other defences' rows, on ``pc_per_class`` images per class (None: the whole split); "auto": ``per_class`` capped at
-    ``PC_MAX_PER_CLASS`` (666 forwards per image; 05's quick sizes, so the runs are 05's cached ones), the whole split
-    when ``per_class`` is None."""
+    ``PC_MAX_PER_CLASS`` at 07's patch size only (666 forwards per image; 05's quick sizes, so the runs are 05's cached
+    ones), the whole split at every patch size when ``per_class`` is None."""
     dataset = D.check_dataset(dataset)
-    if pc_per_class == "auto":
+    auto = pc_per_class == "auto"
+    if auto:
         pc_per_class = None if per_class is None else min(per_class, PC_MAX_PER_CLASS[dataset])
     rows, recs = [], {}
     for pct in patches:
@@ -150,7 +151,8 @@ def run_all(dataset: str, patches, *, per_class: int | None, seed: int = 0, devi
                                       progress=False, **kw)
                 recs[float(pct), fam["family"], defense] = df
                 rows.append(row(df, **labels))
-        if patchcleanser:
+        # "auto" on a subset: only at 07's patch size, where 05's quick profile runs it too (666 forwards per image)
+        if patchcleanser and not (auto and pc_per_class is not None and float(pct) != TAU_PATCH[dataset]):
             pc_rows, pc_recs = patchcleanser_runs(dataset, pct, per_class=pc_per_class, seed=seed, device=device,
                                                   force=force)
             rows += pc_rows

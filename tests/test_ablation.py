@@ -125,8 +125,14 @@ def test_run_all_adds_patchcleanser_points_and_keeps_every_other_row(monkeypatch
     assert o.model == occl and o.note == f"{occl} not trained yet" and pd.isna(o.certified)
     assert calls == [("PatchCleanser", "cifar10", p, 1, "cifar10_resnet20_vanilla") for p in (0.4, 2.4)]
     calls.clear()  # by default: 05's quick sizes on a subset (its cached runs), the whole split on the whole split
-    for name, per_class, want in (("cifar10", 5, 2), ("imagenette", 2, 1), ("imagenette", None, None)):
+    for name, per_class, want in (("cifar10", 5, 1), ("imagenette", 2, 1), ("imagenette", None, None)):
         A.run_all(name, [A.TAU_PATCH[name]], **{**kw, "per_class": per_class})
         assert calls[-1][3] == want
+    calls.clear()  # "auto" on a subset: 07's patch size only; on the whole split: every patch size
+    A.run_all("cifar10", [0.4, 2.4], **kw)
+    assert [c[2] for c in calls] == [2.4]  # the vanilla model only: the twin is not shipped here
+    calls.clear()
+    A.run_all("cifar10", [0.4, 2.4], **{**kw, "per_class": None})
+    assert [c[2] for c in calls] == [0.4, 2.4]
     assert set(recs) >= {(0.4, "k=6 masks", A.PC_VANILLA), (2.4, "k=6 masks", A.PC_VANILLA)}
     assert len(A.verdict("cifar10", recs, n_boot=200)) == 0   # no MR (occlusion-trained) runs here: nothing to pair
