@@ -58,7 +58,8 @@ def distance_deviation(points: np.ndarray) -> float:
 
 
 def sin_statistics(model, images: torch.Tensor, n: int | None = None, bandwidth: float | None = None,
-                   kind: str = "benign", patch_boxes=None, n_jobs: int | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
+                   kind: str = "benign", patch_boxes=None,
+                   n_jobs: int | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Return (per-image table: clusters, densest cluster and its box; per-cluster table: size, s_c).
 
     With ``patch_boxes`` (pixel boxes (r0, c0, r1, c1) per image) the per-image table also holds
@@ -85,7 +86,8 @@ def sin_statistics(model, images: torch.Tensor, n: int | None = None, bandwidth:
                      "box": (int(r0), int(c0), int(r1), int(c1))})
         if fps is not None:
             i0, j0, i1, j1 = fps[i]
-            rows[-1]["in_patch_share"] = float(((p[:, 0] >= i0) & (p[:, 0] <= i1) & (p[:, 1] >= j0) & (p[:, 1] <= j1)).mean())
+            inside = (p[:, 0] >= i0) & (p[:, 0] <= i1) & (p[:, 1] >= j0) & (p[:, 1] <= j1)
+            rows[-1]["in_patch_share"] = float(inside.mean())
         crow += [{"image": i, "kind": kind, "cluster": c, "size": int(sizes[c]), "s_c": devs[c]}
                  for c in range(len(sizes))]
     return pd.DataFrame(rows), pd.DataFrame(crow)
@@ -115,8 +117,8 @@ def fig1c_statistics(counts: pd.Series) -> dict:
 def cluster_count_sensitivity(clusters: pd.DataFrame, shares=(0, 2.5, 5, 10, 20)) -> pd.DataFrame:
     """Return Fig. 1c's statistics (long form: min_share_pct, statistic, ours) when only the clusters holding at
     least each share of an image's top-n SINs count. The paper does not say how small a cluster it counted."""
-    return pd.DataFrame([{"min_share_pct": s, "statistic": stat, "ours": v}
-                         for s in shares for stat, v in fig1c_statistics(significant_cluster_counts(clusters, s)).items()])
+    return pd.DataFrame([{"min_share_pct": s, "statistic": stat, "ours": v} for s in shares
+                         for stat, v in fig1c_statistics(significant_cluster_counts(clusters, s)).items()])
 
 
 @torch.no_grad()
@@ -180,7 +182,8 @@ def sin_share_detector(model, images: torch.Tensor, p: int, n: int | None = None
 
 @torch.no_grad()
 def share_detection(model, images: torch.Tensor, p: int, patch_boxes=None) -> pd.DataFrame:
-    """Return per image: the model's prediction, ``detected`` (``sin_share_detector``) and ``localised`` (detected on the patch box)."""
+    """Return per image: the model's prediction, ``detected`` (``sin_share_detector``) and ``localised`` (detected
+    on the patch box)."""
     pred = model(images.to(next(model.parameters()).device)).argmax(1).cpu().numpy()
     det, boxes = sin_share_detector(model, images, p)
     hit = [bool(d) and patch_boxes is not None and boxes_overlap(b, pb) for d, b, pb in
@@ -189,7 +192,8 @@ def share_detection(model, images: torch.Tensor, p: int, patch_boxes=None) -> pd
 
 
 def adaptive_summary(benign: pd.DataFrame, patched: pd.DataFrame, target: int) -> dict:
-    """Return Fig. 1e's numbers (%): attack success on images not of the target class, detection rate, benign false alarms."""
+    """Return Fig. 1e's numbers (%): attack success on images not of the target class, detection rate, benign false
+    alarms."""
     keep = patched.label != target
     return {"attack_success": round(100 * (patched.pred[keep] == target).mean(), 1),
             "detection_rate": round(100 * patched.localised.mean(), 1),
@@ -237,7 +241,8 @@ def empirical_recovery(engine, images: torch.Tensor, labels: torch.Tensor, patch
 
 
 def recovery_summary(per: pd.DataFrame) -> pd.DataFrame:
-    """Return the one-row summary (images, clean/patched/recovered accuracy, alert rate, patch localised; %) of a per-image table."""
+    """Return the one-row summary (images, clean/patched/recovered accuracy, alert rate, patch localised; %) of a
+    per-image table."""
     return pd.DataFrame([{"images": len(per), "clean_acc": 100 * (per.clean == per.label).mean(),
                           "patched_acc": 100 * (per.patched == per.label).mean(),
                           "recovered_acc": 100 * (per.recovered == per.label).mean(),

@@ -20,7 +20,8 @@ def random_corners(b: int, n: int, p: int, gen: torch.Generator) -> torch.Tensor
 
 
 def apply_patch(x: torch.Tensor, patch: torch.Tensor, corners: torch.Tensor) -> torch.Tensor:
-    """Return images x (B, 3, n, n) with patch (3, p, p) or patches (B, 3, p, p) pasted at per-image corners (differentiable)."""
+    """Return images x (B, 3, n, n) with patch (3, p, p) or patches (B, 3, p, p) pasted at per-image corners
+    (differentiable)."""
     b, _, n, _ = x.shape
     p = patch.shape[-1]
     corners = corners.to(x.device)
@@ -35,7 +36,8 @@ def apply_patch(x: torch.Tensor, patch: torch.Tensor, corners: torch.Tensor) -> 
 
 
 def patch_activation(model, x: torch.Tensor, corners: torch.Tensor, p: int) -> torch.Tensor:
-    """Return the superficial-layer activation inside each patch (mean channel-summed feature whose field centre lies in it)."""
+    """Return the superficial-layer activation inside each patch (mean channel-summed feature whose field centre lies
+    in it)."""
     f = model.stem(x)
     _, _, h, w = f.shape
     boxes = torch.cat([corners, corners + p - 1], 1)
@@ -46,7 +48,8 @@ def patch_activation(model, x: torch.Tensor, corners: torch.Tensor, p: int) -> t
 
 def universal_patch(model, images: torch.Tensor, target: int, p: int, steps: int = 200, batch: int = 32,
                     lr: float = 0.05, alpha: float = 0.0, seed: int = 0, progress: bool = True) -> torch.Tensor:
-    """Return a universal p x p patch that drives the model to ``target`` at random positions (Eq. 3; Eq. 6 with alpha)."""
+    """Return a universal p x p patch that drives the model to ``target`` at random positions (Eq. 3; Eq. 6 with
+    alpha)."""
     dev = next(model.parameters()).device
     gen = torch.Generator().manual_seed(seed)
     n = images.shape[-1]
@@ -72,7 +75,8 @@ def universal_patch(model, images: torch.Tensor, target: int, p: int, steps: int
 @torch.no_grad()
 def targeted_success(model, patch: torch.Tensor, images: torch.Tensor, labels: torch.Tensor, target: int,
                      seed: int = 1, batch: int = 256) -> float:
-    """Return the % of held-out images (not of the target class) classified as target with the patch at a random position."""
+    """Return the % of held-out images (not of the target class) classified as target with the patch at a random
+    position."""
     keep = labels != target
     x = images[keep]
     gen = torch.Generator().manual_seed(seed)
@@ -127,7 +131,8 @@ def pgd_patch(model, images: torch.Tensor, labels: torch.Tensor, p: int, corners
 
 
 def detector_aware_loss(engine, max_windows: int = 64, beta: float = 1.0, seed: int = 0):
-    """Return a loss for ``pgd_patch`` that pushes M(x') and every candidate masked prediction M_w(x') to one wrong label.
+    """Return a loss for ``pgd_patch`` that pushes M(x') and every candidate masked prediction M_w(x') to one wrong
+    label.
 
     For each image the wrong label is the current strongest other class of M(x'); the candidate
     windows are those of x' (re-computed each step), at most ``max_windows`` sampled per image.

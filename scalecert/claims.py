@@ -10,9 +10,10 @@ from pathlib import Path
 import pandas as pd
 
 from . import experiments as E
-from .paths import PAPER_FIG_DIR as FIG_DIR  # the paper-profile tables the notebooks write, one folder per data set
-from .paths import ROOT
+from .paths import PAPER_FIG_DIR, ROOT
 
+#: the paper-profile tables the notebooks write from the result cache, one folder per data set
+FIG_DIR = PAPER_FIG_DIR
 README = ROOT / "README.md"
 START, END = "<!-- claims:start -->", "<!-- claims:end -->"
 _BLOCK = re.escape(START) + r"\n?(.*?)\n?" + re.escape(END)

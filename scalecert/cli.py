@@ -3,7 +3,6 @@ line (``error: …`` on stderr, exit status 2, :mod:`scalecert.args`)."""
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
 import os
@@ -11,14 +10,19 @@ import resource
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from . import data as D
 from .args import Parser, device_name, int_at_least, overlap_ratio, usage_errors
-from .defense import Engine, certify as run_certify
+from .defense import Engine
+from .defense import certify as run_certify
 from .models import ARCHS, CHECKPOINT_DIR, load_model, resolve_checkpoint, without_sin
 from .windows import patch_pixels
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 DEFAULT_MODELS = {"cifar10": ["cifar10_resnet20_sin1_r20", "cifar10_resnet20_sin1_r10", "cifar10_resnet20_vanilla"],
                   "imagenette": ["imagenette_resnet18w16_sin1_r10", "imagenette_resnet18w16_vanilla"]}
@@ -244,7 +248,8 @@ def memory_probe(dataset: str, patch: float, tau: float | None, images: int, dev
             f"e = cli.Engine(m, x.shape[-1], {patch!r}, tau={tau!r}); e.run(x[:1], early_stop=False); "
             "cuda = x.is_cuda; cuda and torch.cuda.reset_peak_memory_stats(); "
             "b, p = cli.run_peak_mb(lambda: e.run(x, early_stop=False)); "
-            "r = {'windows': len(e.family), 'chunk': e.chunk, 'rss_before_mb': round(b, 1), 'run_peak_rss_mb': round(p, 1)}; "
+            "r = {'windows': len(e.family), 'chunk': e.chunk, 'rss_before_mb': round(b, 1), "
+            "'run_peak_rss_mb': round(p, 1)}; "
             "cuda and r.update(run_peak_cuda_mb=round(torch.cuda.max_memory_allocated() / 2**20, 1)); "
             "print(json.dumps(r))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
@@ -295,6 +300,7 @@ def audit_with_progress(engine: Engine, x: torch.Tensor, y: torch.Tensor, desc: 
     """Return ``audit.audit``'s totals over images x (labels y), one image at a time under one progress bar shown from
     the start (``audit.audit`` certifies all images before its bar appears: minutes of silence on a whole split)."""
     from tqdm.auto import tqdm
+
     from .audit import audit as run_audit
     total = {"images": 0, "certified": 0, "cases": 0, "flipped": 0, "violations": 0, "examples": []}
     for i in tqdm(range(len(x)), desc=desc, file=sys.stderr):
@@ -327,7 +333,7 @@ def audit(argv=None) -> int:
         eng = Engine(model, x.shape[-1], patch, r=a.r, tau=a.tau, mode=mode, device=a.device)
         res = audit_with_progress(eng, x, y, f"audit {mode} (images)", stride=a.stride,
                                   attack_steps=3 if a.quick else 10, attack_stride=attack_stride)
-        print(json.dumps({"mode": mode, "stride": a.stride, "attack_stride": attack_stride, **{k: v for k, v in res.items()}}), file=sys.stderr)
+        print(json.dumps({"mode": mode, "stride": a.stride, "attack_stride": attack_stride, **res}), file=sys.stderr)
         out[mode] = res
     print(json.dumps({"mode_sound_violations": out["sound"]["violations"],
                       "mode_paper_violations": out["paper"]["violations"],
@@ -342,7 +348,8 @@ SIN_TARGET_GAP = 3.0
 
 
 def accuracy_target(card: dict, vanilla: dict | None) -> float | None:
-    """Return the accuracy (%) issue 4 asks of a ScaleCert model's card (None for peers, or a SIN model without vanilla)."""
+    """Return the accuracy (%) issue 4 asks of a ScaleCert model's card (None for peers, or a SIN model without
+    vanilla)."""
     key = card.get("dataset_key")
     if card.get("arch") not in ARCHS or key not in VANILLA_TARGET:  # peers have architectures of their own
         return None
@@ -351,7 +358,7 @@ def accuracy_target(card: dict, vanilla: dict | None) -> float | None:
     return None if vanilla is None else round(vanilla["accuracy_without_sin"] - SIN_TARGET_GAP, 2)
 
 
-def models_table(checkpoint_dir: Path = CHECKPOINT_DIR) -> "pd.DataFrame":
+def models_table(checkpoint_dir: Path = CHECKPOINT_DIR) -> pd.DataFrame:
     """Return one row per shipped checkpoint card: name, status, data set, arch, SIN, accuracy, issue 4's target
     and whether it is reached, epochs, hours."""
     import pandas as pd
@@ -399,21 +406,24 @@ def models(argv=None) -> int:
 
 
 def cache(argv=None) -> int:
-    """``python -m scalecert cache``: progress of every cached run (chunks and images done, seconds, ETA); last line is JSON."""
+    """``python -m scalecert cache``: progress of every cached run (chunks and images done, seconds, ETA); last line
+    is JSON."""
     import pandas as pd
+
     from . import results as R
     p = Parser(prog="python -m scalecert cache", description=cache.__doc__)
     p.add_argument("--dir", default=str(R.CACHE_DIR), help="cache folder")
     p.add_argument("--unfinished", action="store_true",
-                   help="only runs with chunks left (runs cached before sizes were recorded have no total and are left out)")
+                   help="only runs with chunks left (runs cached before sizes were recorded have no total and are "
+                        "left out)")
     p.add_argument("--whole-splits", action="store_true",
                    help="instead: the certification runs complete on a whole test/val split, with the paper's numbers")
     p.add_argument("--plan", action="store_true",
                    help="instead: the whole-split counterpart of every certification run cached on a subset, with the "
                         "CPU-hours left at the measured seconds per image (the paper profile's certification, priced)")
     p.add_argument("--compact", action="store_true",
-                   help="instead: turn every complete run into one records.parquet (its chunk and timing files removed; "
-                        "partial runs and runs being computed are left alone) and write INDEX.csv")
+                   help="instead: turn every complete run into one records.parquet (its chunk and timing files "
+                        "removed; partial runs and runs being computed are left alone) and write INDEX.csv")
     a = p.parse_args(argv)
     if a.compact:
         done = R.compact_all(Path(a.dir))
@@ -440,7 +450,8 @@ def cache(argv=None) -> int:
         return 0
     table = R.status(Path(a.dir))
     if a.unfinished:
-        table = table[table.chunks.notna() & (table.chunks_done < table.chunks)] if "chunks" in table else table.iloc[:0]
+        left = table.chunks.notna() & (table.chunks_done < table.chunks) if "chunks" in table else None
+        table = table[left] if left is not None else table.iloc[:0]
     with pd.option_context("display.width", 200, "display.max_columns", None):
         print(table.to_string(index=False) if len(table) else
               f"no {'unfinished ' if a.unfinished else ''}cached runs in {a.dir}")

@@ -27,7 +27,6 @@ import torch.nn.functional as F
 
 from .paths import DATA_DIR, ROOT
 
-
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer",
                    "dog", "frog", "horse", "ship", "truck"]
 #: Imagenette classes in index order (sorted wnid) with their ImageNet-1k indices.
@@ -126,6 +125,7 @@ def _download_cifar(dest: Path) -> Path:
 def _download_imagenette(dest: Path, arch: Archive) -> Path:
     """Fetch the public Imagenette archive, resize to 224x224 class folders; return the tree."""
     import urllib.request
+
     from PIL import Image
     tmp = Path(tempfile.mkdtemp(prefix=".imagenette-dl-", dir=dest))
     try:

@@ -24,8 +24,8 @@ from dataclasses import dataclass, field
 import pandas as pd
 import torch
 
-from .models import rest_channels_last
 from .geometry import centre_inside, footprint, rect_masks
+from .models import rest_channels_last
 from .sin import importance, masked_topk_from_order, num_winners, sin_mask, strict_order
 from .windows import WindowFamily, candidate_windows, mask_set, merge_per_image, patch_pixels
 
@@ -194,7 +194,8 @@ class Engine:
         boxes_all = self.family.boxes.to(self.device)
         if self.mode == "paper" and self.tau is not None and self.tau < 1:
             per_img = [merge_per_image(boxes_all[win_idx[img_idx == i]].cpu(), self.tau, self.n) for i in range(b)]
-            img_idx = torch.cat([torch.full((len(m),), i, dtype=torch.long) for i, m in enumerate(per_img)]).to(self.device)
+            img_idx = torch.cat([torch.full((len(m),), i, dtype=torch.long) for i, m in enumerate(per_img)])
+            img_idx = img_idx.to(self.device)
             pair_boxes = torch.cat(per_img).to(self.device)
             pair_grid = None
         else:

@@ -20,15 +20,15 @@ class Geometry:
     rf: int = 1
     pad: int = 0
 
-    def then(self, k: int, s: int, p: int) -> "Geometry":
+    def then(self, k: int, s: int, p: int) -> Geometry:
         """Return the geometry after one more sliding layer with kernel k, stride s, padding p."""
         return Geometry(self.stride * s, self.rf + (k - 1) * self.stride, self.pad + p * self.stride)
 
-    def compose(self, other: "Geometry") -> "Geometry":
+    def compose(self, other: Geometry) -> Geometry:
         """Return the geometry of ``other`` applied after ``self``."""
         return self.then(other.rf, other.stride, other.pad)
 
-    def union(self, other: "Geometry") -> "Geometry":
+    def union(self, other: Geometry) -> Geometry:
         """Return the smallest geometry whose boxes contain the boxes of both (same stride)."""
         if self.stride != other.stride:
             raise ValueError(f"branches of different strides {self.stride} and {other.stride}")

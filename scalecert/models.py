@@ -57,7 +57,7 @@ class SplitNet(nn.Module):
         self.rest_layout = None  # memory format rest() puts its input in (rest_channels_last sets it)
         self.set_sin(sin_layer if sin_layer is not None else 1, sin_rate)
 
-    def set_sin(self, layer: int, rate: float | None) -> "SplitNet":
+    def set_sin(self, layer: int, rate: float | None) -> SplitNet:
         """Place (or remove, with rate=None) the SIN layer after unit ``layer``; return self."""
         if not isinstance(layer, int) or not 1 <= layer <= len(self.units):
             raise ValueError(f"unknown superficial layer {layer!r}: {self.arch} has layers 1..{len(self.units)}")
@@ -223,7 +223,8 @@ MEASURED_ON = "stored weights"
 
 @contextlib.contextmanager
 def without_sin(model: nn.Module):
-    """Yield the model with its SIN layer switched off (the plain network), restoring the layer however the block ends."""
+    """Yield the model with its SIN layer switched off (the plain network), restoring the layer however the block
+    ends."""
     saved = model.sin
     model.sin = None
     try:

@@ -51,7 +51,8 @@ def _positive_int(value, what: str) -> int:
 def per_class(profile: str, n_per_class: int | None = None, what: str = "n_per_class",
               **profile_sizes: int | None) -> int | None:
     """Return images per class: the explicit value if given (checked, errors naming the parameter ``what``), else the
-    notebook's size for the profile (``profile_sizes``, e.g. ``quick=3`` for a costly sweep), else the profile's default."""
+    notebook's size for the profile (``profile_sizes``, e.g. ``quick=3`` for a costly sweep), else the profile's
+    default."""
     if n_per_class is not None:
         return _positive_int(n_per_class, what)
     unknown = set(profile_sizes) - set(PROFILES)

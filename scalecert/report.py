@@ -12,7 +12,8 @@ from .paths import FIG_DIR, ROOT
 
 
 def comparisons(df: pd.DataFrame) -> list[str]:
-    """Return one line per pair of columns ``X`` / ``paper_X`` (or ``ours`` / ``paper``): our minus the paper's number."""
+    """Return one line per pair of columns ``X`` / ``paper_X`` (or ``ours`` / ``paper``): our minus the paper's
+    number."""
     pairs = [("ours", "paper")] if {"ours", "paper"} <= set(df.columns) else []
     pairs += [(c[len("paper_"):], c) for c in df.columns if c.startswith("paper_") and c[len("paper_"):] in df.columns]
     lines = []

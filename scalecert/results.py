@@ -344,7 +344,7 @@ def _encode(s: pd.Series):
         return pa.array(s.to_numpy(), from_pandas=False), str(dtype)  # NaN stays a float value, not a null
     if isinstance(dtype, pd.StringDtype) and _is_nan(dtype.na_value):  # the CSV reader's text columns
         return pa.array(s.tolist(), type=pa.string(), from_pandas=True), "str"
-    if dtype == object:
+    if isinstance(dtype, np.dtype) and dtype.kind == "O":
         values = s.tolist()
         types = {type(v) for v in values if not _is_nan(v)}
         if types <= {bool} or types <= {str}:  # booleans or text with gaps (NaN): nulls

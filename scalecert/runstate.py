@@ -161,7 +161,8 @@ def epoch_batches(train_set, n_train: int, batch_size: int, pad: int, gen: torch
 
 def finished_card(card_path: Path, config: dict, epochs: int) -> dict | None:
     """Return the JSON card at ``card_path`` if it is final with all ``epochs`` done (nothing is redone, a hand-written
-    note survives and the run's state file is not needed), else None; a final card of another configuration is refused."""
+    note survives and the run's state file is not needed), else None; a final card of another configuration is
+    refused."""
     card_path = Path(card_path)
     if not card_path.is_file():
         return None

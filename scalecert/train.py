@@ -24,12 +24,20 @@ import torch.nn.functional as F
 from . import data as D
 from .args import Parser, device_name, int_at_least, overlap_ratio, usage_errors
 from .geometry import footprint, rect_masks
-from .models import (CHECKPOINT_DIR, MEASURED_ON, build, load_model, resolve_checkpoint, round_to_storage, save_checkpoint,
-                     write_card, without_sin)
+from .models import (
+    CHECKPOINT_DIR,
+    MEASURED_ON,
+    build,
+    load_model,
+    resolve_checkpoint,
+    round_to_storage,
+    save_checkpoint,
+    without_sin,
+    write_card,
+)
 from .paths import RUNS_DIR
 from .runstate import Interrupted, ResumableRun
 from .windows import patch_pixels, window_side
-
 
 OCCLUSIONS = ("footprint", "pixels")
 #: Pixel occlusion fills a window with the value Minority Reports' certification fills it with (Engine.fill).
@@ -251,9 +259,11 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--occlude-worst-of", type=int_at_least(1), default=1,
                    help="occlude, per image, the worst (highest-loss) of this many random windows")
     p.add_argument("--occlusion", choices=OCCLUSIONS, default="footprint",
-                   help="how a window is occluded in training: footprint (removed from the SIN ranking, as the sound "
-                        "engine certifies; needs a SIN layer) or pixels (filled, as Minority Reports certifies; no SIN)")
-    p.add_argument("--twin", default=None, help="name of the model this one is an ablation twin of (recorded in the card)")
+                   help="how a window is occluded in training: footprint (removed from the SIN ranking, as the "
+                        "sound engine certifies; needs a SIN layer) or pixels (filled, as Minority Reports certifies; "
+                        "no SIN)")
+    p.add_argument("--twin", default=None,
+                   help="name of the model this one is an ablation twin of (recorded in the card)")
     p.add_argument("--r", type=int_at_least(1), default=3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int_at_least(0), default=0)
@@ -384,8 +394,9 @@ def train(a: argparse.Namespace, argv_text: str = "") -> dict:
                 run.bar.set_postfix(loss=f"{t['tot'] / t['seen']:.3f}", acc=f"{100 * t['correct'] / t['seen']:.1f}")
             dt = run.epoch_seconds()
             acc = evaluate(model, test_ds, eval_idx, device=a.device)
-            run.end_epoch({"epoch": epoch + 1, "loss": t["tot"] / t["seen"], "train_acc": 100 * t["correct"] / t["seen"],
-                           "test_acc": acc, "seconds": dt, "lr": sched.get_last_lr()[0]}, seconds=dt)
+            run.end_epoch({"epoch": epoch + 1, "loss": t["tot"] / t["seen"],
+                           "train_acc": 100 * t["correct"] / t["seen"], "test_acc": acc, "seconds": dt,
+                           "lr": sched.get_last_lr()[0]}, seconds=dt)
     except Interrupted as stop:
         print(f"{stop} (state saved)", file=sys.stderr)
         return None
@@ -401,8 +412,9 @@ def train(a: argparse.Namespace, argv_text: str = "") -> dict:
             f"provisional: trained on the first {a.max_train} images only" if a.max_train else
             f"provisional: snapshot after epoch {finished} of {a.epochs}{more} (training continues)",
             "epochs_done": finished, "dataset": D.DATASET_LABELS[name], "dataset_key": name,
-            "epochs": a.epochs, "seed": a.seed, "init": a.init, "occlude_pct": a.occlude, "occlude_tau": a.occlude_tau, "occlude_sides_px": occl,
-            "consistency": a.consistency, "occlude_worst_of": a.occlude_worst_of, "occlusion": a.occlusion if occl else None,
+            "epochs": a.epochs, "seed": a.seed, "init": a.init, "occlude_pct": a.occlude, "occlude_tau": a.occlude_tau,
+            "occlude_sides_px": occl, "consistency": a.consistency, "occlude_worst_of": a.occlude_worst_of,
+            "occlusion": a.occlusion if occl else None,
             "twin": a.twin, "lr": a.lr, "batch_size": a.batch_size,
             "eval_split": test_ds.split, "eval_images": len(test_ds) if card_idx is None else len(card_idx),
             "accuracy_with_sin": acc_sin if model.sin is not None else None,

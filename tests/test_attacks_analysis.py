@@ -2,8 +2,8 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-
 from conftest import calibration_images, spread_model
+
 from scalecert import analysis as A
 from scalecert import attacks as T
 from scalecert.defense import Engine

@@ -7,14 +7,27 @@ import math
 import pandas as pd
 import pytest
 import torch
-
 from conftest import randomise_bn
+
 from scalecert.attacks import apply_patch, pgd_patch
 from scalecert.audit import patch_positions
 from scalecert.baselines.bagnet import ARCHS, STATED_GEOMETRY, BagNet, load_bagnet, train_bagnet, train_step
-from scalecert.baselines.patchguard import (DEFENSE_KINDS, cbn_local, cbn_predict, certify_cbn, certify_pg_mask_bn,
-                                            certify_pgpp, clip_logits, feature_window, pg_mask_local,
-                                            pg_mask_predict, pgpp_local, union_max, window_rects, window_sums)
+from scalecert.baselines.patchguard import (
+    DEFENSE_KINDS,
+    cbn_local,
+    cbn_predict,
+    certify_cbn,
+    certify_pg_mask_bn,
+    certify_pgpp,
+    clip_logits,
+    feature_window,
+    pg_mask_local,
+    pg_mask_predict,
+    pgpp_local,
+    union_max,
+    window_rects,
+    window_sums,
+)
 from scalecert.data import ImageSet
 from scalecert.geometry import feature_boxes, footprint, rect_masks
 from scalecert.models import save_checkpoint
@@ -250,7 +263,9 @@ def _logits(c0, c1):
 def test_cbn_hand_computed():
     y = torch.tensor([0])
     # clamp to [0, 1], 4 x 4 map, 2 x 2 windows: margin = (S0 - S1) - (W0 - W1) - 4 * (1 - 0)
-    flat = lambda a, b: _logits(torch.full((4, 4), a), torch.full((4, 4), b))
+    def flat(a, b):
+        return _logits(torch.full((4, 4), a), torch.full((4, 4), b))
+
     out = cbn_local(flat(0.75, 0.25), y, 2, "clamp", 0.0, 1.0)   # 8 - 2 - 4 = 2
     assert out["certified"].item() and out["margin"].item() == pytest.approx(2.0)
     out = cbn_local(flat(0.5, 0.25), y, 2, "clamp", 0.0, 1.0)    # 4 - 1 - 4 = -1
@@ -289,7 +304,9 @@ def test_pg_mask_hand_computed():
 def test_pgpp_hand_computed():
     y = torch.tensor([0])
     ones = torch.ones(4, 4)
-    block = lambda v: torch.nn.functional.pad(torch.full((2, 2), v), (0, 2, 0, 2))  # evidence v in the top-left 2 x 2
+    def block(v):  # evidence v in the top-left 2 x 2
+        return torch.nn.functional.pad(torch.full((2, 2), v), (0, 2, 0, 2))
+
     out = pgpp_local(_logits(ones, block(2.5)), y, 2)   # unmasked 16 vs 10; a far window: 12 vs 10 -> agree
     assert out["pred"].item() == 0 and not out["alert"].item() and out["certified"].item()
     out = pgpp_local(_logits(ones, block(3.5)), y, 2)   # unmasked 16 vs 14; a far window: 12 vs 14 -> alert

@@ -27,7 +27,8 @@ def test_balanced_ids_all_or_a_seeded_balanced_subset():
     assert sub.tolist() == balanced_ids(ds, 8, 1).tolist() != balanced_ids(ds, 8, 2).tolist()
 
 
-@pytest.mark.parametrize("module, trainer", [("bagnet", "train_bagnet"), ("ibp", "train_ibp"), ("smoothing", "train_ds")])
+@pytest.mark.parametrize("module, trainer",
+                         [("bagnet", "train_bagnet"), ("ibp", "train_ibp"), ("smoothing", "train_ds")])
 def test_every_peer_trainer_takes_the_shared_run_options(module, trainer, monkeypatch, tmp_path):
     mod = importlib.import_module(f"scalecert.baselines.{module}")
     signature, seen = inspect.signature(getattr(mod, trainer)), {}
@@ -39,7 +40,8 @@ def test_every_peer_trainer_takes_the_shared_run_options(module, trainer, monkey
     monkeypatch.setattr(mod, trainer, fake)
     assert mod.main(["train", "--name", "m", "--seed", "3", "--threads", "1", "--save-every", "5", "--max-train", "7",
                      "--device", "cpu", "--out-dir", str(tmp_path / "ck"), "--runs-dir", str(tmp_path / "runs")]) == 0
-    assert (seen["seed"], seen["threads"], seen["save_every"], seen["max_train"], seen["device"]) == (3, 1, 5.0, 7, "cpu")
+    shared = (seen["seed"], seen["threads"], seen["save_every"], seen["max_train"], seen["device"])
+    assert shared == (3, 1, 5.0, 7, "cpu")
     assert (seen["out_dir"], seen["runs_dir"]) == (str(tmp_path / "ck"), str(tmp_path / "runs"))
 
 

@@ -11,11 +11,31 @@ from torch import nn
 
 from scalecert.attacks import apply_patch
 from scalecert.audit import patch_positions
-from scalecert.baselines.smoothing import (affected_bands, band_logits, certify_ds, certify_pg_mask_ds,
-                                           column_ablate, default_band, default_threshold, delta, ds_certificate,
-                                           ds_model, ds_predict, ds_vote_set, ds_votes, load_ds,
-                                           pg_mask_certificate, pg_mask_counts, pg_mask_predict, train_ds,
-                                           train_step, vote_bounds, window_sums, DSVotes, VOTE_EPS)
+from scalecert.baselines.smoothing import (
+    VOTE_EPS,
+    DSVotes,
+    affected_bands,
+    band_logits,
+    certify_ds,
+    certify_pg_mask_ds,
+    column_ablate,
+    default_band,
+    default_threshold,
+    delta,
+    ds_certificate,
+    ds_model,
+    ds_predict,
+    ds_vote_set,
+    ds_votes,
+    load_ds,
+    pg_mask_certificate,
+    pg_mask_counts,
+    pg_mask_predict,
+    train_ds,
+    train_step,
+    vote_bounds,
+    window_sums,
+)
 from scalecert.data import ImageSet
 from scalecert.models import load_model, save_checkpoint
 

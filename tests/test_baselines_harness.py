@@ -55,8 +55,9 @@ def test_peer_cached_computes_once_then_reads_the_cache(tmp_path, monkeypatch):
 
 
 def _peer_checkpoints():
-    from scalecert.models import ARCHS, CHECKPOINT_DIR
     import json
+
+    from scalecert.models import ARCHS, CHECKPOINT_DIR
     out = []
     for p in sorted(CHECKPOINT_DIR.glob("*.pt")):
         card = json.loads(p.with_suffix(".json").read_text())
@@ -67,7 +68,8 @@ def _peer_checkpoints():
 
 @pytest.mark.parametrize("name", _peer_checkpoints())
 def test_peer_card_accuracy_holds_on_a_subset(name):
-    """Each shipped peer checkpoint loads (sha256 checked) and its card's accuracy holds on 200 seeded images (7 points)."""
+    """Each shipped peer checkpoint loads (sha256 checked) and its card's accuracy holds on 200 seeded images
+    (7 points)."""
     from scalecert import data as D
     from scalecert.baselines.ibp import clean_accuracy
     from scalecert.baselines.smoothing import base_accuracy

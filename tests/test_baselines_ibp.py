@@ -9,9 +9,21 @@ import torch.nn.functional as F
 from torch import nn
 
 from scalecert.attacks import apply_patch, pgd_patch
-from scalecert.baselines.ibp import (IBPNet, certify_ibp, ibp_cnn, ibp_cost, ibp_loss, interval_bounds,
-                                     interval_propagate, load_ibp, margin_bounds, patch_box, ramp_schedule,
-                                     train_ibp, train_step)
+from scalecert.baselines.ibp import (
+    IBPNet,
+    certify_ibp,
+    ibp_cnn,
+    ibp_cost,
+    ibp_loss,
+    interval_bounds,
+    interval_propagate,
+    load_ibp,
+    margin_bounds,
+    patch_box,
+    ramp_schedule,
+    train_ibp,
+    train_step,
+)
 from scalecert.data import ImageSet
 from scalecert.models import save_checkpoint
 

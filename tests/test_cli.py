@@ -5,9 +5,8 @@ import argparse
 import pytest
 import torch
 
-from scalecert import cli
+from scalecert import cli, train
 from scalecert import data as D
-from scalecert import train
 from scalecert.__main__ import main
 from scalecert.models import build, save_checkpoint
 
@@ -59,8 +58,10 @@ def test_unknown_dataset(capsys, argv):
 
 # ------------------------------------------------------------------ unknown model / missing checkpoint file
 
-@pytest.mark.parametrize("argv", [["certify", "--checkpoint", "no_such_model"], ["audit", "--checkpoint", "no_such_model"],
-                                  ["train", "--name", "x", "--init", "no_such_model"], ["recalibrate", "no_such_model"]])
+@pytest.mark.parametrize("argv", [["certify", "--checkpoint", "no_such_model"],
+                                  ["audit", "--checkpoint", "no_such_model"],
+                                  ["train", "--name", "x", "--init", "no_such_model"],
+                                  ["recalibrate", "no_such_model"]])
 def test_unknown_checkpoint_name(capsys, argv):
     assert "unknown model 'no_such_model'" in error_line(capsys, argv)
 
@@ -82,8 +83,10 @@ def test_checkpoint_without_card(capsys, ckpt, tmp_path):
 
 # ------------------------------------------------------------------ patch larger than the image, or not positive
 
-@pytest.mark.parametrize("argv", [["certify", "--patch", "200"], ["certify", "--dataset", "imagenette", "--patch", "150"],
-                                  ["audit", "--quick", "--patch", "200"], ["train", "--name", "x", "--occlude", "2.4,200"]])
+@pytest.mark.parametrize("argv", [["certify", "--patch", "200"],
+                                  ["certify", "--dataset", "imagenette", "--patch", "150"],
+                                  ["audit", "--quick", "--patch", "200"],
+                                  ["train", "--name", "x", "--occlude", "2.4,200"]])
 def test_patch_larger_than_the_image(capsys, ckpt, argv):
     argv = argv + (["--checkpoint", ckpt] if argv[0] != "train" else [])
     assert "more than the whole image" in error_line(capsys, argv)
@@ -200,7 +203,8 @@ def test_sin_rate_outside_unit_interval(capsys, ckpt):
 # ------------------------------------------------------------------ commands and options argparse itself rejects
 
 @pytest.mark.parametrize("argv", [["certify", "--bogus"], ["models", "--bogus"], ["cache", "--bogus"],
-                                  ["data", "--bogus"], ["certify", "--mode", "nope"], ["train", "--dataset", "cifar10"]])
+                                  ["data", "--bogus"], ["certify", "--mode", "nope"],
+                                  ["train", "--dataset", "cifar10"]])
 def test_argparse_errors_are_one_line(capsys, argv):
     error_line(capsys, argv)
 
@@ -214,10 +218,12 @@ def test_unknown_or_missing_command(capsys, argv):
     ["certify", "--tau", "1", "--window-r", "1", "--images", "0", "--patch", "2.4", "--device", "cpu", "--layer", "1"],
     ["audit", "--quick", "--tau", "0.3", "--dataset", "CIFAR-10", "--patch", "100"],
     ["train", "--name", "x", "--occlude", "2.4,5", "--occlude-tau", "0.3", "--r", "1", "--device", "cpu"],
-    ["recalibrate", "CKPT", "--images", "1"], ["bench", "--tau", "1", "--images", "0"], ["data", "cifar10", "imagenette-224"]])
+    ["recalibrate", "CKPT", "--images", "1"], ["bench", "--tau", "1", "--images", "0"],
+    ["data", "cifar10", "imagenette-224"]])
 def test_valid_arguments_get_past_the_checks(capsys, ckpt, argv):
     # the checks reject nothing valid: each command goes on until the first real work (stopped by the fixture)
-    argv = [ckpt if x == "CKPT" else x for x in argv] + (["--checkpoint", ckpt] if argv[0] in ("certify", "audit") else [])
+    argv = [ckpt if x == "CKPT" else x for x in argv]
+    argv += ["--checkpoint", ckpt] if argv[0] in ("certify", "audit") else []
     with pytest.raises(AssertionError, match="started real work"):
         main(argv)
     assert "error" not in capsys.readouterr().err

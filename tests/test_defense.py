@@ -1,11 +1,11 @@
 import pandas as pd
 import pytest
 import torch
-
 from conftest import calibration_images, spread_model
+
 from scalecert.audit import audit, paste, patch_positions
 from scalecert.defense import Engine, certify, detect
-from scalecert.geometry import footprint, rect_masks
+from scalecert.geometry import rect_masks
 from scalecert.models import load_model, save_checkpoint
 
 
@@ -154,7 +154,11 @@ def test_no_batch_of_occluded_windows_exceeds_the_chunk(monkeypatch, mode, sin):
     eng = Engine(m, 32, 5, chunk=64, mode=mode)
     sizes = []
     inner = eng.occluded_labels
-    monkeypatch.setattr(eng, "occluded_labels", lambda x, f, o, img, *a: sizes.append(len(img)) or inner(x, f, o, img, *a))
+    def counted(x, f, o, img, *a):
+        sizes.append(len(img))
+        return inner(x, f, o, img, *a)
+
+    monkeypatch.setattr(eng, "occluded_labels", counted)
     recs = eng.run(x, early_stop=False)
     assert max(sizes) <= 64 and sum(sizes) == sum(r["n_candidates"] for r in recs) > 64 * 4
 
@@ -213,7 +217,9 @@ def test_audit_attack_stride_only_thins_the_attack_positions():
 
 
 def test_audit_cached_matches_audit_and_resumes_from_the_cache(tmp_path, monkeypatch):
-    from scalecert import audit as A, experiments as E, results as R
+    from scalecert import audit as A
+    from scalecert import experiments as E
+    from scalecert import results as R
     monkeypatch.setattr(R, "CACHE_DIR", tmp_path / "cache")
     torch.manual_seed(0)
     path = tmp_path / "m.pt"

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-
 from conftest import spread_model
+
 from scalecert import results as R
 from scalecert.models import save_checkpoint
 
@@ -136,13 +136,15 @@ def test_notebooks_side_by_side_compute_each_chunk_of_a_shared_run_once(tmp_path
     # a lock is released when its holder dies, however it dies
     with R.exclusive("held", tmp_path):
         pass
-    killed = subprocess.Popen([sys.executable, "-c", "import sys, time; from pathlib import Path; from scalecert import "
-                               "results as R\nwith R.exclusive('held', Path(sys.argv[1])):\n print('in', flush=True); "
-                               "time.sleep(60)", str(tmp_path)], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    killed = subprocess.Popen([sys.executable, "-c", "import sys, time; from pathlib import Path; from scalecert "
+                               "import results as R\nwith R.exclusive('held', Path(sys.argv[1])):\n "
+                               "print('in', flush=True); time.sleep(60)", str(tmp_path)],
+                              cwd=ROOT, stdout=subprocess.PIPE, text=True)
     assert killed.stdout.readline().strip() == "in"
     with R.exclusive("held", tmp_path, wait=False) as held:
         assert held is False  # held by the other process: not waited for
-    killed.kill(); killed.wait()
+    killed.kill()
+    killed.wait()
     with R.exclusive("held", tmp_path, wait=False) as held:
         assert held is True
     with R.exclusive("held", tmp_path):

@@ -1,7 +1,7 @@
 import pytest
 import torch
-
 from conftest import spread_model
+
 from scalecert.geometry import Geometry, feature_boxes, footprint, module_geometry, rect_masks, region
 
 CASES = [("resnet20", 1, 32), ("resnet20", 2, 32), ("resnet20", 3, 32), ("resnet20", 5, 32),

@@ -6,11 +6,19 @@ import torch
 import torchvision
 
 from scalecert import data as D
-from scalecert.models import (ARCHS, CHECKPOINT_DIR, build, from_torchvision_state, load_model, rest_channels_last,
-                              round_to_storage, save_checkpoint)
 from scalecert.data import augment
-from scalecert.train import evaluate, random_window_exclude, worst_window_exclude
 from scalecert.geometry import rect_masks
+from scalecert.models import (
+    ARCHS,
+    CHECKPOINT_DIR,
+    build,
+    from_torchvision_state,
+    load_model,
+    rest_channels_last,
+    round_to_storage,
+    save_checkpoint,
+)
+from scalecert.train import evaluate, random_window_exclude, worst_window_exclude
 
 
 def test_tampered_checkpoint_is_refused(tmp_path):
@@ -236,8 +244,8 @@ def test_recalibrate_command_rewrites_checkpoint_and_card_once(tmp_path, capsys)
     from scalecert.train import recalibrate_main
     torch.manual_seed(0)
     path = tmp_path / "m.pt"
-    old = save_checkpoint(build("resnet20", 10, 1, 0.2), path, {"name": "m", "dataset_key": "cifar10",
-                                                                  "accuracy_with_sin": 1.0, "accuracy_without_sin": 2.0})
+    card = {"name": "m", "dataset_key": "cifar10", "accuracy_with_sin": 1.0, "accuracy_without_sin": 2.0}
+    old = save_checkpoint(build("resnet20", 10, 1, 0.2), path, card)
     assert recalibrate_main([str(path), "--images", "64", "--batch-size", "32"]) == 0
     card = json.loads((tmp_path / "m.json").read_text())
     r = card["bn_recalibration"]
@@ -302,6 +310,7 @@ def test_card_accuracy_holds_on_a_subset(name):
 
 def test_finished_training_job_is_not_redone(tmp_path, monkeypatch):
     import json
+
     from scalecert import train as T
     monkeypatch.setattr(T, "RUNS_DIR", tmp_path / "runs")
     a = T.parse(["--name", "m", "--dataset", "cifar10", "--epochs", "4", "--out-dir", str(tmp_path)])
@@ -321,6 +330,7 @@ def test_finished_training_job_is_not_redone(tmp_path, monkeypatch):
 
 def test_models_table_reads_every_card(tmp_path):
     import json
+
     from scalecert.cli import models_table
     (tmp_path / "a.json").write_text(json.dumps({"name": "a", "status": "final", "sin_layer": 1, "sin_rate": 0.1,
                                                  "accuracy_with_sin": 70.0, "accuracy_without_sin": 60.0,
@@ -338,6 +348,7 @@ def test_models_table_reads_every_card(tmp_path):
 
 def test_models_table_checks_issue_4_targets(tmp_path):
     import json
+
     from scalecert.cli import models_table
 
     def card(name, **kw):
@@ -347,14 +358,15 @@ def test_models_table_checks_issue_4_targets(tmp_path):
     card("cifar10_resnet20_sin1_r20", sin_layer=1, sin_rate=0.2, accuracy_with_sin=85.0, accuracy_without_sin=80.0)
     card("cifar10_resnet20_sin1_r10", sin_layer=1, sin_rate=0.1, accuracy_with_sin=84.99, accuracy_without_sin=90.0)
     t = models_table(tmp_path).set_index("checkpoint")
-    assert t.loc["cifar10_resnet20_vanilla", "target_%"] == 90.0 and t.loc["cifar10_resnet20_vanilla", "reached"] == "no"
-    assert t.loc["cifar10_resnet20_sin1_r20", "target_%"] == 85.0 and t.loc["cifar10_resnet20_sin1_r20", "reached"] == "yes"
+    assert tuple(t.loc["cifar10_resnet20_vanilla", ["target_%", "reached"]]) == (90.0, "no")
+    assert tuple(t.loc["cifar10_resnet20_sin1_r20", ["target_%", "reached"]]) == (85.0, "yes")
     assert t.loc["cifar10_resnet20_sin1_r10", "reached"] == "no"  # judged with the SIN layer active
 
 
 def test_every_shipped_model_that_misses_its_target_carries_a_runnable_next_command():
     """Issue 4: where CPU time forbade a target, the card says so and leaves the command to go further."""
     import shlex
+
     from scalecert.cli import models_table
     from scalecert.train import parse
     t = models_table()

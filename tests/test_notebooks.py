@@ -12,7 +12,8 @@ SOURCES = sorted((ROOT / "notebooks").glob("[0-9]*.ipynb"))
 
 
 def code_cells(nb):
-    return [c.source for c in nb.cells if c.cell_type == "code" and "injected-parameters" not in c.metadata.get("tags", [])]
+    return [c.source for c in nb.cells
+            if c.cell_type == "code" and "injected-parameters" not in c.metadata.get("tags", [])]
 
 
 def test_there_are_notebooks():
@@ -90,7 +91,8 @@ def test_window_rs_by_profile_and_explicit():
     assert N.window_rs("quick") == [1, 3] and N.window_rs("paper") == [1, 2, 3]
     assert N.window_rs("quick", None, N.AUDIT_RS) == [3] and N.window_rs("tiny", None, N.AUDIT_RS) == [1, 3]
     assert N.window_rs("quick", [1], N.AUDIT_RS) == [1]  # an explicit list wins over the defaults
-    assert N.window_rs("quick", "[3, 1, 3]") == [1, 3] and N.window_rs("tiny", 2) == [2] and N.window_rs("quick", [2.0]) == [2]
+    assert N.window_rs("quick", "[3, 1, 3]") == [1, 3] and N.window_rs("tiny", 2) == [2]
+    assert N.window_rs("quick", [2.0]) == [2]
     for bad in ([0], [1.5], [float("inf")], ["1"], [True], "[1, -1]", "x", []):
         with pytest.raises(ValueError, match="rs must"):
             N.window_rs("quick", bad)

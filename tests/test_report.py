@@ -1,5 +1,5 @@
-import pytest
 import pandas as pd
+import pytest
 
 from scalecert.report import comparisons, sections
 
@@ -49,18 +49,19 @@ def test_paper_figure_reads_the_papers_reported_numbers():
 
 def test_ours_vs_paper_figure_draws_one_paper_line_per_paper_row_set():
     import pandas as pd
+
     from scalecert import plots as P
     df = pd.DataFrame({"patch": [1, 2, 1, 2, 1, 2], "ours": [60, 55, 50, 45, 40, 35],
                        "defense": ["A", "A", "A (paper mode)", "A (paper mode)", "B", "B"],
                        "theirs": [61, 56, 61, 56, None, None]})
     fig = P.ours_vs_paper_figure(df.assign(paper=df.defense.str.replace(" (paper mode)", "")), "patch", "ours",
                                  "theirs", "defense", "t", paper_hue="paper")
-    lines = {l.get_label(): l for l in fig.axes[0].get_lines()}
+    lines = {line.get_label(): line for line in fig.axes[0].get_lines()}
     assert sorted(lines) == ["A (ours)", "A (paper mode) (ours)", "A (paper's)", "B (ours)"]
     assert list(lines["A (paper's)"].get_ydata()) == [61, 56]  # once, not once per mode
     assert lines["A (paper's)"].get_color() == lines["A (ours)"].get_color()
     fig = P.ours_vs_paper_figure(df, "patch", "ours", "theirs", "defense", "t", paper_name="the paper's ImageNet")
-    assert "A (the paper's ImageNet)" in {l.get_label() for l in fig.axes[0].get_lines()}
+    assert "A (the paper's ImageNet)" in {line.get_label() for line in fig.axes[0].get_lines()}
 
 
 def test_report_names_the_folder_it_reads(tmp_path, monkeypatch, capsys):

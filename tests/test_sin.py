@@ -1,6 +1,6 @@
 import torch
 
-from scalecert.sin import SINLayer, masked_topk_from_order, num_winners, sin_mask, strict_order, importance
+from scalecert.sin import SINLayer, importance, masked_topk_from_order, num_winners, sin_mask, strict_order
 
 
 def test_ties_broken_by_lower_index():

@@ -1,8 +1,14 @@
 import pytest
 import torch
 
-from scalecert.windows import (candidate_windows, covers_all_patches, family_label, mask_set, merge_per_image,
-                               patch_pixels)
+from scalecert.windows import (
+    candidate_windows,
+    covers_all_patches,
+    family_label,
+    mask_set,
+    merge_per_image,
+    patch_pixels,
+)
 
 
 def test_paper_patch_rounding():

@@ -40,7 +40,8 @@ State is saved after every epoch under ``data/runs/NAME/`` (``state.pt``, ``log.
 interrupted run resumes; the result is an fp16 checkpoint ``data/checkpoints/NAME.pt`` with a JSON
 card holding its sha256 (written by :func:`scalecert.models.save_checkpoint`), which
 :func:`load_bagnet` checks (through :func:`scalecert.models.read_checkpoint`, which also refuses non-finite
-weights). The resumable-run bookkeeping is :func:`scalecert.runstate.resume_run` and :func:`scalecert.runstate.end_epoch` (shared with the other peers).
+weights). The resumable-run bookkeeping is :func:`scalecert.runstate.resume_run` and
+:func:`scalecert.runstate.end_epoch` (shared with the other peers).
 
 Simplifications (say so beside any number made with this module)
 -----------------------------------------------------------------
@@ -66,8 +67,18 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..geometry import Geometry, units_geometry
-from ..models import CHECKPOINT_DIR, CIFAR_MEAN, CIFAR_STD, IMAGENET_MEAN, IMAGENET_STD, MEASURED_ON, Normalize
-from ..models import read_checkpoint, round_to_storage, save_checkpoint
+from ..models import (
+    CHECKPOINT_DIR,
+    CIFAR_MEAN,
+    CIFAR_STD,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    MEASURED_ON,
+    Normalize,
+    read_checkpoint,
+    round_to_storage,
+    save_checkpoint,
+)
 from ..paths import RUNS_DIR, relative
 from ..runstate import ResumableRun, finished_card, prepare
 from . import add_run_args, balanced_ids

@@ -17,8 +17,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import pandas as pd
 
@@ -48,7 +48,7 @@ class Peer:
         return self.checkpoints.get(D.check_dataset(dataset))
 
 
-@functools.lru_cache(maxsize=None)  # one set of shared-work functions per process: they key the _SHARED cache
+@functools.cache  # one set of shared-work functions per process: they key the _SHARED cache
 def _peers() -> dict[str, Peer]:
     from ..models import load_model
     from .bagnet import load_bagnet
@@ -162,7 +162,8 @@ def peer_cached(name: str, dataset: str, patch: float, *, per_class: int | None,
 
 
 def summarise_peer(df: pd.DataFrame, **labels) -> dict:
-    """Return one table row in the columns of ``experiments.summarise`` (clean, certified, forwards, seconds per image)."""
+    """Return one table row in the columns of ``experiments.summarise`` (clean, certified, forwards, seconds per
+    image)."""
     return {**labels, "images": len(df),
             "clean": round(100 * df.clean_correct.mean(), 1), "certified": round(100 * df.certified.mean(), 1),
             "forwards_per_image": round(float(df.forwards.mean()), 1),

@@ -76,8 +76,16 @@ from torch import nn
 from ..audit import patch_positions
 from ..defense import check_images, check_labels, default_chunk
 from ..geometry import rect_masks
-from ..models import (CHECKPOINT_DIR, CIFAR_MEAN, CIFAR_STD, MEASURED_ON, Normalize, read_checkpoint, round_to_storage,
-                      save_checkpoint)
+from ..models import (
+    CHECKPOINT_DIR,
+    CIFAR_MEAN,
+    CIFAR_STD,
+    MEASURED_ON,
+    Normalize,
+    read_checkpoint,
+    round_to_storage,
+    save_checkpoint,
+)
 from ..paths import RUNS_DIR, relative
 from ..runstate import ResumableRun, finished_card, prepare
 from ..windows import patch_pixels

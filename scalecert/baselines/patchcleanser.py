@@ -20,8 +20,8 @@ evaluated on images with some pixels hidden.
   ``F(x ⊙ m_d ⊙ m)`` for every mask m; case II: if every one equals ``m_d``'s one-mask label, output
   that label (the first disagreer that passes). Case III: no disagreer passes -> output ``y_maj``.
   :func:`double_masking_decision` is the same decision as a pure function of a two-mask label table.
-* **Certificate** (the paper's robustness theorem for double masking, :func:`certify_patchcleanser`): certified for label y
-  iff every two-mask prediction ``F(x ⊙ m_i ⊙ m_j)``, every pair i <= j including i = j (the
+* **Certificate** (the paper's robustness theorem for double masking, :func:`certify_patchcleanser`): certified for
+  label y iff every two-mask prediction ``F(x ⊙ m_i ⊙ m_j)``, every pair i <= j including i = j (the
   one-mask predictions), equals y. A patch lies inside some mask m*; every image double masking
   then sees with m* among its masks equals the clean image's, so the first round agrees on y or
   every disagreer fails its second round (its pair with m* is y) while m*'s second round passes.

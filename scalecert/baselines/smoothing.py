@@ -100,8 +100,8 @@ import math
 import shlex
 import sys
 import time
-from pathlib import Path
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -110,8 +110,19 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..defense import check_images, check_labels, default_chunk
-from ..models import (CHECKPOINT_DIR, CIFAR_STD, IMAGENET_STD, MEASURED_ON, Normalize, SplitNet, build,
-                      read_checkpoint, rest_channels_last, round_to_storage, save_checkpoint)
+from ..models import (
+    CHECKPOINT_DIR,
+    CIFAR_STD,
+    IMAGENET_STD,
+    MEASURED_ON,
+    Normalize,
+    SplitNet,
+    build,
+    read_checkpoint,
+    rest_channels_last,
+    round_to_storage,
+    save_checkpoint,
+)
 from ..paths import RUNS_DIR, relative
 from ..runstate import ResumableRun, finished_card, prepare
 from ..windows import patch_pixels
@@ -130,7 +141,8 @@ VOTE_EPS = 1e-5
 
 @dataclass(frozen=True)
 class DSVotes:
-    """DS votes (B, n, C) bool as computed, with ``low`` ⊆ ``votes`` ⊆ ``high`` under float noise, band and threshold."""
+    """DS votes (B, n, C) bool as computed, with ``low`` ⊆ ``votes`` ⊆ ``high`` under float noise, band and
+    threshold."""
     votes: torch.Tensor
     low: torch.Tensor
     high: torch.Tensor
@@ -143,11 +155,11 @@ class DSVotes:
         return self.votes.shape
 
     @classmethod
-    def from_logits(cls, logits: torch.Tensor, band: int, threshold, eps: float = VOTE_EPS) -> "DSVotes":
+    def from_logits(cls, logits: torch.Tensor, band: int, threshold, eps: float = VOTE_EPS) -> DSVotes:
         """Return the votes of band logits (B, n, C) with their float-noise bounds (:func:`vote_bounds`)."""
         return cls(votes_from_logits(logits, threshold), *vote_bounds(logits, threshold, eps), band, threshold)
 
-    def batch(self, sl: slice) -> "DSVotes":
+    def batch(self, sl: slice) -> DSVotes:
         """Return the votes of the images ``sl``."""
         return DSVotes(self.votes[sl], self.low[sl], self.high[sl], self.band, self.threshold)
 
@@ -518,7 +530,8 @@ def _certify(defense: str, model, images, labels, patch, band, threshold, chunk,
 
 
 def certify_ds(model, images, labels, patch, band: int | None = None, threshold="paper", chunk: int | None = None,
-               device=None, batch_size: int = 64, ids=None, votes: DSVotes | torch.Tensor | None = None) -> pd.DataFrame:
+               device=None, batch_size: int = 64, ids=None,
+               votes: DSVotes | torch.Tensor | None = None) -> pd.DataFrame:
     """De-randomized (column) smoothing: one row per image (common peer records, defense "DS", kind "recovery").
 
     INPUT: a base model on 6-channel ablated images (e.g. :func:`ds_model`); images (B, 3, n, n) in
