@@ -1,4 +1,5 @@
 """ScaleCert study: certified detection of adversarial patches with sparse superficial layers."""
+
 from .defense import certify, detect  # noqa: F401
 from .models import load_model  # noqa: F401
 

@@ -1,4 +1,5 @@
 """Command line: python -m scalecert {train,recalibrate,remeasure,certify,bench,audit,data,models,cache}."""
+
 import sys
 
 
@@ -22,6 +23,7 @@ def main(argv=None) -> int:
         from .train import remeasure_main as run
     else:
         from . import cli
+
         run = getattr(cli, cmd)
     return run(rest)
 

@@ -20,6 +20,7 @@ per second round run). ``certify_forwards`` (k^2 (k^2 + 1) / 2 = 666, the pair t
 the run's seconds pay for) is a column of its own, empty for the other defences, whose certification costs what their
 detection does.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -29,8 +30,12 @@ from . import data as D
 from . import experiments as E
 from .stats import mcnemar_exact, paired_bootstrap
 
-SC, SC_PAPER, MR_VANILLA, MR_OCCL = ("ScaleCert", "ScaleCert (paper mode)", "MR (undefended model)",
-                                     "MR (occlusion-trained)")
+SC, SC_PAPER, MR_VANILLA, MR_OCCL = (
+    "ScaleCert",
+    "ScaleCert (paper mode)",
+    "MR (undefended model)",
+    "MR (occlusion-trained)",
+)
 PC_VANILLA, PC_OCCL = E.PC_VANILLA, E.PC_OCCL
 DEFENSES = (SC, SC_PAPER, MR_VANILLA, MR_OCCL)
 #: 07's overlap ratios; their families are evaluated at 07's patch size only
@@ -41,10 +46,30 @@ MASKS = 6
 #: PatchCleanser's images per class on a subset at most (666 forwards per image): 05's quick sizes, whose cached runs
 #: 12 then reads
 PC_MAX_PER_CLASS = {"cifar10": 1, "imagenette": 1}
-TABLE_COLUMNS = ["dataset", "patch_pct", "family", "defense", "model", "images", "clean", "certified",
-                 "forwards_per_image", "seconds_per_image"]
-VERDICT_COLUMNS = ["dataset", "patch_pct", "family", "images", "scalecert_certified", "mr_occl_certified",
-                   "difference", "ci_low", "ci_high", "p_value"]
+TABLE_COLUMNS = [
+    "dataset",
+    "patch_pct",
+    "family",
+    "defense",
+    "model",
+    "images",
+    "clean",
+    "certified",
+    "forwards_per_image",
+    "seconds_per_image",
+]
+VERDICT_COLUMNS = [
+    "dataset",
+    "patch_pct",
+    "family",
+    "images",
+    "scalecert_certified",
+    "mr_occl_certified",
+    "difference",
+    "ci_low",
+    "ci_high",
+    "p_value",
+]
 
 
 def profile_settings(profile: str, dataset: str) -> dict:
@@ -61,13 +86,19 @@ def families(dataset: str, patch_pct: float, rs=(3, 1), masks: int = MASKS, taus
     runs on it (the r = 3 and tau families, where 05 and 07 run it)."""
     dataset = D.check_dataset(dataset)
     tau0 = E.DEFAULT_TAU[dataset]
-    label = (lambda r, t: f"r={r}" + ("" if t is None else f" tau={t:g}"))
+
+    def label(r, t):
+        return f"r={r}" + ("" if t is None else f" tau={t:g}")
+
     out = [{"family": label(r, tau0), "kw": dict(r=r, tau=tau0), "paper_mode": r == 3} for r in rs]
     out.append({"family": f"k={masks} masks", "kw": dict(masks=masks), "paper_mode": False})
     if float(patch_pct) == TAU_PATCH[dataset]:
         # 07 times its families without early exit; the records (and so every outcome) are the same either way
-        out += [{"family": label(3, t), "kw": dict(r=3, tau=t, early_stop=False), "paper_mode": True}
-                for t in taus if t != tau0]
+        out += [
+            {"family": label(3, t), "kw": dict(r=3, tau=t, early_stop=False), "paper_mode": True}
+            for t in taus
+            if t != tau0
+        ]
     return out
 
 
@@ -78,54 +109,91 @@ def defence_runs(dataset: str, family: dict) -> list[tuple[str, str, dict]]:
     runs = [(SC, sin, dict(mode="sound", rule="strict", **kw))]
     if family["paper_mode"]:
         runs.append((SC_PAPER, sin, dict(mode="paper", rule="paper", **kw)))
-    runs += [(MR_VANILLA, E.model_name(dataset), dict(mode="sound", rule="strict", sin=False, **kw)),
-             (MR_OCCL, E.occlusion_model_name(dataset), dict(mode="sound", rule="strict", **kw))]
+    runs += [
+        (MR_VANILLA, E.model_name(dataset), dict(mode="sound", rule="strict", sin=False, **kw)),
+        (MR_OCCL, E.occlusion_model_name(dataset), dict(mode="sound", rule="strict", **kw)),
+    ]
     return runs
 
 
 def row(df: pd.DataFrame, **labels) -> dict:
     """Return one row of 12's table from a run's records (forwards per image = 1 + candidate windows)."""
-    return {**labels, "images": len(df), "clean": round(100 * df.clean_correct.mean(), 1),
-            "certified": round(100 * df.certified.mean(), 1),
-            "forwards_per_image": round(1 + float(df.n_candidates.mean()), 1),
-            "seconds_per_image": round(df.attrs.get("seconds_per_image", float("nan")), 4)}
+    return {
+        **labels,
+        "images": len(df),
+        "clean": round(100 * df.clean_correct.mean(), 1),
+        "certified": round(100 * df.certified.mean(), 1),
+        "forwards_per_image": round(1 + float(df.n_candidates.mean()), 1),
+        "seconds_per_image": round(df.attrs.get("seconds_per_image", float("nan")), 4),
+    }
 
 
 def patchcleanser_row(df: pd.DataFrame, **labels) -> dict:
     """Return one row of 12's table from a PatchCleanser run's records: forwards per image = its inference's mean
     ``forwards``, and its ``certify_forwards`` beside them (see the module docstring)."""
-    return {**labels, "images": len(df), "clean": round(100 * df.clean_correct.mean(), 1),
-            "certified": round(100 * df.certified.mean(), 1),
-            "forwards_per_image": round(float(df.forwards.mean()), 1),
-            "seconds_per_image": round(df.attrs.get("seconds_per_image", float("nan")), 4),
-            "certify_forwards": round(float(df.certify_forwards.mean()), 1)}
+    return {
+        **labels,
+        "images": len(df),
+        "clean": round(100 * df.clean_correct.mean(), 1),
+        "certified": round(100 * df.certified.mean(), 1),
+        "forwards_per_image": round(float(df.forwards.mean()), 1),
+        "seconds_per_image": round(df.attrs.get("seconds_per_image", float("nan")), 4),
+        "certify_forwards": round(float(df.certify_forwards.mean()), 1),
+    }
 
 
-def patchcleanser_runs(dataset: str, pct: float, *, per_class: int | None, seed: int = 0, device: str = "cpu",
-                       force: bool = False) -> tuple[list[dict], dict]:
+def patchcleanser_runs(
+    dataset: str, pct: float, *, per_class: int | None, seed: int = 0, device: str = "cpu", force: bool = False
+) -> tuple[list[dict], dict]:
     """Return (rows, records keyed like ``run_all``'s) of PatchCleanser at one patch size on the vanilla model and on
     the occlusion-trained twin (``experiments.patchcleanser_runs``; a ``note`` row for a model not trained yet)."""
     from .baselines import harness as H
     from .baselines.patchcleanser import PAPER_K
+
     dataset = D.check_dataset(dataset)
     family = f"k={PAPER_K} masks"
     rows, recs = [], {}
     for defense, ckpt in E.patchcleanser_runs(dataset):
-        labels = {"dataset": D.DATASET_LABELS[dataset], "patch_pct": float(pct), "family": family, "defense": defense,
-                  "model": ckpt}
+        labels = {
+            "dataset": D.DATASET_LABELS[dataset],
+            "patch_pct": float(pct),
+            "family": family,
+            "defense": defense,
+            "model": ckpt,
+        }
         if not E.available(ckpt):
             rows.append({**labels, "note": f"{ckpt} not trained yet"})
             continue
-        df = H.peer_cached("PatchCleanser", dataset, pct, per_class=per_class, seed=seed, force=force, device=device,
-                           progress=False, checkpoint=ckpt)
+        df = H.peer_cached(
+            "PatchCleanser",
+            dataset,
+            pct,
+            per_class=per_class,
+            seed=seed,
+            force=force,
+            device=device,
+            progress=False,
+            checkpoint=ckpt,
+        )
         recs[float(pct), family, defense] = df
         rows.append(patchcleanser_row(df, **labels))
     return rows, recs
 
 
-def run_all(dataset: str, patches, *, per_class: int | None, seed: int = 0, device: str = "cpu", force: bool = False,
-            rs=(3, 1), masks: int = MASKS, taus=TAUS, patchcleanser: bool = True,
-            pc_per_class: int | None | str = "auto") -> tuple[pd.DataFrame, dict]:
+def run_all(
+    dataset: str,
+    patches,
+    *,
+    per_class: int | None,
+    seed: int = 0,
+    device: str = "cpu",
+    force: bool = False,
+    rs=(3, 1),
+    masks: int = MASKS,
+    taus=TAUS,
+    patchcleanser: bool = True,
+    pc_per_class: int | None | str = "auto",
+) -> tuple[pd.DataFrame, dict]:
     """Return (table, records) of every defence on every family and patch size of a data set: the table has
     ``TABLE_COLUMNS`` (a ``note`` for a model not trained yet; ``certify_forwards`` for PatchCleanser's rows), records
     map (patch, family, defence) to the run's per-image records (cached certification runs, computed where missing).
@@ -142,19 +210,26 @@ def run_all(dataset: str, patches, *, per_class: int | None, seed: int = 0, devi
     for pct in patches:
         for fam in families(dataset, pct, rs, masks, taus):
             for defense, ckpt, kw in defence_runs(dataset, fam):
-                labels = {"dataset": D.DATASET_LABELS[dataset], "patch_pct": float(pct), "family": fam["family"],
-                          "defense": defense, "model": ckpt}
+                labels = {
+                    "dataset": D.DATASET_LABELS[dataset],
+                    "patch_pct": float(pct),
+                    "family": fam["family"],
+                    "defense": defense,
+                    "model": ckpt,
+                }
                 if not E.available(ckpt):
                     rows.append({**labels, "note": f"{ckpt} not trained yet"})
                     continue
-                df = E.certify_cached(dataset, ckpt, pct, per_class=per_class, seed=seed, force=force, device=device,
-                                      progress=False, **kw)
+                df = E.certify_cached(
+                    dataset, ckpt, pct, per_class=per_class, seed=seed, force=force, device=device, progress=False, **kw
+                )
                 recs[float(pct), fam["family"], defense] = df
                 rows.append(row(df, **labels))
         # "auto" on a subset: only at 07's patch size, where 05's quick profile runs it too (666 forwards per image)
         if patchcleanser and not (auto and pc_per_class is not None and float(pct) != TAU_PATCH[dataset]):
-            pc_rows, pc_recs = patchcleanser_runs(dataset, pct, per_class=pc_per_class, seed=seed, device=device,
-                                                  force=force)
+            pc_rows, pc_recs = patchcleanser_runs(
+                dataset, pct, per_class=pc_per_class, seed=seed, device=device, force=force
+            )
             rows += pc_rows
             recs.update(pc_recs)
     table = pd.DataFrame(rows)
@@ -166,8 +241,8 @@ def run_all(dataset: str, patches, *, per_class: int | None, seed: int = 0, devi
 
 
 def verdict(dataset: str, recs: dict, n_boot: int = 10000, seed: int = 0) -> pd.DataFrame:
-    """Return ``VERDICT_COLUMNS``: per patch size and family, ScaleCert (sound) minus MR (occlusion-trained) in certified
-    accuracy on the same images, with its 95% paired-bootstrap interval and McNemar's exact p value."""
+    """Return ``VERDICT_COLUMNS``: per patch size and family, ScaleCert (sound) minus MR (occlusion-trained) in
+    certified accuracy on the same images, with its 95% paired-bootstrap interval and McNemar's exact p value."""
     rows = []
     for (pct, fam, defense), sc in recs.items():
         mr = recs.get((pct, fam, MR_OCCL))
@@ -178,10 +253,20 @@ def verdict(dataset: str, recs: dict, n_boot: int = 10000, seed: int = 0) -> pd.
             raise ValueError(f"{dataset} {pct}% {fam}: the two runs do not hold the same images")
         a, b = both.certified_sc.to_numpy(bool), both.certified_mr.to_numpy(bool)
         diff, lo, hi = paired_bootstrap(a, b, n_boot=n_boot, seed=seed)
-        rows.append({"dataset": D.DATASET_LABELS[dataset], "patch_pct": pct, "family": fam, "images": len(both),
-                     "scalecert_certified": round(100 * a.mean(), 1), "mr_occl_certified": round(100 * b.mean(), 1),
-                     "difference": round(diff, 1), "ci_low": round(lo, 1), "ci_high": round(hi, 1),
-                     "p_value": float(f"{mcnemar_exact(a, b):.3g}")})
+        rows.append(
+            {
+                "dataset": D.DATASET_LABELS[dataset],
+                "patch_pct": pct,
+                "family": fam,
+                "images": len(both),
+                "scalecert_certified": round(100 * a.mean(), 1),
+                "mr_occl_certified": round(100 * b.mean(), 1),
+                "difference": round(diff, 1),
+                "ci_low": round(lo, 1),
+                "ci_high": round(hi, 1),
+                "p_value": float(f"{mcnemar_exact(a, b):.3g}"),
+            }
+        )
     return pd.DataFrame(rows, columns=VERDICT_COLUMNS)
 
 
@@ -195,11 +280,18 @@ def equal_forwards(table: pd.DataFrame) -> pd.DataFrame:
         for _, s in g[g.defense == SC].iterrows():
             cheap = mr[mr.forwards_per_image <= s.forwards_per_image]
             best = cheap.loc[cheap.certified.idxmax()] if len(cheap) else None
-            out.append({"dataset": ds, "patch_pct": pct, "family": s.family, "forwards_per_image": s.forwards_per_image,
-                        "scalecert_certified": s.certified,
-                        "mr_occl_family": None if best is None else best.family,
-                        "mr_occl_forwards": np.nan if best is None else best.forwards_per_image,
-                        "mr_occl_certified": np.nan if best is None else best.certified})
+            out.append(
+                {
+                    "dataset": ds,
+                    "patch_pct": pct,
+                    "family": s.family,
+                    "forwards_per_image": s.forwards_per_image,
+                    "scalecert_certified": s.certified,
+                    "mr_occl_family": None if best is None else best.family,
+                    "mr_occl_forwards": np.nan if best is None else best.forwards_per_image,
+                    "mr_occl_certified": np.nan if best is None else best.certified,
+                }
+            )
     return pd.DataFrame(out)
 
 
@@ -211,20 +303,29 @@ def sentence(dataset_label: str, verdict_rows: pd.DataFrame, frontier: pd.DataFr
         return f"{dataset_label}: no paired comparison yet (the occlusion-trained model or its runs are missing)."
     above, below = int((v.ci_low > 0).sum()), int((v.ci_high < 0).sum())
     level = int(round(100 * (1 - 0.05)))
-    same = (f"on the same images and window family, ScaleCert (sound) certifies more than MR on the occlusion-trained "
-            f"model in {above}, fewer in {below} and a difference whose {level}% interval includes 0 in "
-            f"{len(v) - above - below} of {len(v)} (patch, family) pairs (differences from {v.difference.min():+.1f} "
-            f"to {v.difference.max():+.1f} points, {int(v.images.iloc[0])} images each)")
+    same = (
+        f"on the same images and window family, ScaleCert (sound) certifies more than MR on the occlusion-trained "
+        f"model in {above}, fewer in {below} and a difference whose {level}% interval includes 0 in "
+        f"{len(v) - above - below} of {len(v)} (patch, family) pairs (differences from {v.difference.min():+.1f} "
+        f"to {v.difference.max():+.1f} points, {int(v.images.iloc[0])} images each)"
+    )
     f = frontier[(frontier.dataset == dataset_label)].dropna(subset=["mr_occl_certified"])
     if len(f):
         wins = int((f.scalecert_certified > f.mr_occl_certified).sum())
-        gap = (f.scalecert_certified - f.mr_occl_certified)
-        cost = (f"; at no more forward passes per image, ScaleCert is ahead of MR's best point in {wins} of {len(f)} "
-                f"ScaleCert points (by {gap.min():+.1f} to {gap.max():+.1f} points)")
+        gap = f.scalecert_certified - f.mr_occl_certified
+        cost = (
+            f"; at no more forward passes per image, ScaleCert is ahead of MR's best point in {wins} of {len(f)} "
+            f"ScaleCert points (by {gap.min():+.1f} to {gap.max():+.1f} points)"
+        )
     else:
         cost = "; MR has no point as cheap as any ScaleCert point"
-    answer = ("SIN adds certified accuracy over occlusion training alone" if above and not below else
-              "SIN does not add certified accuracy over occlusion training alone" if below and not above else
-              "SIN's effect over occlusion training alone is mixed" if above and below else
-              "no difference between SIN and occlusion training alone is resolved")
+    answer = (
+        "SIN adds certified accuracy over occlusion training alone"
+        if above and not below
+        else "SIN does not add certified accuracy over occlusion training alone"
+        if below and not above
+        else "SIN's effect over occlusion training alone is mixed"
+        if above and below
+        else "no difference between SIN and occlusion training alone is resolved"
+    )
     return f"{dataset_label}: {answer}: {same}{cost}."

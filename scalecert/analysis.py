@@ -15,6 +15,7 @@ Conventions (stated once, used everywhere):
   (in feature coordinates) from the SIN ranking: the box is zeroed and the top-k re-filled from
   the rest, exactly like an occluded window in the sound engine.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -57,9 +58,15 @@ def distance_deviation(points: np.ndarray) -> float:
     return float(np.sqrt(((p - c) ** 2).sum(1).mean()))
 
 
-def sin_statistics(model, images: torch.Tensor, n: int | None = None, bandwidth: float | None = None,
-                   kind: str = "benign", patch_boxes=None,
-                   n_jobs: int | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
+def sin_statistics(
+    model,
+    images: torch.Tensor,
+    n: int | None = None,
+    bandwidth: float | None = None,
+    kind: str = "benign",
+    patch_boxes=None,
+    n_jobs: int | None = None,
+) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Return (per-image table: clusters, densest cluster and its box; per-cluster table: size, s_c).
 
     With ``patch_boxes`` (pixel boxes (r0, c0, r1, c1) per image) the per-image table also holds
@@ -69,8 +76,11 @@ def sin_statistics(model, images: torch.Tensor, n: int | None = None, bandwidth:
     n = n or top_n(images.shape[-1])
     pts, (h, w) = top_sin_points(model, images, n)
     bw = bandwidth or 0.1 * h
-    fps = footprint(model.geometry(), torch.as_tensor(np.asarray(patch_boxes)), h, w).numpy() \
-        if patch_boxes is not None else None
+    fps = (
+        footprint(model.geometry(), torch.as_tensor(np.asarray(patch_boxes)), h, w).numpy()
+        if patch_boxes is not None
+        else None
+    )
     if n_jobs is None:  # worker start-up (imports) costs about a second: only worth it for many images
         n_jobs = min(cpu_count(), len(pts)) if len(pts) >= 32 else 1
     fits = Parallel(n_jobs=n_jobs)(delayed(cluster_points)(p, bw) for p in pts)
@@ -81,22 +91,33 @@ def sin_statistics(model, images: torch.Tensor, n: int | None = None, bandwidth:
         best = sorted(range(len(sizes)), key=lambda c: (-sizes[c], devs[c]))[0]
         members = p[labels == best]
         (r0, c0), (r1, c1) = members.min(0), members.max(0)
-        rows.append({"image": i, "kind": kind, "n_clusters": len(sizes), "densest_size": int(sizes[best]),
-                     "densest_sc": devs[best], "overall_sc": distance_deviation(p),
-                     "box": (int(r0), int(c0), int(r1), int(c1))})
+        rows.append(
+            {
+                "image": i,
+                "kind": kind,
+                "n_clusters": len(sizes),
+                "densest_size": int(sizes[best]),
+                "densest_sc": devs[best],
+                "overall_sc": distance_deviation(p),
+                "box": (int(r0), int(c0), int(r1), int(c1)),
+            }
+        )
         if fps is not None:
             i0, j0, i1, j1 = fps[i]
             inside = (p[:, 0] >= i0) & (p[:, 0] <= i1) & (p[:, 1] >= j0) & (p[:, 1] <= j1)
             rows[-1]["in_patch_share"] = float(inside.mean())
-        crow += [{"image": i, "kind": kind, "cluster": c, "size": int(sizes[c]), "s_c": devs[c]}
-                 for c in range(len(sizes))]
+        crow += [
+            {"image": i, "kind": kind, "cluster": c, "size": int(sizes[c]), "s_c": devs[c]} for c in range(len(sizes))
+        ]
     return pd.DataFrame(rows), pd.DataFrame(crow)
 
 
 # Fig. 1c's three statistics: the images they count and the test on an image's cluster count
-FIG1C = {"patched images with exactly one cluster (%)": ("patched", lambda k: k == 1),
-         "patched images with fewer than two clusters (%)": ("patched", lambda k: k < 2),
-         "benign images with more than three clusters (%)": ("benign", lambda k: k > 3)}
+FIG1C = {
+    "patched images with exactly one cluster (%)": ("patched", lambda k: k == 1),
+    "patched images with fewer than two clusters (%)": ("patched", lambda k: k < 2),
+    "benign images with more than three clusters (%)": ("benign", lambda k: k > 3),
+}
 
 
 def significant_cluster_counts(clusters: pd.DataFrame, min_share: float = 0.0) -> pd.Series:
@@ -117,8 +138,13 @@ def fig1c_statistics(counts: pd.Series) -> dict:
 def cluster_count_sensitivity(clusters: pd.DataFrame, shares=(0, 2.5, 5, 10, 20)) -> pd.DataFrame:
     """Return Fig. 1c's statistics (long form: min_share_pct, statistic, ours) when only the clusters holding at
     least each share of an image's top-n SINs count. The paper does not say how small a cluster it counted."""
-    return pd.DataFrame([{"min_share_pct": s, "statistic": stat, "ours": v} for s in shares
-                         for stat, v in fig1c_statistics(significant_cluster_counts(clusters, s)).items()])
+    return pd.DataFrame(
+        [
+            {"min_share_pct": s, "statistic": stat, "ours": v}
+            for s in shares
+            for stat, v in fig1c_statistics(significant_cluster_counts(clusters, s)).items()
+        ]
+    )
 
 
 @torch.no_grad()
@@ -137,8 +163,9 @@ def predict_without(model, images: torch.Tensor, boxes) -> torch.Tensor:
 
 
 @torch.no_grad()
-def prediction_stability(model, benign: torch.Tensor, patched: torch.Tensor, labels: torch.Tensor,
-                         n: int | None = None) -> pd.DataFrame:
+def prediction_stability(
+    model, benign: torch.Tensor, patched: torch.Tensor, labels: torch.Tensor, n: int | None = None
+) -> pd.DataFrame:
     """Return accuracy (%) of benign and patched images before and after removing their most localised SINs."""
     per = {"label": labels.numpy()}
     for kind, x in (("benign", benign), ("patched", patched)):
@@ -150,10 +177,17 @@ def prediction_stability(model, benign: torch.Tensor, patched: torch.Tensor, lab
 
 def stability_table(per: pd.DataFrame) -> pd.DataFrame:
     """Return the stability table (Fig. 1d) from per-image predictions: label, {benign,patched}_{before,after}."""
-    return pd.DataFrame([{"images": kind,
-                          "before": round(100 * (per[f"{kind}_before"] == per.label).mean(), 1),
-                          "after_removing_localised_sins": round(100 * (per[f"{kind}_after"] == per.label).mean(), 1),
-                          "n": len(per)} for kind in ("benign", "patched")])
+    return pd.DataFrame(
+        [
+            {
+                "images": kind,
+                "before": round(100 * (per[f"{kind}_before"] == per.label).mean(), 1),
+                "after_removing_localised_sins": round(100 * (per[f"{kind}_after"] == per.label).mean(), 1),
+                "n": len(per),
+            }
+            for kind in ("benign", "patched")
+        ]
+    )
 
 
 def sin_share_detector(model, images: torch.Tensor, p: int, n: int | None = None, threshold: float = 0.9):
@@ -186,8 +220,10 @@ def share_detection(model, images: torch.Tensor, p: int, patch_boxes=None) -> pd
     on the patch box)."""
     pred = model(images.to(next(model.parameters()).device)).argmax(1).cpu().numpy()
     det, boxes = sin_share_detector(model, images, p)
-    hit = [bool(d) and patch_boxes is not None and boxes_overlap(b, pb) for d, b, pb in
-           zip(det, boxes, patch_boxes if patch_boxes is not None else [None] * len(det))]
+    hit = [
+        bool(d) and patch_boxes is not None and boxes_overlap(b, pb)
+        for d, b, pb in zip(det, boxes, patch_boxes if patch_boxes is not None else [None] * len(det))
+    ]
     return pd.DataFrame({"pred": pred, "detected": det.astype(bool), "localised": hit})
 
 
@@ -195,9 +231,11 @@ def adaptive_summary(benign: pd.DataFrame, patched: pd.DataFrame, target: int) -
     """Return Fig. 1e's numbers (%): attack success on images not of the target class, detection rate, benign false
     alarms."""
     keep = patched.label != target
-    return {"attack_success": round(100 * (patched.pred[keep] == target).mean(), 1),
-            "detection_rate": round(100 * patched.localised.mean(), 1),
-            "benign_false_alarms": round(100 * benign.detected.mean(), 1)}
+    return {
+        "attack_success": round(100 * (patched.pred[keep] == target).mean(), 1),
+        "detection_rate": round(100 * patched.localised.mean(), 1),
+        "benign_false_alarms": round(100 * benign.detected.mean(), 1),
+    }
 
 
 def boxes_overlap(a, b) -> bool:
@@ -206,8 +244,9 @@ def boxes_overlap(a, b) -> bool:
 
 
 @torch.no_grad()
-def empirical_recovery(engine, images: torch.Tensor, labels: torch.Tensor, patched: torch.Tensor,
-                       corners: torch.Tensor) -> tuple[pd.DataFrame, pd.DataFrame]:
+def empirical_recovery(
+    engine, images: torch.Tensor, labels: torch.Tensor, patched: torch.Tensor, corners: torch.Tensor
+) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Return (summary, per-image table) of clean -> patched -> recovered accuracy (Sec. 4.4).
 
     Recovery: ``detect`` runs on the patched image; on an alert, the suspected window it reports
@@ -225,17 +264,29 @@ def empirical_recovery(engine, images: torch.Tensor, labels: torch.Tensor, patch
             rec_pred.append(r["pred"])
             continue
         box = torch.tensor([r["suspected_box"]])
-        x = patched[i:i + 1].to(dev)
+        x = patched[i : i + 1].to(dev)
         feats, order, _ = engine.stem(x)
         fp = footprint(engine.geo, box, engine.h, engine.w).to(dev)
-        rec_pred.append(int(engine.occluded_labels(x, feats, order, torch.zeros(1, dtype=torch.long, device=dev),
-                                                   box.to(dev), fp)[0]))
+        rec_pred.append(
+            int(
+                engine.occluded_labels(x, feats, order, torch.zeros(1, dtype=torch.long, device=dev), box.to(dev), fp)[
+                    0
+                ]
+            )
+        )
     rec_pred = torch.tensor(rec_pred)
     p = engine.p
-    per = pd.DataFrame({"label": labels.numpy(), "clean": clean.numpy(), "patched": attacked.numpy(),
-                        "recovered": rec_pred.numpy(), "alert": [bool(r["alert"]) for r in recs],
-                        "patch_box": [tuple(c) + (c[0] + p - 1, c[1] + p - 1) for c in corners.tolist()],
-                        "suspected_box": [r["suspected_box"] for r in recs]})
+    per = pd.DataFrame(
+        {
+            "label": labels.numpy(),
+            "clean": clean.numpy(),
+            "patched": attacked.numpy(),
+            "recovered": rec_pred.numpy(),
+            "alert": [bool(r["alert"]) for r in recs],
+            "patch_box": [tuple(c) + (c[0] + p - 1, c[1] + p - 1) for c in corners.tolist()],
+            "suspected_box": [r["suspected_box"] for r in recs],
+        }
+    )
     per["localised"] = [s is not None and boxes_overlap(s, b) for s, b in zip(per.suspected_box, per.patch_box)]
     return recovery_summary(per), per
 
@@ -243,8 +294,15 @@ def empirical_recovery(engine, images: torch.Tensor, labels: torch.Tensor, patch
 def recovery_summary(per: pd.DataFrame) -> pd.DataFrame:
     """Return the one-row summary (images, clean/patched/recovered accuracy, alert rate, patch localised; %) of a
     per-image table."""
-    return pd.DataFrame([{"images": len(per), "clean_acc": 100 * (per.clean == per.label).mean(),
-                          "patched_acc": 100 * (per.patched == per.label).mean(),
-                          "recovered_acc": 100 * (per.recovered == per.label).mean(),
-                          "alert_rate": 100 * per.alert.mean(),
-                          "patch_localised": 100 * per.localised.mean()}])
+    return pd.DataFrame(
+        [
+            {
+                "images": len(per),
+                "clean_acc": 100 * (per.clean == per.label).mean(),
+                "patched_acc": 100 * (per.patched == per.label).mean(),
+                "recovered_acc": 100 * (per.recovered == per.label).mean(),
+                "alert_rate": 100 * per.alert.mean(),
+                "patch_localised": 100 * per.localised.mean(),
+            }
+        ]
+    )

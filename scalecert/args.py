@@ -1,5 +1,6 @@
 """Argument parsing the commands share: a parser whose errors are one line (``error: …`` on stderr, exit status
 2) and the argparse types of the common options."""
+
 from __future__ import annotations
 
 import argparse
@@ -26,6 +27,7 @@ def usage_errors(p: argparse.ArgumentParser):
 
 def int_at_least(low: int, note: str = ""):
     """Return an argparse type: an int >= low (``note`` is added to the error, e.g. what 0 means)."""
+
     def parse(text: str) -> int:
         try:
             value = int(text)
@@ -34,6 +36,7 @@ def int_at_least(low: int, note: str = ""):
         if value < low:
             raise argparse.ArgumentTypeError(f"must be >= {low}{note}, got {value}")
         return value
+
     return parse
 
 
@@ -58,7 +61,8 @@ def device_name(text: str) -> str:
         raise argparse.ArgumentTypeError(f"device {text!r}: CUDA is not available on this machine")
     if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
         raise argparse.ArgumentTypeError(
-            f"device {text!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+            f"device {text!r}: this machine has {torch.cuda.device_count()} CUDA device(s)"
+        )
     if dev.type == "mps" and not torch.backends.mps.is_available():
         raise argparse.ArgumentTypeError(f"device {text!r}: MPS is not available on this machine")
     if dev.type not in ("cpu", "cuda", "mps"):

@@ -1,6 +1,7 @@
 """Patch attacks: universal targeted patch (Eq. 3), per-image PGD, the adaptive alpha attack (Eq. 6),
 and a detector-aware attack on ScaleCert's detect. All batched, seeded, device-agnostic; images stay in [0, 1].
 """
+
 from __future__ import annotations
 
 import torch
@@ -46,8 +47,18 @@ def patch_activation(model, x: torch.Tensor, corners: torch.Tensor, p: int) -> t
     return (imp * inside).flatten(1).sum(1) / inside.flatten(1).sum(1).clamp(min=1)
 
 
-def universal_patch(model, images: torch.Tensor, target: int, p: int, steps: int = 200, batch: int = 32,
-                    lr: float = 0.05, alpha: float = 0.0, seed: int = 0, progress: bool = True) -> torch.Tensor:
+def universal_patch(
+    model,
+    images: torch.Tensor,
+    target: int,
+    p: int,
+    steps: int = 200,
+    batch: int = 32,
+    lr: float = 0.05,
+    alpha: float = 0.0,
+    seed: int = 0,
+    progress: bool = True,
+) -> torch.Tensor:
     """Return a universal p x p patch that drives the model to ``target`` at random positions (Eq. 3; Eq. 6 with
     alpha)."""
     dev = next(model.parameters()).device
@@ -65,7 +76,7 @@ def universal_patch(model, images: torch.Tensor, target: int, p: int, steps: int
         if alpha:
             loss = loss + alpha * patch_activation(model, xp, corners.to(dev), p).mean()
         # grad w.r.t. the patch only: backward() would also compute (and accumulate) every weight's gradient
-        patch.grad, = torch.autograd.grad(loss, patch)
+        (patch.grad,) = torch.autograd.grad(loss, patch)
         opt.step()
         with torch.no_grad():
             patch.clamp_(0, 1)
@@ -73,8 +84,9 @@ def universal_patch(model, images: torch.Tensor, target: int, p: int, steps: int
 
 
 @torch.no_grad()
-def targeted_success(model, patch: torch.Tensor, images: torch.Tensor, labels: torch.Tensor, target: int,
-                     seed: int = 1, batch: int = 256) -> float:
+def targeted_success(
+    model, patch: torch.Tensor, images: torch.Tensor, labels: torch.Tensor, target: int, seed: int = 1, batch: int = 256
+) -> float:
     """Return the % of held-out images (not of the target class) classified as target with the patch at a random
     position."""
     keep = labels != target
@@ -83,15 +95,26 @@ def targeted_success(model, patch: torch.Tensor, images: torch.Tensor, labels: t
     dev = next(model.parameters()).device
     hits = 0
     for s in range(0, len(x), batch):
-        xb = x[s: s + batch].to(dev)
+        xb = x[s : s + batch].to(dev)
         corners = random_corners(len(xb), x.shape[-1], patch.shape[-1], gen)
         hits += (model(apply_patch(xb, patch.to(dev), corners)).argmax(1) == target).sum().item()
     return 100.0 * hits / max(1, len(x))
 
 
-def pgd_patch(model, images: torch.Tensor, labels: torch.Tensor, p: int, corners: torch.Tensor | None = None,
-              steps: int = 40, step_size: float = 0.1, restarts: int = 1, search: int = 0, seed: int = 0,
-              loss_fn=None, init: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def pgd_patch(
+    model,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    p: int,
+    corners: torch.Tensor | None = None,
+    steps: int = 40,
+    step_size: float = 0.1,
+    restarts: int = 1,
+    search: int = 0,
+    seed: int = 0,
+    loss_fn=None,
+    init: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Return (patched images, corners) of an untargeted PGD patch attack per image.
 
     With ``corners`` given, the patch sits there; with ``search`` > 0 each image tries that many
@@ -116,7 +139,7 @@ def pgd_patch(model, images: torch.Tensor, labels: torch.Tensor, p: int, corners
             for _ in range(steps):
                 patch.requires_grad_(True)
                 loss = loss_fn(model, apply_patch(x, patch, c), y).sum()
-                grad, = torch.autograd.grad(loss, patch)
+                (grad,) = torch.autograd.grad(loss, patch)
                 patch = (patch.detach() + step_size * grad.sign()).clamp(0, 1)
             with torch.no_grad():
                 xp = apply_patch(x, patch, c)
@@ -164,13 +187,14 @@ def detector_aware_loss(engine, max_windows: int = 64, beta: float = 1.0, seed: 
             if engine.mode == "sound":
                 excl = rect_masks(engine.fp[ws], engine.h, engine.w).flatten(1)
                 keep = masked_topk_from_order(order[i].expand(len(ws), -1), excl, engine.k)
-                out = model.rest(f[i:i + 1] * keep.view(-1, 1, engine.h, engine.w).to(f.dtype))
+                out = model.rest(f[i : i + 1] * keep.view(-1, 1, engine.h, engine.w).to(f.dtype))
             else:
                 boxes = engine.family.boxes[ws].to(xp.device)
-                xf = engine.fill_windows(xp[i:i + 1].expand(len(ws), -1, -1, -1), boxes)
+                xf = engine.fill_windows(xp[i : i + 1].expand(len(ws), -1, -1, -1), boxes)
                 ff = model.stem(xf)
-                inside = rect_masks(centre_inside(engine.geo, boxes.cpu(), engine.h, engine.w).to(ff.device),
-                                    engine.h, engine.w)
+                inside = rect_masks(
+                    centre_inside(engine.geo, boxes.cpu(), engine.h, engine.w).to(ff.device), engine.h, engine.w
+                )
                 keep = sin_mask(ff.detach(), model.sin.rate, inside)
                 out = model.rest(ff * keep.unsqueeze(1).to(ff.dtype))
             terms[i] = -F.cross_entropy(out, y_adv[i].expand(len(ws)), reduction="mean")
@@ -179,8 +203,25 @@ def detector_aware_loss(engine, max_windows: int = 64, beta: float = 1.0, seed: 
     return loss
 
 
-def detector_aware_attack(engine, images: torch.Tensor, labels: torch.Tensor, corners: torch.Tensor,
-                          steps: int = 20, step_size: float = 0.1, seed: int = 0, **kw):
+def detector_aware_attack(
+    engine,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    corners: torch.Tensor,
+    steps: int = 20,
+    step_size: float = 0.1,
+    seed: int = 0,
+    **kw,
+):
     """Return (patched images, corners): PGD at given corners against detect (wrong label, no alert)."""
-    return pgd_patch(engine.model, images, labels, engine.p, corners=corners, steps=steps, step_size=step_size,
-                     seed=seed, loss_fn=detector_aware_loss(engine, seed=seed, **kw))
+    return pgd_patch(
+        engine.model,
+        images,
+        labels,
+        engine.p,
+        corners=corners,
+        steps=steps,
+        step_size=step_size,
+        seed=seed,
+        loss_fn=detector_aware_loss(engine, seed=seed, **kw),
+    )

@@ -17,6 +17,7 @@ forwards each). Its "attack" content is :func:`patchcleanser_attack_loss`: PGD o
 predictions that still see the patch (masks that do not wholly contain it, the predictions the first round of double
 masking relies on) towards one wrong label.
 """
+
 from __future__ import annotations
 
 import json
@@ -46,8 +47,19 @@ def paste(x: torch.Tensor, patch: torch.Tensor, corners: torch.Tensor) -> torch.
     return apply_patch(x.unsqueeze(0).expand(len(corners), -1, -1, -1), patch, corners)
 
 
-def _patched_batches(x: torch.Tensor, y: int, n: int, p: int, contents, stride: int, attack_stride: int | None,
-                     batch: int, attack_batch: int, seed: int, attack):
+def _patched_batches(
+    x: torch.Tensor,
+    y: int,
+    n: int,
+    p: int,
+    contents,
+    stride: int,
+    attack_stride: int | None,
+    batch: int,
+    attack_batch: int,
+    seed: int,
+    attack,
+):
     """Yield (content, corners (M, 2), patched images (M, 3, n, n)) of one image x (3, n, n) over positions x contents.
 
     The fixed contents visit every position ``stride`` apart, ``batch`` at a time; noise draws one patch per
@@ -64,7 +76,7 @@ def _patched_batches(x: torch.Tensor, y: int, n: int, p: int, contents, stride: 
         # the attack keeps an autograd graph per (position, window or mask): a small batch bounds its memory
         bs = attack_batch if content == "attack" else batch
         for s in range(0, len(corners), bs):
-            cs = corners[s: s + bs]
+            cs = corners[s : s + bs]
             if content == "attack":
                 xs = x.unsqueeze(0).expand(len(cs), -1, -1, -1)
                 with torch.enable_grad():
@@ -81,22 +93,33 @@ def _patched_batches(x: torch.Tensor, y: int, n: int, p: int, contents, stride: 
 
 
 @torch.no_grad()
-def audit_image(engine: Engine, x: torch.Tensor, y: int, contents=CONTENTS, stride: int = 1,
-                attack_steps: int = 5, seed: int = 0, batch: int = 256, attack_batch: int = 32,
-                attack_stride: int | None = None) -> dict:
+def audit_image(
+    engine: Engine,
+    x: torch.Tensor,
+    y: int,
+    contents=CONTENTS,
+    stride: int = 1,
+    attack_steps: int = 5,
+    seed: int = 0,
+    batch: int = 256,
+    attack_batch: int = 32,
+    attack_stride: int | None = None,
+) -> dict:
     """Return counts {cases, flipped, violations} for one certified image over positions x contents.
 
     ``batch`` positions are patched at once (``attack_batch`` for the gradient attack). The fixed
     contents visit every position ``stride`` apart; the attack, which costs ``attack_steps`` forward and
     backward passes per position and window, visits positions ``attack_stride`` apart (default ``stride``).
     """
+
     def attack(xs, ys, cs, s):  # detector-aware: wrong label for M(x') and every candidate M_w(x')
         return detector_aware_attack(engine, xs, ys, cs, steps=attack_steps, seed=s, max_windows=16)[0]
 
     cases = flipped = violations = 0
     examples = []
-    for content, cs, xp in _patched_batches(x, y, engine.n, engine.p, contents, stride, attack_stride, batch,
-                                            attack_batch, seed, attack):
+    for content, cs, xp in _patched_batches(
+        x, y, engine.n, engine.p, contents, stride, attack_stride, batch, attack_batch, seed, attack
+    ):
         pred = engine.model(xp).argmax(1)
         wrong = (pred != y).nonzero().flatten()
         cases += len(cs)
@@ -111,14 +134,23 @@ def audit_image(engine: Engine, x: torch.Tensor, y: int, contents=CONTENTS, stri
     return {"cases": cases, "flipped": flipped, "violations": violations, "examples": examples}
 
 
-def audit_records(engine: Engine, images: torch.Tensor, labels: torch.Tensor, ids=None, progress: bool = True,
-                  **kw) -> pd.DataFrame:
-    """Return one audit row per image (id, label, certified, cases, flipped, violations, example); uncertified images get zero cases."""
+def audit_records(
+    engine: Engine, images: torch.Tensor, labels: torch.Tensor, ids=None, progress: bool = True, **kw
+) -> pd.DataFrame:
+    """Return one audit row per image (id, label, certified, cases, flipped, violations, example); uncertified
+    images get zero cases."""
     recs = engine.run(images, labels)
     rows = []
     for i, rec in enumerate(tqdm(recs, disable=not progress, desc=f"audit {engine.mode}")):
-        row = {"id": int(ids[i]) if ids is not None else i, "label": int(labels[i]), "certified": bool(rec["certified"]),
-               "cases": 0, "flipped": 0, "violations": 0, "example": ""}
+        row = {
+            "id": int(ids[i]) if ids is not None else i,
+            "label": int(labels[i]),
+            "certified": bool(rec["certified"]),
+            "cases": 0,
+            "flipped": 0,
+            "violations": 0,
+            "example": "",
+        }
         if rec["certified"]:
             r = audit_image(engine, images[i].to(engine.device), int(labels[i]), **kw)
             row.update({k: r[k] for k in ("cases", "flipped", "violations")})
@@ -141,8 +173,9 @@ def audit(engine: Engine, images: torch.Tensor, labels: torch.Tensor, progress: 
 ATTACK_MASKS = 16
 
 
-def patchcleanser_attack_loss(family, corners: torch.Tensor, max_masks: int | None = ATTACK_MASKS, seed: int = 0,
-                              fill: float | None = None):
+def patchcleanser_attack_loss(
+    family, corners: torch.Tensor, max_masks: int | None = ATTACK_MASKS, seed: int = 0, fill: float | None = None
+):
     """Return a ``pgd_patch`` loss against double masking for patches at ``corners`` (B, 2) of the mask set ``family``.
 
     Per image, the masks that do not wholly contain its patch (their one-mask prediction still sees the patch: the
@@ -152,15 +185,20 @@ def patchcleanser_attack_loss(family, corners: torch.Tensor, max_masks: int | No
     """
     from .baselines import patchcleanser as PC
     from .geometry import rect_masks
+
     fill = PC.FILL if fill is None else fill
     p, boxes = family.patch, family.boxes
     c = corners.cpu()
-    inside = ((boxes[None, :, 0] <= c[:, None, 0]) & (boxes[None, :, 1] <= c[:, None, 1])
-              & (boxes[None, :, 2] >= c[:, None, 0] + p - 1) & (boxes[None, :, 3] >= c[:, None, 1] + p - 1))
+    inside = (
+        (boxes[None, :, 0] <= c[:, None, 0])
+        & (boxes[None, :, 1] <= c[:, None, 1])
+        & (boxes[None, :, 2] >= c[:, None, 0] + p - 1)
+        & (boxes[None, :, 3] >= c[:, None, 1] + p - 1)
+    )
     score = torch.rand(inside.shape, generator=torch.Generator().manual_seed(seed))
-    score[inside] = -1.0                                      # masks holding the patch are never sampled
+    score[inside] = -1.0  # masks holding the patch are never sampled
     take = min(max_masks or len(family), len(family))
-    top = score.topk(take, 1).indices                          # (B, take), the sampled masks first
+    top = score.topk(take, 1).indices  # (B, take), the sampled masks first
     keep = score.gather(1, top) >= 0
     img, mask = torch.arange(len(c))[:, None].expand_as(top)[keep], top[keep]
     hidden = rect_masks(boxes, family.n, family.n)
@@ -180,10 +218,21 @@ def patchcleanser_attack_loss(family, corners: torch.Tensor, max_masks: int | No
 
 
 @torch.no_grad()
-def audit_image_patchcleanser(model, family, x: torch.Tensor, y: int, contents=CONTENTS, stride: int = 1,
-                              attack_steps: int = 5, seed: int = 0, batch: int = 64, attack_batch: int = 4,
-                              attack_stride: int | None = None, attack_masks: int | None = ATTACK_MASKS,
-                              chunk: int | None = None) -> dict:
+def audit_image_patchcleanser(
+    model,
+    family,
+    x: torch.Tensor,
+    y: int,
+    contents=CONTENTS,
+    stride: int = 1,
+    attack_steps: int = 5,
+    seed: int = 0,
+    batch: int = 64,
+    attack_batch: int = 4,
+    attack_stride: int | None = None,
+    attack_masks: int | None = ATTACK_MASKS,
+    chunk: int | None = None,
+) -> dict:
     """Return counts {cases, flipped, violations, second_round} of one image (3, n, n) that PatchCleanser certifies
     for y on the mask set ``family``, over positions x contents of a ``family.patch`` px patch.
 
@@ -197,13 +246,22 @@ def audit_image_patchcleanser(model, family, x: torch.Tensor, y: int, contents=C
     from .baselines import patchcleanser as PC
 
     def attack(xs, ys, cs, s):
-        return pgd_patch(model, xs, ys, family.patch, corners=cs, steps=attack_steps, seed=s,
-                         loss_fn=patchcleanser_attack_loss(family, cs, attack_masks, seed=s))[0]
+        return pgd_patch(
+            model,
+            xs,
+            ys,
+            family.patch,
+            corners=cs,
+            steps=attack_steps,
+            seed=s,
+            loss_fn=patchcleanser_attack_loss(family, cs, attack_masks, seed=s),
+        )[0]
 
     cases = flipped = violations = second = 0
     examples = []
-    for content, cs, xp in _patched_batches(x, y, family.n, family.patch, contents, stride, attack_stride, batch,
-                                            attack_batch, seed, attack):
+    for content, cs, xp in _patched_batches(
+        x, y, family.n, family.patch, contents, stride, attack_stride, batch, attack_batch, seed, attack
+    ):
         plain = model(xp).argmax(1).cpu()
         out = PC.double_masking(model, xp, family=family, chunk=chunk)
         bad = (out["pred"] != y).nonzero().flatten()
@@ -213,13 +271,22 @@ def audit_image_patchcleanser(model, family, x: torch.Tensor, y: int, contents=C
         violations += len(bad)
         for j in bad.tolist()[: max(0, 5 - len(examples))]:
             examples.append({"corner": cs[j].tolist(), "content": content, "pred": int(out["pred"][j])})
-    return {"cases": cases, "flipped": flipped, "violations": violations, "second_round": second,
-            "examples": examples}
+    return {"cases": cases, "flipped": flipped, "violations": violations, "second_round": second, "examples": examples}
 
 
-def audit_records_patchcleanser(model, images: torch.Tensor, labels: torch.Tensor, patch, k: int | None = None,
-                                ids=None, certificates: pd.DataFrame | None = None, progress: bool = True,
-                                chunk: int | None = None, device=None, **kw) -> pd.DataFrame:
+def audit_records_patchcleanser(
+    model,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    patch,
+    k: int | None = None,
+    ids=None,
+    certificates: pd.DataFrame | None = None,
+    progress: bool = True,
+    chunk: int | None = None,
+    device=None,
+    **kw,
+) -> pd.DataFrame:
     """Return one PatchCleanser audit row per image (id, label, certified, min_lead, cases, flipped, violations,
     second_round, example): the images its certificate holds for (patch in px or %, k x k masks, default the paper's 6)
     are audited by :func:`audit_image_patchcleanser` (``kw``); the others get zero cases. ``min_lead`` is the
@@ -229,6 +296,7 @@ def audit_records_patchcleanser(model, images: torch.Tensor, labels: torch.Tenso
     holding every id, e.g. the peer harness's cached run of the same images) or, if None, computed here."""
     from .baselines import patchcleanser as PC
     from .windows import mask_set
+
     k = PC.PAPER_K if k is None else k
     dev = PC._device_of(model, device)
     model = model.to(dev).eval()
@@ -245,8 +313,17 @@ def audit_records_patchcleanser(model, images: torch.Tensor, labels: torch.Tenso
         rec = cert.loc[id_]
         if int(rec.label) != int(labels[i]):
             raise ValueError(f"image {id_}: the certificate is for label {int(rec.label)}, not {int(labels[i])}")
-        row = {"id": id_, "label": int(labels[i]), "certified": bool(rec.certified), "min_lead": float(rec.min_lead),
-               "cases": 0, "flipped": 0, "violations": 0, "second_round": 0, "example": ""}
+        row = {
+            "id": id_,
+            "label": int(labels[i]),
+            "certified": bool(rec.certified),
+            "min_lead": float(rec.min_lead),
+            "cases": 0,
+            "flipped": 0,
+            "violations": 0,
+            "second_round": 0,
+            "example": "",
+        }
         if rec.certified:
             r = audit_image_patchcleanser(model, family, images[i].to(dev), int(labels[i]), chunk=chunk, **kw)
             row.update({c: r[c] for c in ("cases", "flipped", "violations", "second_round")})
@@ -255,8 +332,7 @@ def audit_records_patchcleanser(model, images: torch.Tensor, labels: torch.Tenso
     return pd.DataFrame(rows)
 
 
-def audit_patchcleanser(model, images: torch.Tensor, labels: torch.Tensor, patch, progress: bool = True,
-                        **kw) -> dict:
+def audit_patchcleanser(model, images: torch.Tensor, labels: torch.Tensor, patch, progress: bool = True, **kw) -> dict:
     """Return PatchCleanser audit totals over the images it certifies (others are skipped), like :func:`audit`."""
     df = audit_records_patchcleanser(model, images, labels, patch, progress=progress, **kw)
     total = {"images": len(df), "certified": int(df.certified.sum())}

@@ -1,4 +1,5 @@
 """The paper's claims beside this study's whole-split results, one row per claim with a verdict (README table)."""
+
 from __future__ import annotations
 
 import argparse
@@ -21,10 +22,22 @@ _BLOCK = re.escape(START) + r"\n?(.*?)\n?" + re.escape(END)
 TOL = 5.0
 VERDICTS = ("reproduced", "not reproduced", "not testable here")
 #: what the table must cover (the claim kinds of the paper)
-KINDS = ("certified accuracy", "margin over the best peer", "SIN localisation", "prediction stability",
-         "adaptive attack", "tau trade-off", "layer choice", "candidate reduction", "recovery", "soundness")
-DATA = {"cifar10": "paper: CIFAR-10, ResNet-18; ours: CIFAR-10 (JPEG), ResNet-20",
-        "imagenette": "paper: ImageNet, ResNet-50; ours: Imagenette-224, ResNet-18 (width 16)"}
+KINDS = (
+    "certified accuracy",
+    "margin over the best peer",
+    "SIN localisation",
+    "prediction stability",
+    "adaptive attack",
+    "tau trade-off",
+    "layer choice",
+    "candidate reduction",
+    "recovery",
+    "soundness",
+)
+DATA = {
+    "cifar10": "paper: CIFAR-10, ResNet-18; ours: CIFAR-10 (JPEG), ResNet-20",
+    "imagenette": "paper: ImageNet, ResNet-50; ours: Imagenette-224, ResNet-18 (width 16)",
+}
 COLUMNS = ["kind", "claim", "data", "paper", "ours", "images", "better", "tol", "untestable"]
 
 
@@ -75,20 +88,31 @@ def _certification(fig_dir: Path) -> list[dict]:
         ours, paper = ours_table(ds, "05_whole_splits", fig_dir), E.paper_table("table2_certified", ds)
         for p in E.PATCHES[ds] + E.LARGE_PATCHES[ds]:
             table = "Table 2" if p in E.PATCHES[ds] else "Table 5, appendix"
-            rows.append(_row("certified accuracy", f"Certified accuracy (%), {p:g}% patch ({table})",
-                             DATA[ds], _one(paper, "certified", patch_pct=p, defense="ScaleCert"),
-                             _one(ours, "certified", patch_pct=p, defense="ScaleCert"),
-                             _one(ours, "images", patch_pct=p, defense="ScaleCert")))
+            rows.append(
+                _row(
+                    "certified accuracy",
+                    f"Certified accuracy (%), {p:g}% patch ({table})",
+                    DATA[ds],
+                    _one(paper, "certified", patch_pct=p, defense="ScaleCert"),
+                    _one(ours, "certified", patch_pct=p, defense="ScaleCert"),
+                    _one(ours, "images", patch_pct=p, defense="ScaleCert"),
+                )
+            )
         # Table 1's headline size on ImageNet; the larger of Table 2's sizes on CIFAR-10
         p = {"cifar10": 2.4, "imagenette": 1.0}[ds]
         peers_paper = paper[(paper.patch_pct == p) & (paper.defense != "ScaleCert")]
         peers_ours = ours[(ours.patch_pct == p) & ours.defense.isin(peers_paper.defense)]
         best = peers_ours.loc[peers_ours.certified.idxmax()]
-        rows.append(_row("margin over the best peer",
-                         f"Certified margin over the best peer (points), {p:g}% patch (Table 2; ours: {best.defense})",
-                         DATA[ds],
-                         _one(paper, "certified", patch_pct=p, defense="ScaleCert") - peers_paper.certified.max(),
-                         _one(ours, "certified", patch_pct=p, defense="ScaleCert") - best.certified, best.images))
+        rows.append(
+            _row(
+                "margin over the best peer",
+                f"Certified margin over the best peer (points), {p:g}% patch (Table 2; ours: {best.defense})",
+                DATA[ds],
+                _one(paper, "certified", patch_pct=p, defense="ScaleCert") - peers_paper.certified.max(),
+                _one(ours, "certified", patch_pct=p, defense="ScaleCert") - best.certified,
+                best.images,
+            )
+        )
     return rows
 
 
@@ -101,21 +125,57 @@ def _analyses(fig_dir: Path) -> list[dict]:
     one, more = "patched images with exactly one cluster (%)", "benign images with more than three clusters (%)"
     no_number = "Fig. 1d gives no number"
     return [
-        _row("SIN localisation", "Patched images whose SINs form one MeanShift cluster (%, Fig. 1c)", data,
-             fig1c[one], _one(loc, "ours", statistic=one), n),
-        _row("SIN localisation", "Benign images with more than three SIN clusters (%, Fig. 1c: over 75)", data,
-             fig1c[more], _one(loc, "ours", statistic=more), n),
-        _row("prediction stability", "Benign accuracy after removing the localised SINs (%, Fig. 1d)", data,
-             math.nan, _one(stab, "after_removing_localised_sins", images="benign"),
-             _one(stab, "n", images="benign"), untestable=no_number),
-        _row("prediction stability", "Patched accuracy after removing the localised SINs (%, Fig. 1d)", data,
-             math.nan, _one(stab, "after_removing_localised_sins", images="patched"),
-             _one(stab, "n", images="patched"), untestable=no_number),
-        _row("adaptive attack", "Detection rate of the SIN-evading patch at α = 0.01 (%, Fig. 1e)", data,
-             E.paper_figure("fig1e_detection_rate_at_alpha_0.01"), _one(att, "detection_rate", alpha=0.01), n),
-        _row("adaptive attack", "Success of the SIN-evading patch at α = 0.01 (%, Fig. 1e)", data,
-             E.paper_figure("fig1e_attack_success_at_alpha_0.01"), _one(att, "attack_success", alpha=0.01), n,
-             better="lower"),
+        _row(
+            "SIN localisation",
+            "Patched images whose SINs form one MeanShift cluster (%, Fig. 1c)",
+            data,
+            fig1c[one],
+            _one(loc, "ours", statistic=one),
+            n,
+        ),
+        _row(
+            "SIN localisation",
+            "Benign images with more than three SIN clusters (%, Fig. 1c: over 75)",
+            data,
+            fig1c[more],
+            _one(loc, "ours", statistic=more),
+            n,
+        ),
+        _row(
+            "prediction stability",
+            "Benign accuracy after removing the localised SINs (%, Fig. 1d)",
+            data,
+            math.nan,
+            _one(stab, "after_removing_localised_sins", images="benign"),
+            _one(stab, "n", images="benign"),
+            untestable=no_number,
+        ),
+        _row(
+            "prediction stability",
+            "Patched accuracy after removing the localised SINs (%, Fig. 1d)",
+            data,
+            math.nan,
+            _one(stab, "after_removing_localised_sins", images="patched"),
+            _one(stab, "n", images="patched"),
+            untestable=no_number,
+        ),
+        _row(
+            "adaptive attack",
+            "Detection rate of the SIN-evading patch at α = 0.01 (%, Fig. 1e)",
+            data,
+            E.paper_figure("fig1e_detection_rate_at_alpha_0.01"),
+            _one(att, "detection_rate", alpha=0.01),
+            n,
+        ),
+        _row(
+            "adaptive attack",
+            "Success of the SIN-evading patch at α = 0.01 (%, Fig. 1e)",
+            data,
+            E.paper_figure("fig1e_attack_success_at_alpha_0.01"),
+            _one(att, "attack_success", alpha=0.01),
+            n,
+            better="lower",
+        ),
     ]
 
 
@@ -131,24 +191,61 @@ def _design(fig_dir: Path) -> list[dict]:
     sc = merge[merge.defense == "ScaleCert"]
     deeper = t7[t7.superficial_layer > 1].certified.max()
     return [
-        _row("tau trade-off", "Certified accuracy gained by merging less, τ = 0.6 vs 0.3 (points, 2% patch, Table 4)",
-             data, _one(t4, "certified", tau=0.6) - _one(t4, "certified", tau=0.3),
-             _one(sc, "certified", tau=0.6) - _one(sc, "certified", tau=0.3), n, better="lower"),
-        _row("tau trade-off", "Latency per image at τ = 0.3, 2% patch (ms, Table 4; ours on the CPU)", data,
-             _one(t4, "latency_ms_v100", tau=0.3), _one(sc, "latency_ms", tau=0.3), n, better="lower",
-             untestable="V100 latency; no GPU here"),
-        _row("layer choice", "Certified margin of SIN layer 1 over the best deeper layer (points, 2% patch, Table 7)",
-             data, _one(t7, "certified", superficial_layer=1) - deeper,
-             _one(layer, "certified", superficial_layer=1) - layer[layer.superficial_layer > 1].certified.max(), n),
-        _row("candidate reduction", "Candidate windows per image, 2% patch (Sec. 4.2: fewer than 100)", data,
-             E.paper_figure("scalecert_candidates_max"), _one(cert, "candidates", patch_pct=2.0, defense="ScaleCert"),
-             n, better="lower", tol=0.0),
-        _row("recovery", "Accuracy after tearing off the localised 5% patch (%, Sec. 4.4)", data,
-             E.paper_figure("sec4_4_acc_after_recovery"), float(rec.recovered_acc.iloc[0]), int(rec.images.iloc[0])),
-        _row("soundness", "Certificate violations of the paper's procedure under attack (Theorem 1, Sec. 3.3: none)",
-             "paper: any data set; ours: both, 100 images each", 0.0, float(paper_mode.violations.sum()),
-             int(paper_mode.images.sum()),
-             better="lower", tol=0.0),
+        _row(
+            "tau trade-off",
+            "Certified accuracy gained by merging less, τ = 0.6 vs 0.3 (points, 2% patch, Table 4)",
+            data,
+            _one(t4, "certified", tau=0.6) - _one(t4, "certified", tau=0.3),
+            _one(sc, "certified", tau=0.6) - _one(sc, "certified", tau=0.3),
+            n,
+            better="lower",
+        ),
+        _row(
+            "tau trade-off",
+            "Latency per image at τ = 0.3, 2% patch (ms, Table 4; ours on the CPU)",
+            data,
+            _one(t4, "latency_ms_v100", tau=0.3),
+            _one(sc, "latency_ms", tau=0.3),
+            n,
+            better="lower",
+            untestable="V100 latency; no GPU here",
+        ),
+        _row(
+            "layer choice",
+            "Certified margin of SIN layer 1 over the best deeper layer (points, 2% patch, Table 7)",
+            data,
+            _one(t7, "certified", superficial_layer=1) - deeper,
+            _one(layer, "certified", superficial_layer=1) - layer[layer.superficial_layer > 1].certified.max(),
+            n,
+        ),
+        _row(
+            "candidate reduction",
+            "Candidate windows per image, 2% patch (Sec. 4.2: fewer than 100)",
+            data,
+            E.paper_figure("scalecert_candidates_max"),
+            _one(cert, "candidates", patch_pct=2.0, defense="ScaleCert"),
+            n,
+            better="lower",
+            tol=0.0,
+        ),
+        _row(
+            "recovery",
+            "Accuracy after tearing off the localised 5% patch (%, Sec. 4.4)",
+            data,
+            E.paper_figure("sec4_4_acc_after_recovery"),
+            float(rec.recovered_acc.iloc[0]),
+            int(rec.images.iloc[0]),
+        ),
+        _row(
+            "soundness",
+            "Certificate violations of the paper's procedure under attack (Theorem 1, Sec. 3.3: none)",
+            "paper: any data set; ours: both, 100 images each",
+            0.0,
+            float(paper_mode.violations.sum()),
+            int(paper_mode.images.sum()),
+            better="lower",
+            tol=0.0,
+        ),
     ]
 
 
@@ -173,25 +270,35 @@ def _num(x: float, signed: bool = False) -> str:
 def markdown(fig_dir: Path = FIG_DIR) -> str:
     """Return the claims table in Markdown with the rule it applies and a count of the verdicts."""
     df = claims(fig_dir)
-    lines = ["| claim (paper's source) | paper | ours | images | reproduced if ours | verdict |",
-             "|---|--:|--:|--:|---|---|"]
+    lines = [
+        "| claim (paper's source) | paper | ours | images | reproduced if ours | verdict |",
+        "|---|--:|--:|--:|---|---|",
+    ]
     data = None
     for r in df.itertuples():
         if r.data != data:
             data = r.data
             lines.append(f"| **{data}** ||||||")
         signed = "(points" in r.claim  # a difference in percentage points
-        bound = "" if r.untestable or math.isnan(r.paper) else \
-            f"{'≥' if r.better == 'higher' else '≤'} {_num(threshold(r.paper, r.better, r.tol), signed)}"
-        lines.append(f"| {r.claim} | {_num(r.paper, signed)} | {_num(r.ours, signed)} | {r.images:,} | "
-                     f"{bound} | **{r.verdict}**: {r.reason} |")
+        bound = (
+            ""
+            if r.untestable or math.isnan(r.paper)
+            else f"{'≥' if r.better == 'higher' else '≤'} {_num(threshold(r.paper, r.better, r.tol), signed)}"
+        )
+        lines.append(
+            f"| {r.claim} | {_num(r.paper, signed)} | {_num(r.ours, signed)} | {r.images:,} | "
+            f"{bound} | **{r.verdict}**: {r.reason} |"
+        )
     counts = df.verdict.value_counts()
     tally = ", ".join(f"{counts.get(v, 0)} {v}" for v in VERDICTS)
-    lines += ["", "Rule (`scalecert.claims.verdict`): a claim is *reproduced* when ours is at least the paper's number "
-                  f"minus {TOL:g} points (at most plus {TOL:g} when lower is the claim; no tolerance for the bounds "
-                  "\"fewer than 100\" and \"none\"), *not testable here* when the paper gives no number or needs what "
-                  "this study lacks. Ours: ScaleCert in sound mode (the paper's procedure where the claim says so) "
-                  f"on the whole test/val split, unless `images` says less. {tally}."]
+    lines += [
+        "",
+        "Rule (`scalecert.claims.verdict`): a claim is *reproduced* when ours is at least the paper's number "
+        f"minus {TOL:g} points (at most plus {TOL:g} when lower is the claim; no tolerance for the bounds "
+        '"fewer than 100" and "none"), *not testable here* when the paper gives no number or needs what '
+        "this study lacks. Ours: ScaleCert in sound mode (the paper's procedure where the claim says so) "
+        f"on the whole test/val split, unless `images` says less. {tally}.",
+    ]
     return "\n".join(lines)
 
 
@@ -217,10 +324,12 @@ def write_readme(path: Path = README, fig_dir: Path = FIG_DIR) -> bool:
 def main(argv=None) -> int:
     """Print the claims table, or with --readme write it between the markers of README.md."""
     p = argparse.ArgumentParser(prog="python -m scalecert.claims", description=main.__doc__)
-    p.add_argument("--readme", nargs="?", const=str(README),
-                   help="write the table into this README (default README.md)")
-    p.add_argument("--fig-dir", default=str(FIG_DIR),
-                   help="folder of the paper-profile tables (one folder per data set)")
+    p.add_argument(
+        "--readme", nargs="?", const=str(README), help="write the table into this README (default README.md)"
+    )
+    p.add_argument(
+        "--fig-dir", default=str(FIG_DIR), help="folder of the paper-profile tables (one folder per data set)"
+    )
     a = p.parse_args(argv)
     if a.readme:
         changed = write_readme(Path(a.readme), Path(a.fig_dir))

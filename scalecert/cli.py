@@ -1,5 +1,6 @@
 """Commands ``python -m scalecert certify | bench | audit | data | models | cache``; their argument errors are one
 line (``error: …`` on stderr, exit status 2, :mod:`scalecert.args`)."""
+
 from __future__ import annotations
 
 import argparse
@@ -24,8 +25,10 @@ from .windows import patch_pixels
 if TYPE_CHECKING:
     import pandas as pd
 
-DEFAULT_MODELS = {"cifar10": ["cifar10_resnet20_sin1_r20", "cifar10_resnet20_sin1_r10", "cifar10_resnet20_vanilla"],
-                  "imagenette": ["imagenette_resnet18w16_sin1_r10", "imagenette_resnet18w16_vanilla"]}
+DEFAULT_MODELS = {
+    "cifar10": ["cifar10_resnet20_sin1_r20", "cifar10_resnet20_sin1_r10", "cifar10_resnet20_vanilla"],
+    "imagenette": ["imagenette_resnet18w16_sin1_r10", "imagenette_resnet18w16_vanilla"],
+}
 
 
 def default_checkpoint(dataset: str) -> str:
@@ -53,6 +56,7 @@ def dist_setup(device: str) -> tuple[int, int, str]:
     if world == 1:
         return 0, 1, device
     import torch.distributed as dist
+
     use_cuda = device.startswith("cuda") and torch.cuda.is_available()
     if use_cuda:
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
@@ -65,6 +69,7 @@ def dist_setup(device: str) -> tuple[int, int, str]:
 def barrier(world: int) -> None:
     if world > 1:
         import torch.distributed as dist
+
         dist.barrier()
 
 
@@ -72,8 +77,12 @@ def _common(p: argparse.ArgumentParser):
     p.add_argument("--dataset", default="cifar10")
     p.add_argument("--checkpoint", default=None, help="shipped name or .pt path")
     p.add_argument("--patch", type=float, default=None, help="patch size in %% of the image")
-    p.add_argument("--images", type=int_at_least(0, " (0 = the whole evaluation split)"), default=100,
-                   help="number of evaluation images (class-balanced; 0 = all)")
+    p.add_argument(
+        "--images",
+        type=int_at_least(0, " (0 = the whole evaluation split)"),
+        default=100,
+        help="number of evaluation images (class-balanced; 0 = all)",
+    )
     p.add_argument("--mode", default="sound", choices=["sound", "paper"])
     p.add_argument("--rule", default="strict", choices=["strict", "paper"])
     p.add_argument("--rate", type=float, default=None, help="SIN rate (default: the checkpoint's)")
@@ -104,14 +113,16 @@ def _model(p: argparse.ArgumentParser, a):
     with usage_errors(p):
         model = load_model(a.checkpoint or default_checkpoint(name), device=a.device)
         if a.layer is not None or a.rate is not None:
-            model.set_sin(a.layer if a.layer is not None else model.sin_layer,
-                          a.rate if a.rate is not None else model.sin_rate)
+            model.set_sin(
+                a.layer if a.layer is not None else model.sin_layer, a.rate if a.rate is not None else model.sin_rate
+            )
     return name, model
 
 
 def certify(argv=None) -> int:
     """``python -m scalecert certify``: per-image records, cached per chunk, sharded over torchrun ranks."""
     from . import results as R
+
     p = Parser(prog="python -m scalecert certify", description=certify.__doc__)
     _common(p)
     p.add_argument("--out", default=None, help="merged CSV (written atomically by rank 0)")
@@ -123,9 +134,21 @@ def certify(argv=None) -> int:
     name, model = _model(p, a)
     patch = a.patch if a.patch is not None else (2.4 if name == "cifar10" else 2.0)
     x, y, ids = eval_subset(name, a.images, a.seed)
-    config = {"dataset": name, "checkpoint_sha256": model.card["sha256"], "patch": patch, "mode": a.mode,
-              "rule": a.rule, "tau": a.tau, "r": a.r, "layer": model.sin_layer, "rate": model.sin_rate,
-              "images": a.images, "seed": a.seed, "ids": R.config_key({"ids": ids}), "chunk_images": a.chunk_images}
+    config = {
+        "dataset": name,
+        "checkpoint_sha256": model.card["sha256"],
+        "patch": patch,
+        "mode": a.mode,
+        "rule": a.rule,
+        "tau": a.tau,
+        "r": a.r,
+        "layer": model.sin_layer,
+        "rate": model.sin_rate,
+        "images": a.images,
+        "seed": a.seed,
+        "ids": R.config_key({"ids": ids}),
+        "chunk_images": a.chunk_images,
+    }
     if rank == 0:
         run = R.open_run(config, a.cache_dir)
     barrier(world)
@@ -133,9 +156,19 @@ def certify(argv=None) -> int:
         run = R.open_run(config, a.cache_dir)
 
     def one_chunk(r):
-        return run_certify(model, x[r.start:r.stop], y[r.start:r.stop], patch, batch_size=a.batch_size,
-                           mode=a.mode, rule=a.rule, tau=a.tau, r=a.r, device=a.device,
-                           ids=ids[r.start:r.stop])
+        return run_certify(
+            model,
+            x[r.start : r.stop],
+            y[r.start : r.stop],
+            patch,
+            batch_size=a.batch_size,
+            mode=a.mode,
+            rule=a.rule,
+            tau=a.tau,
+            r=a.r,
+            device=a.device,
+            ids=ids[r.start : r.stop],
+        )
 
     R.compute(run, len(ids), a.chunk_images, one_chunk, rank, world, fail_after=a.fail_after)
     barrier(world)
@@ -143,13 +176,24 @@ def certify(argv=None) -> int:
         df = R.merge(run, len(ids), a.chunk_images, ids)
         if a.out:
             R.atomic_write_text(Path(a.out), df.to_csv(index=False))
-        print(json.dumps({"dataset": D.DATASET_LABELS[name], "images": len(df), "patch_pct": patch,
-                          "mode": a.mode, "world_size": world, "cache": str(run),
-                          "clean": round(100 * df.clean_correct.mean(), 2),
-                          "certified": round(100 * df.certified.mean(), 2),
-                          "candidates_mean": round(float(df.n_candidates.mean()), 1)}))
+        print(
+            json.dumps(
+                {
+                    "dataset": D.DATASET_LABELS[name],
+                    "images": len(df),
+                    "patch_pct": patch,
+                    "mode": a.mode,
+                    "world_size": world,
+                    "cache": str(run),
+                    "clean": round(100 * df.clean_correct.mean(), 2),
+                    "certified": round(100 * df.certified.mean(), 2),
+                    "candidates_mean": round(float(df.n_candidates.mean()), 1),
+                }
+            )
+        )
     if world > 1:
         import torch.distributed as dist
+
         dist.destroy_process_group()
     return 0
 
@@ -167,6 +211,7 @@ def plain_forward_seconds(model, x, total: int, batch_sizes=(16, 32, 64, 128, 25
     reference runs that many forwards for real, in one timed stretch like the certify run (both
     see the same machine load), at the batch size that suits the plain model best.
     """
+
     def batch(bs):
         return x.repeat((bs + len(x) - 1) // len(x), 1, 1, 1)[:bs]
 
@@ -212,10 +257,18 @@ def bench_one(model, x, patch, tau=None, repeat: int = 3) -> dict:
             mr.run(x, early_stop=False)
             mr_times.append((time.perf_counter() - t) / len(x))
     sc_time, fwd, mr_time = min(sc_times), min(fwd_times), min(mr_times)
-    return {"n": x.shape[-1], "patch_px": eng.p, "windows_total": len(eng.family), "candidates_mean": cand,
-            "certify_images_per_s": 1 / sc_time, "plain_forward_images_per_s": 1 / fwd,
-            "efficiency": (1 + cand) * fwd / sc_time, "mr_seconds_per_image": mr_time,
-            "speedup_vs_mr": mr_time / sc_time, "chunk": eng.chunk}
+    return {
+        "n": x.shape[-1],
+        "patch_px": eng.p,
+        "windows_total": len(eng.family),
+        "candidates_mean": cand,
+        "certify_images_per_s": 1 / sc_time,
+        "plain_forward_images_per_s": 1 / fwd,
+        "efficiency": (1 + cand) * fwd / sc_time,
+        "mr_seconds_per_image": mr_time,
+        "speedup_vs_mr": mr_time / sc_time,
+        "chunk": eng.chunk,
+    }
 
 
 def _vm_kb(field: str) -> int:
@@ -242,16 +295,19 @@ def memory_probe(dataset: str, patch: float, tau: float | None, images: int, dev
     """Return windows and the host resident memory (MB) before and at the peak of one certify run, in a fresh
     process; on CUDA also the peak device memory allocated during the run."""
     import subprocess
-    code = ("import json, torch; from scalecert import cli; "
-            f"m = cli.load_model(cli.default_checkpoint({dataset!r}), device={device!r}); "
-            f"x, _, _ = cli.eval_subset({dataset!r}, max({images}, 10), 0); x = x[:{images}].to({device!r}); "
-            f"e = cli.Engine(m, x.shape[-1], {patch!r}, tau={tau!r}); e.run(x[:1], early_stop=False); "
-            "cuda = x.is_cuda; cuda and torch.cuda.reset_peak_memory_stats(); "
-            "b, p = cli.run_peak_mb(lambda: e.run(x, early_stop=False)); "
-            "r = {'windows': len(e.family), 'chunk': e.chunk, 'rss_before_mb': round(b, 1), "
-            "'run_peak_rss_mb': round(p, 1)}; "
-            "cuda and r.update(run_peak_cuda_mb=round(torch.cuda.max_memory_allocated() / 2**20, 1)); "
-            "print(json.dumps(r))")
+
+    code = (
+        "import json, torch; from scalecert import cli; "
+        f"m = cli.load_model(cli.default_checkpoint({dataset!r}), device={device!r}); "
+        f"x, _, _ = cli.eval_subset({dataset!r}, max({images}, 10), 0); x = x[:{images}].to({device!r}); "
+        f"e = cli.Engine(m, x.shape[-1], {patch!r}, tau={tau!r}); e.run(x[:1], early_stop=False); "
+        "cuda = x.is_cuda; cuda and torch.cuda.reset_peak_memory_stats(); "
+        "b, p = cli.run_peak_mb(lambda: e.run(x, early_stop=False)); "
+        "r = {'windows': len(e.family), 'chunk': e.chunk, 'rss_before_mb': round(b, 1), "
+        "'run_peak_rss_mb': round(p, 1)}; "
+        "cuda and r.update(run_peak_cuda_mb=round(torch.cuda.max_memory_allocated() / 2**20, 1)); "
+        "print(json.dumps(r))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     if out.returncode:
         raise RuntimeError(f"memory probe failed ({dataset}, tau={tau}): {out.stderr.strip().splitlines()[-1:]}")
@@ -261,14 +317,19 @@ def memory_probe(dataset: str, patch: float, tau: float | None, images: int, dev
 def bench(argv=None) -> int:
     """``python -m scalecert bench``: certify throughput vs plain forwards and vs Minority Reports."""
     from tqdm.auto import tqdm
+
     p = Parser(prog="python -m scalecert bench", description=bench.__doc__)
     p.add_argument("--quick", action="store_true", help="a few images per data set")
     p.add_argument("--images", type=int_at_least(0, " (0 = the default: 4 with --quick, else 32)"), default=None)
-    p.add_argument("--tau", type=overlap_ratio, default=0.3,
-                   help="window merging for the 224 case (paper: 0.3; 1 = none)")
+    p.add_argument(
+        "--tau", type=overlap_ratio, default=0.3, help="window merging for the 224 case (paper: 0.3; 1 = none)"
+    )
     p.add_argument("--device", type=device_name, default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--memory", action="store_true",
-                   help="also the peak RSS of certify with few and with many windows, each in a fresh process")
+    p.add_argument(
+        "--memory",
+        action="store_true",
+        help="also the peak RSS of certify with few and with many windows, each in a fresh process",
+    )
     a = p.parse_args(argv)
     cases = (("cifar10", 2.4), ("imagenette", 2.0))
     with usage_errors(p):
@@ -282,11 +343,13 @@ def bench(argv=None) -> int:
         row.update(dataset=D.DATASET_LABELS[dataset], model=model.card.get("name"))
         rows.append(row)
         print(json.dumps({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()}))
-    summary = {"efficiency": round(min(r["efficiency"] for r in rows), 3),
-               "candidates_mean": round(sum(r["candidates_mean"] for r in rows) / len(rows), 1),
-               "windows_total": sum(r["windows_total"] for r in rows),
-               "speedup_vs_mr": round(min(r["speedup_vs_mr"] for r in rows), 2),
-               "peak_rss_mb": round(peak_rss_mb(), 1)}
+    summary = {
+        "efficiency": round(min(r["efficiency"] for r in rows), 3),
+        "candidates_mean": round(sum(r["candidates_mean"] for r in rows) / len(rows), 1),
+        "windows_total": sum(r["windows_total"] for r in rows),
+        "speedup_vs_mr": round(min(r["speedup_vs_mr"] for r in rows), 2),
+        "peak_rss_mb": round(peak_rss_mb(), 1),
+    }
     if a.memory:  # memory must stay flat in the number of windows: CIFAR merged (few) vs unmerged (many)
         probes = [memory_probe("cifar10", 2.4, tau, n, a.device) for tau in (0.3, None)]
         for row in probes:
@@ -302,9 +365,10 @@ def audit_with_progress(engine: Engine, x: torch.Tensor, y: torch.Tensor, desc: 
     from tqdm.auto import tqdm
 
     from .audit import audit as run_audit
+
     total = {"images": 0, "certified": 0, "cases": 0, "flipped": 0, "violations": 0, "examples": []}
     for i in tqdm(range(len(x)), desc=desc, file=sys.stderr):
-        res = run_audit(engine, x[i:i + 1].to(engine.device), y[i:i + 1], progress=False, **kw)
+        res = run_audit(engine, x[i : i + 1].to(engine.device), y[i : i + 1], progress=False, **kw)
         for k in ("images", "certified", "cases", "flipped", "violations"):
             total[k] += res[k]
         total["examples"] += [dict(e, image=i) for e in res["examples"]]
@@ -315,10 +379,13 @@ def audit(argv=None) -> int:
     """``python -m scalecert audit``: soundness audit of both modes; ends with one line of JSON."""
     p = Parser(prog="python -m scalecert audit", description=audit.__doc__)
     _common(p)
-    p.add_argument("--quick", action="store_true",
-                   help="10 images, attack of 3 steps at <= 5 positions per axis")
-    p.add_argument("--stride", type=int_at_least(1), default=None,
-                   help="patch position stride (default 1 = every position; --quick: at most 32 positions per axis)")
+    p.add_argument("--quick", action="store_true", help="10 images, attack of 3 steps at <= 5 positions per axis")
+    p.add_argument(
+        "--stride",
+        type=int_at_least(1),
+        default=None,
+        help="patch position stride (default 1 = every position; --quick: at most 32 positions per axis)",
+    )
     a = _parse_common(p, argv)
     name, model = _model(p, a)
     patch = a.patch if a.patch is not None else (2.4 if name == "cifar10" else 2.0)
@@ -331,13 +398,26 @@ def audit(argv=None) -> int:
     out = {}
     for mode in ("sound", "paper"):
         eng = Engine(model, x.shape[-1], patch, r=a.r, tau=a.tau, mode=mode, device=a.device)
-        res = audit_with_progress(eng, x, y, f"audit {mode} (images)", stride=a.stride,
-                                  attack_steps=3 if a.quick else 10, attack_stride=attack_stride)
+        res = audit_with_progress(
+            eng,
+            x,
+            y,
+            f"audit {mode} (images)",
+            stride=a.stride,
+            attack_steps=3 if a.quick else 10,
+            attack_stride=attack_stride,
+        )
         print(json.dumps({"mode": mode, "stride": a.stride, "attack_stride": attack_stride, **res}), file=sys.stderr)
         out[mode] = res
-    print(json.dumps({"mode_sound_violations": out["sound"]["violations"],
-                      "mode_paper_violations": out["paper"]["violations"],
-                      "cases": out["sound"]["cases"] + out["paper"]["cases"]}))
+    print(
+        json.dumps(
+            {
+                "mode_sound_violations": out["sound"]["violations"],
+                "mode_paper_violations": out["paper"]["violations"],
+                "cases": out["sound"]["cases"] + out["paper"]["cases"],
+            }
+        )
+    )
     return 0
 
 
@@ -362,23 +442,34 @@ def models_table(checkpoint_dir: Path = CHECKPOINT_DIR) -> pd.DataFrame:
     """Return one row per shipped checkpoint card: name, status, data set, arch, SIN, accuracy, issue 4's target
     and whether it is reached, epochs, hours."""
     import pandas as pd
+
     rows = []
     cards = [json.loads(p.read_text()) | {"_stem": p.stem} for p in sorted(Path(checkpoint_dir).glob("*.json"))]
-    vanilla = {c.get("dataset_key"): c for c in cards if c.get("arch") in ARCHS
-               and not c.get("sin_rate") and c["_stem"].endswith("_vanilla")}
+    vanilla = {
+        c.get("dataset_key"): c
+        for c in cards
+        if c.get("arch") in ARCHS and not c.get("sin_rate") and c["_stem"].endswith("_vanilla")
+    }
     for c in cards:
         sin = f"layer {c['sin_layer']} at {round(100 * c['sin_rate'])}%" if c.get("sin_rate") else "none"
         # ScaleCert models: with the SIN layer active if they have one; peers: their clean (or DS base) accuracy
         plain = [c.get(k) for k in ("accuracy_without_sin", "clean_accuracy", "base_accuracy", "accuracy")]
         acc = c.get("accuracy_with_sin") if c.get("sin_rate") else next((a for a in plain if a is not None), None)
         target = accuracy_target(c, vanilla.get(c.get("dataset_key")))
-        rows.append({"checkpoint": c.get("name", c["_stem"]), "status": str(c.get("status", "?")).split(":")[0],
-                     "dataset": c.get("dataset", "?"), "arch": c.get("arch", "?"), "SIN": sin,
-                     "accuracy_%": None if acc is None else round(float(acc), 2),
-                     "target_%": "" if target is None else target,
-                     "reached": "" if target is None or acc is None else "yes" if acc >= target else "no",
-                     "epochs": f"{c.get('epochs_done', '?')}/{c.get('epochs', '?')}",
-                     "train_hours": round(c["train_seconds"] / 3600, 1) if c.get("train_seconds") else None})
+        rows.append(
+            {
+                "checkpoint": c.get("name", c["_stem"]),
+                "status": str(c.get("status", "?")).split(":")[0],
+                "dataset": c.get("dataset", "?"),
+                "arch": c.get("arch", "?"),
+                "SIN": sin,
+                "accuracy_%": None if acc is None else round(float(acc), 2),
+                "target_%": "" if target is None else target,
+                "reached": "" if target is None or acc is None else "yes" if acc >= target else "no",
+                "epochs": f"{c.get('epochs_done', '?')}/{c.get('epochs', '?')}",
+                "train_hours": round(c["train_seconds"] / 3600, 1) if c.get("train_seconds") else None,
+            }
+        )
     return pd.DataFrame(rows)
 
 
@@ -411,40 +502,73 @@ def cache(argv=None) -> int:
     import pandas as pd
 
     from . import results as R
+
     p = Parser(prog="python -m scalecert cache", description=cache.__doc__)
     p.add_argument("--dir", default=str(R.CACHE_DIR), help="cache folder")
-    p.add_argument("--unfinished", action="store_true",
-                   help="only runs with chunks left (runs cached before sizes were recorded have no total and are "
-                        "left out)")
-    p.add_argument("--whole-splits", action="store_true",
-                   help="instead: the certification runs complete on a whole test/val split, with the paper's numbers")
-    p.add_argument("--plan", action="store_true",
-                   help="instead: the whole-split counterpart of every certification run cached on a subset, with the "
-                        "CPU-hours left at the measured seconds per image (the paper profile's certification, priced)")
-    p.add_argument("--compact", action="store_true",
-                   help="instead: turn every complete run into one records.parquet (its chunk and timing files "
-                        "removed; partial runs and runs being computed are left alone) and write INDEX.csv")
+    p.add_argument(
+        "--unfinished",
+        action="store_true",
+        help="only runs with chunks left (runs cached before sizes were recorded have no total and are left out)",
+    )
+    p.add_argument(
+        "--whole-splits",
+        action="store_true",
+        help="instead: the certification runs complete on a whole test/val split, with the paper's numbers",
+    )
+    p.add_argument(
+        "--plan",
+        action="store_true",
+        help="instead: the whole-split counterpart of every certification run cached on a subset, with the "
+        "CPU-hours left at the measured seconds per image (the paper profile's certification, priced)",
+    )
+    p.add_argument(
+        "--compact",
+        action="store_true",
+        help="instead: turn every complete run into one records.parquet (its chunk and timing files "
+        "removed; partial runs and runs being computed are left alone) and write INDEX.csv",
+    )
     a = p.parse_args(argv)
     if a.compact:
         done = R.compact_all(Path(a.dir))
         for row in done[done.outcome == "refused"].itertuples():
             print(f"{row.key}: refused: {row.detail}")
-        print(json.dumps({"runs": len(done), **{k: int((done.outcome == k).sum()) for k in
-                                                ("compacted", "already", "partial", "busy", "refused")}}))
+        print(
+            json.dumps(
+                {
+                    "runs": len(done),
+                    **{
+                        k: int((done.outcome == k).sum())
+                        for k in ("compacted", "already", "partial", "busy", "refused")
+                    },
+                }
+            )
+        )
         return 0
     if a.plan:
         from . import experiments as E
+
         plan = E.paper_plan(Path(a.dir))
         with pd.option_context("display.width", 200, "display.max_columns", None, "display.max_rows", None):
             print(plan.drop(columns=["key"]).to_string(index=False) if len(plan) else f"no subset runs in {a.dir}")
             if len(plan):
-                print(plan.groupby(["dataset", "status"]).agg(configurations=("key", "size"),
-                                                             cpu_hours_left=("cpu_hours_left", "sum")).round(2))
-        print(json.dumps({"configurations": len(plan), "left": int((plan.status != "done").sum()) if len(plan) else 0,
-                          "cpu_hours_left": round(float(plan.cpu_hours_left.sum()), 2) if len(plan) else 0.0}))
+                print(
+                    plan.groupby(["dataset", "status"])
+                    .agg(configurations=("key", "size"), cpu_hours_left=("cpu_hours_left", "sum"))
+                    .round(2)
+                )
+        print(
+            json.dumps(
+                {
+                    "configurations": len(plan),
+                    "left": int((plan.status != "done").sum()) if len(plan) else 0,
+                    "cpu_hours_left": round(float(plan.cpu_hours_left.sum()), 2) if len(plan) else 0.0,
+                }
+            )
+        )
         return 0
     if a.whole_splits:
         from . import experiments as E
+
         whole = E.whole_split_results(Path(a.dir))
         print(whole.to_markdown(index=False) if len(whole) else f"no whole-split certification runs in {a.dir}")
         return 0
@@ -453,9 +577,19 @@ def cache(argv=None) -> int:
         left = table.chunks.notna() & (table.chunks_done < table.chunks) if "chunks" in table else None
         table = table[left] if left is not None else table.iloc[:0]
     with pd.option_context("display.width", 200, "display.max_columns", None):
-        print(table.to_string(index=False) if len(table) else
-              f"no {'unfinished ' if a.unfinished else ''}cached runs in {a.dir}")
+        print(
+            table.to_string(index=False)
+            if len(table)
+            else f"no {'unfinished ' if a.unfinished else ''}cached runs in {a.dir}"
+        )
     known = table.dropna(subset=["eta_hours"]) if "eta_hours" in table else table.iloc[:0]
-    print(json.dumps({"runs": len(table), "eta_hours": round(float(known.eta_hours.sum()), 2) if len(known) else 0.0,
-                      "eta_unknown": len(table) - len(known)}))  # no size recorded, or no chunk timed yet
+    print(
+        json.dumps(
+            {
+                "runs": len(table),
+                "eta_hours": round(float(known.eta_hours.sum()), 2) if len(known) else 0.0,
+                "eta_unknown": len(table) - len(known),
+            }
+        )
+    )  # no size recorded, or no chunk timed yet
     return 0

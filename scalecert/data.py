@@ -9,6 +9,7 @@ Two on-disk layouts are read:
 Decoded images are cached once as a uint8 ``.npy`` file next to the extracted tree so that
 training and evaluation do not decode JPEGs again.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -27,15 +28,19 @@ import torch.nn.functional as F
 
 from .paths import DATA_DIR, ROOT
 
-CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer",
-                   "dog", "frog", "horse", "ship", "truck"]
+CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 #: Imagenette classes in index order (sorted wnid) with their ImageNet-1k indices.
 IMAGENETTE_CLASSES = [
-    ("n01440764", "tench", 0), ("n02102040", "English springer", 217),
-    ("n02979186", "cassette player", 482), ("n03000684", "chain saw", 491),
-    ("n03028079", "church", 497), ("n03394916", "French horn", 566),
-    ("n03417042", "garbage truck", 569), ("n03425413", "gas pump", 571),
-    ("n03445777", "golf ball", 574), ("n03888257", "parachute", 701),
+    ("n01440764", "tench", 0),
+    ("n02102040", "English springer", 217),
+    ("n02979186", "cassette player", 482),
+    ("n03000684", "chain saw", 491),
+    ("n03028079", "church", 497),
+    ("n03394916", "French horn", 566),
+    ("n03417042", "garbage truck", 569),
+    ("n03425413", "gas pump", 571),
+    ("n03445777", "golf ball", 574),
+    ("n03888257", "parachute", 701),
 ]
 IMAGENETTE_TO_IMAGENET = [c[2] for c in IMAGENETTE_CLASSES]
 
@@ -43,6 +48,7 @@ IMAGENETTE_TO_IMAGENET = [c[2] for c in IMAGENETTE_CLASSES]
 @dataclass(frozen=True)
 class Archive:
     """One data set archive: file name, folder it unpacks to, sha256 and a fallback URL."""
+
     filename: str
     folder: str
     sha256: str
@@ -51,15 +57,22 @@ class Archive:
 
 
 ARCHIVES = {
-    "cifar10": Archive("cifar10-jpeg.tar.gz", "cifar10-jpeg",
-                       "ff26949c34c4e67da3fa472a1f142e33365dea058f94f1fa369b14ef3d986968",
-                       "torchvision:CIFAR10", 32),
-    "imagenette": Archive("imagenette-224.tar.gz", "imagenette-224",
-                          "58ad9eba1e8f36b16263b1030651a9030ec3f544278c7a21564f6889b52450b0",
-                          "https://s3.amazonaws.com/fast-ai-imageclas/imagenette2-320.tgz", 224),
+    "cifar10": Archive(
+        "cifar10-jpeg.tar.gz",
+        "cifar10-jpeg",
+        "ff26949c34c4e67da3fa472a1f142e33365dea058f94f1fa369b14ef3d986968",
+        "torchvision:CIFAR10",
+        32,
+    ),
+    "imagenette": Archive(
+        "imagenette-224.tar.gz",
+        "imagenette-224",
+        "58ad9eba1e8f36b16263b1030651a9030ec3f544278c7a21564f6889b52450b0",
+        "https://s3.amazonaws.com/fast-ai-imageclas/imagenette2-320.tgz",
+        224,
+    ),
 }
-DATASET_LABELS = {"cifar10": "CIFAR-10 (JPEG)", "imagenette": "Imagenette-224",
-                  "imagenet": "ImageNet"}
+DATASET_LABELS = {"cifar10": "CIFAR-10 (JPEG)", "imagenette": "Imagenette-224", "imagenet": "ImageNet"}
 EVAL_SPLIT = {"cifar10": "test", "imagenette": "val", "imagenet": "val"}
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp"}
 
@@ -71,8 +84,13 @@ class DataMissing(RuntimeError):
 def check_dataset(name: str) -> str:
     """Return the canonical data set name or raise ValueError listing the known ones."""
     key = str(name).lower().replace("-", "").replace("_", "")
-    aliases = {"cifar10": "cifar10", "cifar10jpeg": "cifar10", "imagenette": "imagenette",
-               "imagenette224": "imagenette", "imagenet": "imagenet"}
+    aliases = {
+        "cifar10": "cifar10",
+        "cifar10jpeg": "cifar10",
+        "imagenette": "imagenette",
+        "imagenette224": "imagenette",
+        "imagenet": "imagenet",
+    }
     if key not in aliases:
         raise ValueError(f"unknown dataset {name!r}: expected one of cifar10, imagenette, imagenet")
     return aliases[key]
@@ -113,6 +131,7 @@ def _atomic_extract(archive_path: Path, dest: Path, folder: str) -> None:
 def _download_cifar(dest: Path) -> Path:
     """Fetch torchvision's CIFAR-10 (lossless, pickled) into dest; return its folder."""
     from torchvision.datasets import CIFAR10
+
     tmp = Path(tempfile.mkdtemp(prefix=".cifar-dl-", dir=dest))
     try:
         CIFAR10(str(tmp), train=True, download=True)
@@ -127,6 +146,7 @@ def _download_imagenette(dest: Path, arch: Archive) -> Path:
     import urllib.request
 
     from PIL import Image
+
     tmp = Path(tempfile.mkdtemp(prefix=".imagenette-dl-", dir=dest))
     try:
         tgz = tmp / "imagenette.tgz"
@@ -148,6 +168,7 @@ def _download_imagenette(dest: Path, arch: Archive) -> Path:
 
 def _network_available(host: str, timeout: float = 3.0) -> bool:
     import socket
+
     try:
         socket.create_connection((host, 443), timeout=timeout).close()
         return True
@@ -161,8 +182,9 @@ def prepare(name: str, dest: Path | None = None, verbose: bool = True) -> Path:
     if name == "imagenet":
         root = Path(os.environ.get("SCALECERT_IMAGENET", (dest or DATA_DIR) / "imagenet"))
         if not (root / "val").is_dir():
-            raise DataMissing(f"ImageNet not found: put the train/ and val/ class folders in {root} "
-                              "or set SCALECERT_IMAGENET")
+            raise DataMissing(
+                f"ImageNet not found: put the train/ and val/ class folders in {root} or set SCALECERT_IMAGENET"
+            )
         return root
     arch = ARCHIVES[name]
     dest = Path(dest or DATA_DIR)
@@ -182,9 +204,11 @@ def prepare(name: str, dest: Path | None = None, verbose: bool = True) -> Path:
             _atomic_extract(path, dest, arch.folder)
             return target
     host = "www.cs.toronto.edu" if name == "cifar10" else "s3.amazonaws.com"
-    missing = (f"{arch.filename} not found in {' or '.join(map(str, shared_dirs()))} and the original "
-               f"could not be fetched: put {arch.filename} in {shared_dirs()[-1]} "
-               f"(or set SCALECERT_SHARED_DATA to its folder)")
+    missing = (
+        f"{arch.filename} not found in {' or '.join(map(str, shared_dirs()))} and the original "
+        f"could not be fetched: put {arch.filename} in {shared_dirs()[-1]} "
+        f"(or set SCALECERT_SHARED_DATA to its folder)"
+    )
     if not _network_available(host):
         raise DataMissing(missing)
     dest.mkdir(parents=True, exist_ok=True)
@@ -215,6 +239,7 @@ def list_folder_tree(root: Path, split: str) -> tuple[list[Path], list[int], lis
 def read_image(path: Path, size: int | None = None) -> np.ndarray:
     """Return an image file as an HxWx3 uint8 array (greyscale converted to RGB)."""
     from PIL import Image, UnidentifiedImageError
+
     if not Path(path).is_file():
         raise FileNotFoundError(f"image file missing: {path}")
     try:
@@ -275,11 +300,11 @@ class ImageSet(torch.utils.data.Dataset):
 
 def _decode_tree(root: Path, split: str, size: int | None) -> tuple[np.ndarray, np.ndarray, list[str]]:
     from tqdm.auto import tqdm
+
     files, labels, classes = list_folder_tree(root, split)
     first = read_image(files[0], size)
     arr = np.empty((len(files),) + first.shape, dtype=np.uint8)
-    for i, f in enumerate(tqdm(files, desc=f"decode {root.name}/{split}", leave=False,
-                               disable=len(files) < 2000)):
+    for i, f in enumerate(tqdm(files, desc=f"decode {root.name}/{split}", leave=False, disable=len(files) < 2000)):
         arr[i] = read_image(f, size)
     return arr.transpose(0, 3, 1, 2), np.asarray(labels), classes
 
@@ -305,6 +330,7 @@ def load_split(root: Path, split: str, size: int | None = None, cache: bool = Tr
     x, y, classes = _decode_tree(root, split, size)
     if cache:
         from .results import atomic_write, remove_stale_temps
+
         for path, arr in ((cache_x, x), (cache_y, y)):
             # a temp name per writer: two processes decoding the same split at once (the background jobs,
             # `make data` beside a CLI call) each finish with a whole file instead of losing each other's temp file
@@ -357,13 +383,18 @@ def augment(x: torch.Tensor, pad: int, gen: torch.Generator) -> torch.Tensor:
     cols = torch.randint(0, 2 * pad + 1, (b, 1), generator=gen) + torch.arange(w)
     flip = torch.rand(b, generator=gen) < 0.5
     cols = torch.where(flip[:, None], cols.flip(1), cols)
-    return xp[torch.arange(b)[:, None, None, None], torch.arange(c)[None, :, None, None],
-              rows[:, None, :, None], cols[:, None, None, :]]
+    return xp[
+        torch.arange(b)[:, None, None, None],
+        torch.arange(c)[None, :, None, None],
+        rows[:, None, :, None],
+        cols[:, None, None, :],
+    ]
 
 
 def main(argv=None) -> int:
     """Command line of the data step: extract (or fetch) and decode every data set."""
     import argparse
+
     p = argparse.ArgumentParser(prog="python -m scalecert.data", description=main.__doc__)
     p.add_argument("datasets", nargs="*", default=["cifar10", "imagenette"])
     p.add_argument("--decode", action="store_true", help="also decode to the uint8 cache")

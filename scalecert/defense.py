@@ -14,6 +14,7 @@ Two modes (see docs/design.md):
 A model without a SIN layer gives Minority Reports: every window is a candidate and the
 occluded prediction is the plain model on the image with the window's pixels filled.
 """
+
 from __future__ import annotations
 
 import os
@@ -82,6 +83,7 @@ def default_chunk(per_item_bytes: int, device) -> int:
 @dataclass
 class Engine:
     """Occluded inference for one model, image size and window configuration."""
+
     model: torch.nn.Module
     n: int
     patch: int | float
@@ -159,8 +161,9 @@ class Engine:
         m = rect_masks(boxes.to(x.device), self.n, self.n).unsqueeze(1)
         return x.masked_fill(m, self.fill)
 
-    def occluded_labels(self, x, feats, order, img: torch.Tensor, boxes: torch.Tensor,
-                        fprects: torch.Tensor) -> torch.Tensor:
+    def occluded_labels(
+        self, x, feats, order, img: torch.Tensor, boxes: torch.Tensor, fprects: torch.Tensor
+    ) -> torch.Tensor:
         """Return the occluded prediction of each (image index, window) pair of one chunk."""
         if self.mode == "sound" and self.use_sin:
             excl = rect_masks(fprects, self.h, self.w).flatten(1)
@@ -177,8 +180,9 @@ class Engine:
 
     # ------------------------------------------------------------------ main loop
     @torch.no_grad()
-    def run(self, images: torch.Tensor, labels: torch.Tensor | None = None, early_stop: bool = True,
-            ids=None) -> list[dict]:
+    def run(
+        self, images: torch.Tensor, labels: torch.Tensor | None = None, early_stop: bool = True, ids=None
+    ) -> list[dict]:
         """Return one record per image: prediction, alert, certified (if labels), candidates, windows."""
         t_start = time.perf_counter()
         x = check_images(images, self.n).to(self.device)
@@ -187,8 +191,11 @@ class Engine:
         feats, order, sin = self.stem(x)
         f0 = feats * sin.unsqueeze(1).to(feats.dtype) if self.use_sin else feats
         pred = self.rest(f0).argmax(1)
-        cand = self.candidates(sin) if self.use_sin else torch.ones(b, len(self.family), dtype=torch.bool,
-                                                                    device=self.device)
+        cand = (
+            self.candidates(sin)
+            if self.use_sin
+            else torch.ones(b, len(self.family), dtype=torch.bool, device=self.device)
+        )
         # the list of (image, window box, footprint rect) pairs to evaluate
         img_idx, win_idx = cand.nonzero(as_tuple=True)
         boxes_all = self.family.boxes.to(self.device)
@@ -220,11 +227,11 @@ class Engine:
                 bad = img_idx[pos][lab != pred[img_idx[pos]]]
                 active[bad] = False
         seconds = (time.perf_counter() - t_start) / b
-        return self._records(b, pred, y, img_idx, pair_boxes, pair_grid, out_labels, n_cand,
-                             stop_early, seconds, ids)
+        return self._records(b, pred, y, img_idx, pair_boxes, pair_grid, out_labels, n_cand, stop_early, seconds, ids)
 
-    def _records(self, b, pred, y, img_idx, pair_boxes, pair_grid, out_labels, n_cand, stop_early,
-                 seconds, ids) -> list[dict]:
+    def _records(
+        self, b, pred, y, img_idx, pair_boxes, pair_grid, out_labels, n_cand, stop_early, seconds, ids
+    ) -> list[dict]:
         pred, img_idx, out_labels = pred.cpu(), img_idx.cpu(), out_labels.cpu()
         pair_boxes = pair_boxes.cpu()
         pair_grid = None if pair_grid is None else pair_grid.cpu()
@@ -239,16 +246,25 @@ class Engine:
             alert = bool(disagree.any()) if (disagree.any() or complete) else None
             yi = pred[i].item()
             if alert and self.rule == "paper":
-                alert = self._paper_alert(yi, labs[evaluated], None if pair_grid is None else pair_grid[sl][evaluated],
-                                          pair_boxes[sl][evaluated])
-            rec = {"id": i if ids is None else ids[i], "pred": yi, "alert": alert,
-                   "output": (-1 if alert else yi) if alert is not None else None,
-                   "n_windows": len(self.family), "n_candidates": int(n_cand[i]),
-                   "n_evaluated": int(evaluated.sum()),
-                   "n_disagree": int(disagree.sum()),
-                   "disagree_labels": sorted(set(labs[disagree].tolist())),
-                   "suspected_box": self._suspect(labs[disagree], pair_boxes[sl][disagree]),
-                   "seconds": seconds}
+                alert = self._paper_alert(
+                    yi,
+                    labs[evaluated],
+                    None if pair_grid is None else pair_grid[sl][evaluated],
+                    pair_boxes[sl][evaluated],
+                )
+            rec = {
+                "id": i if ids is None else ids[i],
+                "pred": yi,
+                "alert": alert,
+                "output": (-1 if alert else yi) if alert is not None else None,
+                "n_windows": len(self.family),
+                "n_candidates": int(n_cand[i]),
+                "n_evaluated": int(evaluated.sum()),
+                "n_disagree": int(disagree.sum()),
+                "disagree_labels": sorted(set(labs[disagree].tolist())),
+                "suspected_box": self._suspect(labs[disagree], pair_boxes[sl][disagree]),
+                "seconds": seconds,
+            }
             if y is not None:
                 yl = int(y[i])
                 rec["label"] = yl
@@ -318,10 +334,15 @@ def detect(model, images, patch, batch_size: int = 64, progress: bool = False, *
 
 def _batched(engine: Engine, x, labels, batch_size, progress, run_opts) -> pd.DataFrame:
     from tqdm.auto import tqdm
+
     ids = run_opts.pop("ids", None)
     ids = list(range(len(x))) if ids is None else list(ids)
     recs = []
     for s in tqdm(range(0, len(x), batch_size), disable=not progress, desc="certify"):
-        recs += engine.run(x[s: s + batch_size], None if labels is None else labels[s: s + batch_size],
-                           ids=ids[s: s + batch_size], **run_opts)
+        recs += engine.run(
+            x[s : s + batch_size],
+            None if labels is None else labels[s : s + batch_size],
+            ids=ids[s : s + batch_size],
+            **run_opts,
+        )
     return pd.DataFrame.from_records(recs)

@@ -1,4 +1,5 @@
 """Experiment runners the notebooks call: cached certification configs, paper tables, model lookup."""
+
 from __future__ import annotations
 
 import hashlib
@@ -16,8 +17,11 @@ from .models import CHECKPOINT_DIR, load_model, without_sin
 from .paths import PAPER_DIR
 
 PAPER_DATASET = {"cifar10": "cifar10", "imagenette": "imagenet", "imagenet": "imagenet"}
-PAPER_LABEL = {"cifar10": "paper (lossless CIFAR-10, ResNet-18)", "imagenette": "paper (ImageNet, ResNet-50)",
-               "imagenet": "paper (ImageNet, ResNet-50)"}
+PAPER_LABEL = {
+    "cifar10": "paper (lossless CIFAR-10, ResNet-18)",
+    "imagenette": "paper (ImageNet, ResNet-50)",
+    "imagenet": "paper (ImageNet, ResNet-50)",
+}
 ARCH = {"cifar10": "resnet20", "imagenette": "resnet18w16"}
 #: patch sizes (% of the image) of the paper's tables
 PATCHES = {"cifar10": [0.4, 2.4], "imagenette": [1.0, 2.0, 3.0]}
@@ -75,6 +79,7 @@ def paper_figure(item: str) -> float:
 def fig1c_paper() -> dict:
     """Return the paper's Fig. 1c shares (%), keyed by the statistic names of ``analysis.FIG1C``."""
     from .analysis import FIG1C
+
     items = ("fig1c_patched_one_cluster_pct", "fig1c_patched_lt2_clusters_pct", "fig1c_benign_gt3_clusters_pct")
     return {stat: paper_figure(item) for stat, item in zip(FIG1C, items)}
 
@@ -87,10 +92,25 @@ def paper_table(name: str, dataset: str | None = None) -> pd.DataFrame:
     return df.reset_index(drop=True)
 
 
-def certify_cached(dataset: str, checkpoint: str, patch: float, *, per_class: int | None, seed: int = 0,
-                   mode: str = "sound", rule: str = "strict", tau: float | None = None, r: int = 3,
-                   sin: bool = True, force: bool = False, device: str = "cpu", chunk_images: int = 50,
-                   early_stop: bool | None = None, progress: bool = True, masks: int | None = None) -> pd.DataFrame:
+def certify_cached(
+    dataset: str,
+    checkpoint: str,
+    patch: float,
+    *,
+    per_class: int | None,
+    seed: int = 0,
+    mode: str = "sound",
+    rule: str = "strict",
+    tau: float | None = None,
+    r: int = 3,
+    sin: bool = True,
+    force: bool = False,
+    device: str = "cpu",
+    chunk_images: int = 50,
+    early_stop: bool | None = None,
+    progress: bool = True,
+    masks: int | None = None,
+) -> pd.DataFrame:
     """Return per-image certification records of one configuration, from the cache or computed (and cached);
     ``masks=k``: PatchCleanser's k x k mask set as the window family (r and tau unused)."""
     dataset = D.check_dataset(dataset)
@@ -100,49 +120,120 @@ def certify_cached(dataset: str, checkpoint: str, patch: float, *, per_class: in
     ds = D.load_dataset(dataset, "eval")
     ids = eval_ids(ds, per_class, seed)
     early = (rule == "strict") if early_stop is None else early_stop
-    config = {"dataset": dataset, "checkpoint_sha256": model.card["sha256"], "patch": patch, "mode": mode,
-              "rule": rule, "tau": tau, "r": r, "layer": model.sin_layer, "rate": model.sin_rate,
-              "ids": R.config_key({"ids": ids}), "chunk_images": chunk_images, "early_stop": early}
+    config = {
+        "dataset": dataset,
+        "checkpoint_sha256": model.card["sha256"],
+        "patch": patch,
+        "mode": mode,
+        "rule": rule,
+        "tau": tau,
+        "r": r,
+        "layer": model.sin_layer,
+        "rate": model.sin_rate,
+        "ids": R.config_key({"ids": ids}),
+        "chunk_images": chunk_images,
+        "early_stop": early,
+    }
     if masks is not None:  # only then: runs cached before this option keep their key
         config["masks"] = masks
 
     def one(rg):
-        x, y = ds.tensors(ids[rg.start:rg.stop])
-        return certify(model, x, y, patch, mode=mode, rule=rule, tau=tau, r=r, device=device,
-                       ids=ids[rg.start:rg.stop], early_stop=early, masks=masks)
+        x, y = ds.tensors(ids[rg.start : rg.stop])
+        return certify(
+            model,
+            x,
+            y,
+            patch,
+            mode=mode,
+            rule=rule,
+            tau=tau,
+            r=r,
+            device=device,
+            ids=ids[rg.start : rg.stop],
+            early_stop=early,
+            masks=masks,
+        )
 
     return R.cached(config, ids, chunk_images, one, force, progress)
 
 
-def audit_cached(dataset: str, checkpoint: str, patch: float, *, per_class: int | None, seed: int = 0,
-                 mode: str = "sound", tau: float | None = None, r: int = 3, stride: int = 1,
-                 attack_stride: int | None = None, attack_steps: int = 10, force: bool = False,
-                 device: str = "cpu", progress: bool = True) -> pd.DataFrame:
+def audit_cached(
+    dataset: str,
+    checkpoint: str,
+    patch: float,
+    *,
+    per_class: int | None,
+    seed: int = 0,
+    mode: str = "sound",
+    tau: float | None = None,
+    r: int = 3,
+    stride: int = 1,
+    attack_stride: int | None = None,
+    attack_steps: int = 10,
+    force: bool = False,
+    device: str = "cpu",
+    progress: bool = True,
+) -> pd.DataFrame:
     """Return per-image soundness-audit rows (``scalecert.audit.audit_records``), cached one image per chunk."""
     from .audit import CONTENTS, audit_records
     from .defense import Engine
+
     dataset = D.check_dataset(dataset)
     model = load_model(checkpoint, device=device)
     ds = D.load_dataset(dataset, "eval")
     ids = eval_ids(ds, per_class, seed)
-    config = {"kind": "audit", "dataset": dataset, "checkpoint_sha256": model.card["sha256"], "patch": patch,
-              "mode": mode, "tau": tau, "r": r, "layer": model.sin_layer, "rate": model.sin_rate,
-              "ids": R.config_key({"ids": ids}), "stride": stride, "attack_stride": attack_stride or stride,
-              "attack_steps": attack_steps, "contents": list(CONTENTS), "seed": seed}
+    config = {
+        "kind": "audit",
+        "dataset": dataset,
+        "checkpoint_sha256": model.card["sha256"],
+        "patch": patch,
+        "mode": mode,
+        "tau": tau,
+        "r": r,
+        "layer": model.sin_layer,
+        "rate": model.sin_rate,
+        "ids": R.config_key({"ids": ids}),
+        "stride": stride,
+        "attack_stride": attack_stride or stride,
+        "attack_steps": attack_steps,
+        "contents": list(CONTENTS),
+        "seed": seed,
+    }
     engine = Engine(model, D.image_size(dataset), patch, r=r, tau=tau, mode=mode, device=device)
 
     def one(rg):
-        x, y = ds.tensors(ids[rg.start:rg.stop])
-        return audit_records(engine, x.to(device), y, ids=ids[rg.start:rg.stop], progress=False, stride=stride,
-                             attack_stride=attack_stride, attack_steps=attack_steps, seed=seed)
+        x, y = ds.tensors(ids[rg.start : rg.stop])
+        return audit_records(
+            engine,
+            x.to(device),
+            y,
+            ids=ids[rg.start : rg.stop],
+            progress=False,
+            stride=stride,
+            attack_stride=attack_stride,
+            attack_steps=attack_steps,
+            seed=seed,
+        )
 
     return R.cached(config, ids, 1, one, force, progress)
 
 
-def audit_patchcleanser_cached(dataset: str, checkpoint: str, patch: float, *, per_class: int | None, seed: int = 0,
-                               k: int = 6, stride: int = 1, attack_stride: int | None = None, attack_steps: int = 10,
-                               attack_masks: int = 16, force: bool = False, device: str = "cpu",
-                               progress: bool = True) -> pd.DataFrame:
+def audit_patchcleanser_cached(
+    dataset: str,
+    checkpoint: str,
+    patch: float,
+    *,
+    per_class: int | None,
+    seed: int = 0,
+    k: int = 6,
+    stride: int = 1,
+    attack_stride: int | None = None,
+    attack_steps: int = 10,
+    attack_masks: int = 16,
+    force: bool = False,
+    device: str = "cpu",
+    progress: bool = True,
+) -> pd.DataFrame:
     """Return per-image soundness-audit rows of PatchCleanser (``scalecert.audit.audit_records_patchcleanser``) on a
     shipped checkpoint and the class-balanced subset of ``per_class`` images per class, cached one image per chunk:
     k x k masks; fixed contents every ``stride`` px, the PGD attack (``attack_steps`` steps, ``attack_masks``
@@ -155,36 +246,76 @@ def audit_patchcleanser_cached(dataset: str, checkpoint: str, patch: float, *, p
     certification run."""
     from .audit import CONTENTS, audit_records_patchcleanser
     from .baselines import harness as H
+
     dataset = D.check_dataset(dataset)
     model = load_model(checkpoint, device=device)
     ds = D.load_dataset(dataset, "eval")
     ids = eval_ids(ds, per_class, seed)
-    cert = H.peer_cached("PatchCleanser", dataset, patch, per_class=per_class, seed=seed, device=device,
-                         progress=progress, checkpoint=checkpoint)
+    cert = H.peer_cached(
+        "PatchCleanser",
+        dataset,
+        patch,
+        per_class=per_class,
+        seed=seed,
+        device=device,
+        progress=progress,
+        checkpoint=checkpoint,
+    )
     if not (cert.masks == k * k).all():
         raise ValueError(f"the cached certificates use {int(cert.masks.iloc[0])} masks, not {k} x {k}")
-    config = {"kind": "audit", "defense": "PatchCleanser", "version": H.peer("PatchCleanser").version,
-              "dataset": dataset, "checkpoint_sha256": model.card["sha256"], "patch": patch, "masks": k,
-              "ids": R.config_key({"ids": ids}), "certificates": Path(cert.attrs["cache"]).name, "stride": stride,
-              "attack_stride": attack_stride or stride, "attack_steps": attack_steps, "attack_masks": attack_masks,
-              "contents": list(CONTENTS), "seed": seed}
+    config = {
+        "kind": "audit",
+        "defense": "PatchCleanser",
+        "version": H.peer("PatchCleanser").version,
+        "dataset": dataset,
+        "checkpoint_sha256": model.card["sha256"],
+        "patch": patch,
+        "masks": k,
+        "ids": R.config_key({"ids": ids}),
+        "certificates": Path(cert.attrs["cache"]).name,
+        "stride": stride,
+        "attack_stride": attack_stride or stride,
+        "attack_steps": attack_steps,
+        "attack_masks": attack_masks,
+        "contents": list(CONTENTS),
+        "seed": seed,
+    }
 
     def one(rg):
-        x, y = ds.tensors(ids[rg.start:rg.stop])
-        return audit_records_patchcleanser(model, x, y, patch, k=k, ids=ids[rg.start:rg.stop], certificates=cert,
-                                           progress=False, device=device, stride=stride, attack_stride=attack_stride,
-                                           attack_steps=attack_steps, attack_masks=attack_masks, seed=seed)
+        x, y = ds.tensors(ids[rg.start : rg.stop])
+        return audit_records_patchcleanser(
+            model,
+            x,
+            y,
+            patch,
+            k=k,
+            ids=ids[rg.start : rg.stop],
+            certificates=cert,
+            progress=False,
+            device=device,
+            stride=stride,
+            attack_stride=attack_stride,
+            attack_steps=attack_steps,
+            attack_masks=attack_masks,
+            seed=seed,
+        )
 
     return R.cached(config, ids, 1, one, force, progress)
 
 
 def summarise(df: pd.DataFrame, **labels) -> dict:
-    """Return one table row: clean and certified accuracy (%), mean candidates, windows, forwards and seconds per image."""
-    return {**labels, "images": len(df),
-            "clean": round(100 * df.clean_correct.mean(), 1), "certified": round(100 * df.certified.mean(), 1),
-            "candidates": round(float(df.n_candidates.mean()), 1), "windows": int(df.n_windows.iloc[0]),
-            "forwards_per_image": round(1 + float(df.n_evaluated.mean()), 1),
-            "seconds_per_image": round(df.attrs.get("seconds_per_image", float("nan")), 4)}
+    """Return one table row: clean and certified accuracy (%), mean candidates, windows, forwards and seconds per
+    image."""
+    return {
+        **labels,
+        "images": len(df),
+        "clean": round(100 * df.clean_correct.mean(), 1),
+        "certified": round(100 * df.certified.mean(), 1),
+        "candidates": round(float(df.n_candidates.mean()), 1),
+        "windows": int(df.n_windows.iloc[0]),
+        "forwards_per_image": round(1 + float(df.n_evaluated.mean()), 1),
+        "seconds_per_image": round(df.attrs.get("seconds_per_image", float("nan")), 4),
+    }
 
 
 def model_accuracy(df: pd.DataFrame) -> float:
@@ -192,19 +323,36 @@ def model_accuracy(df: pd.DataFrame) -> float:
     return round(100 * float((df.pred == df.label).mean()), 1)
 
 
-def predictions_cached(dataset: str, checkpoint: str, *, per_class: int | None, seed: int = 0, device: str = "cpu",
-                       chunk_images: int = 500, force: bool = False, progress: bool = True) -> pd.DataFrame:
+def predictions_cached(
+    dataset: str,
+    checkpoint: str,
+    *,
+    per_class: int | None,
+    seed: int = 0,
+    device: str = "cpu",
+    chunk_images: int = 500,
+    force: bool = False,
+    progress: bool = True,
+) -> pd.DataFrame:
     """Return one row per evaluation image of a shipped checkpoint: id, label, and without and with its SIN layer the
     prediction (-1 for a model without one) and its margin (top-1 minus top-2 logit; a margin near 0 is a tie that
     float rounding may break either way); computed chunk by chunk and cached by checkpoint hash (01's accuracies)."""
     import torch
+
     dataset = D.check_dataset(dataset)
     model = load_model(checkpoint, device=device).eval()
     ds = D.load_dataset(dataset, "eval")
     ids = eval_ids(ds, per_class, seed)
-    config = {"kind": "predictions", "dataset": dataset, "checkpoint_sha256": model.card["sha256"],
-              "layer": model.sin_layer, "rate": model.sin_rate, "ids": R.config_key({"ids": ids}),
-              "chunk_images": chunk_images, "seed": seed}
+    config = {
+        "kind": "predictions",
+        "dataset": dataset,
+        "checkpoint_sha256": model.card["sha256"],
+        "layer": model.sin_layer,
+        "rate": model.sin_rate,
+        "ids": R.config_key({"ids": ids}),
+        "chunk_images": chunk_images,
+        "seed": seed,
+    }
 
     def pred_margin(logits):
         top = logits.float().topk(2, dim=1)
@@ -212,15 +360,23 @@ def predictions_cached(dataset: str, checkpoint: str, *, per_class: int | None, 
 
     @torch.no_grad()
     def one(rg):
-        x, y = ds.tensors(ids[rg.start:rg.stop])
+        x, y = ds.tensors(ids[rg.start : rg.stop])
         x = x.to(device)
         with without_sin(model):
             plain, plain_margin = pred_margin(model(x))
-        with_sin, sin_margin = (pred_margin(model(x)) if model.sin is not None
-                                else ([-1] * len(y), [float("nan")] * len(y)))
-        return pd.DataFrame({"id": ids[rg.start:rg.stop], "label": y.tolist(), "pred_without_sin": plain,
-                             "margin_without_sin": plain_margin, "pred_with_sin": with_sin,
-                             "margin_with_sin": sin_margin})
+        with_sin, sin_margin = (
+            pred_margin(model(x)) if model.sin is not None else ([-1] * len(y), [float("nan")] * len(y))
+        )
+        return pd.DataFrame(
+            {
+                "id": ids[rg.start : rg.stop],
+                "label": y.tolist(),
+                "pred_without_sin": plain,
+                "margin_without_sin": plain_margin,
+                "pred_with_sin": with_sin,
+                "margin_with_sin": sin_margin,
+            }
+        )
 
     return R.cached(config, ids, chunk_images, one, force, progress).drop(columns="config_key")
 
@@ -231,19 +387,40 @@ def prediction_accuracies(df: pd.DataFrame) -> dict:
     return {"acc_without_sin": 100 * float((df.pred_without_sin == df.label).mean()), "acc_with_sin": with_sin}
 
 
-def cached_universal_patch(dataset: str, checkpoint: str, patch_pct: float, target: int, *, steps: int,
-                           alpha: float = 0.0, train_images: int = 2000, seed: int = 0, force: bool = False,
-                           device: str = "cpu"):
-    """Return a universal targeted patch (3, p, p), trained once per configuration and cached under data/cache/patches."""
+def cached_universal_patch(
+    dataset: str,
+    checkpoint: str,
+    patch_pct: float,
+    target: int,
+    *,
+    steps: int,
+    alpha: float = 0.0,
+    train_images: int = 2000,
+    seed: int = 0,
+    force: bool = False,
+    device: str = "cpu",
+):
+    """Return a universal targeted patch (3, p, p), trained once per configuration and cached under
+    data/cache/patches."""
     import torch
 
     from .attacks import universal_patch
     from .windows import patch_pixels
+
     model = load_model(checkpoint, device=device)
     n = D.image_size(dataset)
     p = patch_pixels(patch_pct, n)
-    key = R.config_key({"sha": model.card["sha256"], "p": p, "target": target, "steps": steps, "alpha": alpha,
-                        "train_images": train_images, "seed": seed})
+    key = R.config_key(
+        {
+            "sha": model.card["sha256"],
+            "p": p,
+            "target": target,
+            "steps": steps,
+            "alpha": alpha,
+            "train_images": train_images,
+            "seed": seed,
+        }
+    )
     path = R.CACHE_DIR / "patches" / f"{dataset}-{key}.pt"
     if path.is_file() and not force:
         return torch.load(path)
@@ -261,6 +438,7 @@ def cached_universal_patch(dataset: str, checkpoint: str, patch_pct: float, targ
 def _atomic_torch_save(obj, path: Path) -> None:
     """Save a torch object through a temporary file and a rename."""
     import torch
+
     R.atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
@@ -274,9 +452,11 @@ def eval_images(dataset: str, per_class: int | None, seed: int = 0):
 
 # --- per-image analyses of the SIN (02, 03, 04, 09), cached chunk by chunk like certification ---------------
 
+
 @dataclass
 class Chunk:
     """One chunk of evaluation images handed to a per-image analysis: images, labels, ids, patch corners, position."""
+
     x: object
     y: object
     ids: list
@@ -296,13 +476,27 @@ def patch_corners(n_images: int, dataset: str, patch_pct: float, seed: int = 0):
 
     from .attacks import random_corners
     from .windows import patch_pixels
+
     n = D.image_size(dataset)
     return random_corners(n_images, n, patch_pixels(patch_pct, n), torch.Generator().manual_seed(seed))
 
 
-def _per_image_cached(kind: str, dataset: str, checkpoint: str, patch_pct: float, settings: dict, fn, *,
-                      per_class: int | None, seed: int, device: str, chunk_images: int, force: bool,
-                      progress: bool, corner_seed: int | None = None) -> pd.DataFrame:
+def _per_image_cached(
+    kind: str,
+    dataset: str,
+    checkpoint: str,
+    patch_pct: float,
+    settings: dict,
+    fn,
+    *,
+    per_class: int | None,
+    seed: int,
+    device: str,
+    chunk_images: int,
+    force: bool,
+    progress: bool,
+    corner_seed: int | None = None,
+) -> pd.DataFrame:
     """Return the records of a per-image analysis ``fn(model, Chunk) -> DataFrame``, computed chunk by chunk and cached.
 
     ``seed`` draws the image subset; the patch corners come from ``corner_seed`` (default: the same seed)."""
@@ -312,17 +506,26 @@ def _per_image_cached(kind: str, dataset: str, checkpoint: str, patch_pct: float
     ids = eval_ids(ds, per_class, seed)
     corner_seed = seed if corner_seed is None else corner_seed
     corners = patch_corners(len(ids), dataset, patch_pct, corner_seed)
-    config = {"kind": kind, "dataset": dataset, "checkpoint_sha256": model.card["sha256"], "layer": model.sin_layer,
-              "rate": model.sin_rate, "ids": R.config_key({"ids": ids}), "chunk_images": chunk_images, "seed": seed,
-              "patch_pct": patch_pct, **settings}
+    config = {
+        "kind": kind,
+        "dataset": dataset,
+        "checkpoint_sha256": model.card["sha256"],
+        "layer": model.sin_layer,
+        "rate": model.sin_rate,
+        "ids": R.config_key({"ids": ids}),
+        "chunk_images": chunk_images,
+        "seed": seed,
+        "patch_pct": patch_pct,
+        **settings,
+    }
     if corner_seed != seed:  # only then: runs cached before this option keep their key
         config["corner_seed"] = corner_seed
     run = R.open_run(config)
 
     def one(rg):
-        x, y = ds.tensors(ids[rg.start:rg.stop])
-        df = fn(model, Chunk(x, y, ids[rg.start:rg.stop], corners[rg.start:rg.stop], rg.start, run))
-        df.insert(0, "id", ids[rg.start:rg.stop])
+        x, y = ds.tensors(ids[rg.start : rg.stop])
+        df = fn(model, Chunk(x, y, ids[rg.start : rg.stop], corners[rg.start : rg.stop], rg.start, run))
+        df.insert(0, "id", ids[rg.start : rg.stop])
         return df
 
     return R.cached(config, ids, chunk_images, one, force, progress).drop(columns="config_key")
@@ -341,20 +544,32 @@ def _loads_box(s):
 def patched_examples(dataset: str, patch_pct: float, patch, *, per_class: int | None, seed: int = 0, k: int = 1):
     """Return (benign, patched) images of the first k evaluation images, the patch at their ``patch_corners``."""
     from .attacks import apply_patch
+
     ds = D.load_dataset(dataset, "eval")
     ids = eval_ids(ds, per_class, seed)
     x, _ = ds.tensors(ids[:k])
     return x, apply_patch(x, patch, patch_corners(len(ids), dataset, patch_pct, seed)[:k])
 
 
-def sin_statistics_cached(dataset: str, checkpoint: str, patch_pct: float, *, per_class: int | None, seed: int = 0,
-                          patch=None, force: bool = False, device: str = "cpu", chunk_images: int = 50,
-                          progress: bool = True):
+def sin_statistics_cached(
+    dataset: str,
+    checkpoint: str,
+    patch_pct: float,
+    *,
+    per_class: int | None,
+    seed: int = 0,
+    patch=None,
+    force: bool = False,
+    device: str = "cpu",
+    chunk_images: int = 50,
+    progress: bool = True,
+):
     """Return (per-image, per-cluster) SIN statistics (``analysis.sin_statistics``) of the benign images, or of the
     patched ones when ``patch`` (3, p, p) is given (pasted at ``patch_corners``); cached chunk by chunk."""
     from .analysis import sin_statistics
     from .attacks import apply_patch
     from .windows import patch_pixels
+
     p = patch_pixels(patch_pct, D.image_size(dataset))
     kind = "benign" if patch is None else "patched"
 
@@ -363,25 +578,54 @@ def sin_statistics_cached(dataset: str, checkpoint: str, patch_pct: float, *, pe
         per, cl = sin_statistics(model, x, kind=kind, patch_boxes=_boxes(ch.corners, p))
         per["image"] += ch.start
         per["box"] = [json.dumps(list(b)) for b in per.box]
-        per["clusters"] = [json.dumps([[int(a), float(b)] for a, b in zip(g["size"], g["s_c"])])
-                           for _, g in cl.groupby("image", sort=True)]
+        per["clusters"] = [
+            json.dumps([[int(a), float(b)] for a, b in zip(g["size"], g["s_c"])])
+            for _, g in cl.groupby("image", sort=True)
+        ]
         return per
 
     settings = {"images": kind, "patch_sha256": None if patch is None else _tensor_key(patch)}
-    df = _per_image_cached("sin_statistics", dataset, checkpoint, patch_pct, settings, fn, per_class=per_class,
-                              seed=seed, device=device, chunk_images=chunk_images, force=force, progress=progress)
+    df = _per_image_cached(
+        "sin_statistics",
+        dataset,
+        checkpoint,
+        patch_pct,
+        settings,
+        fn,
+        per_class=per_class,
+        seed=seed,
+        device=device,
+        chunk_images=chunk_images,
+        force=force,
+        progress=progress,
+    )
     attrs = dict(df.attrs)
-    clusters = pd.DataFrame([{"image": im, "kind": kind, "cluster": c, "size": a, "s_c": b}
-                             for im, text in zip(df.image, df.clusters) for c, (a, b) in enumerate(json.loads(text))])
+    clusters = pd.DataFrame(
+        [
+            {"image": im, "kind": kind, "cluster": c, "size": a, "s_c": b}
+            for im, text in zip(df.image, df.clusters)
+            for c, (a, b) in enumerate(json.loads(text))
+        ]
+    )
     per = df.drop(columns="clusters")
     per["box"] = per.box.map(_loads_box)
     per.attrs = attrs
     return per, clusters
 
 
-def prediction_stability_cached(dataset: str, checkpoint: str, patch_pct: float, patch, *, per_class: int | None,
-                                seed: int = 0, force: bool = False, device: str = "cpu", chunk_images: int = 50,
-                                progress: bool = True):
+def prediction_stability_cached(
+    dataset: str,
+    checkpoint: str,
+    patch_pct: float,
+    patch,
+    *,
+    per_class: int | None,
+    seed: int = 0,
+    force: bool = False,
+    device: str = "cpu",
+    chunk_images: int = 50,
+    progress: bool = True,
+):
     """Return (Fig. 1d table over the correctly classified images, per-image predictions before and after removing
     the most localised SINs), reusing the SIN statistics of 02; cached chunk by chunk.
 
@@ -390,15 +634,18 @@ def prediction_stability_cached(dataset: str, checkpoint: str, patch_pct: float,
 
     from .analysis import predict_without, stability_table
     from .attacks import apply_patch
+
     kw = dict(per_class=per_class, seed=seed, device=device, chunk_images=chunk_images, progress=progress)
-    stats = {"benign": sin_statistics_cached(dataset, checkpoint, patch_pct, **kw)[0],
-             "patched": sin_statistics_cached(dataset, checkpoint, patch_pct, patch=patch, **kw)[0]}
+    stats = {
+        "benign": sin_statistics_cached(dataset, checkpoint, patch_pct, **kw)[0],
+        "patched": sin_statistics_cached(dataset, checkpoint, patch_pct, patch=patch, **kw)[0],
+    }
 
     @torch.no_grad()
     def fn(model, ch):
         out = {"label": ch.y.numpy()}
         for kind, x in (("benign", ch.x), ("patched", apply_patch(ch.x, patch, ch.corners))):
-            boxes = stats[kind].box.iloc[ch.start:ch.start + len(ch.ids)]
+            boxes = stats[kind].box.iloc[ch.start : ch.start + len(ch.ids)]
             out[f"{kind}_before"] = model(x.to(device)).argmax(1).cpu().numpy()
             out[f"{kind}_after"] = predict_without(model, x, boxes).numpy()
         return pd.DataFrame(out)
@@ -408,9 +655,20 @@ def prediction_stability_cached(dataset: str, checkpoint: str, patch_pct: float,
     return stability_table(per[per.benign_before == per.label]), per
 
 
-def share_detection_cached(dataset: str, checkpoint: str, patch_pct: float, *, per_class: int | None, seed: int = 0,
-                           corner_seed: int | None = None, patch=None, force: bool = False, device: str = "cpu",
-                           chunk_images: int = 200, progress: bool = True) -> pd.DataFrame:
+def share_detection_cached(
+    dataset: str,
+    checkpoint: str,
+    patch_pct: float,
+    *,
+    per_class: int | None,
+    seed: int = 0,
+    corner_seed: int | None = None,
+    patch=None,
+    force: bool = False,
+    device: str = "cpu",
+    chunk_images: int = 200,
+    progress: bool = True,
+) -> pd.DataFrame:
     """Return per image the prediction and the SIN-share detector's verdict (``analysis.share_detection``) on the
     benign images, or on the patched ones when ``patch`` is given; cached chunk by chunk (Fig. 1e).
 
@@ -418,19 +676,35 @@ def share_detection_cached(dataset: str, checkpoint: str, patch_pct: float, *, p
     from .analysis import share_detection
     from .attacks import apply_patch
     from .windows import patch_pixels
+
     p = patch_pixels(patch_pct, D.image_size(dataset))
 
     def fn(model, ch):
         if patch is None:
             return share_detection(model, ch.x, p).assign(label=ch.y.numpy())
-        return share_detection(model, apply_patch(ch.x, patch, ch.corners), p,
-                               _boxes(ch.corners, p)).assign(label=ch.y.numpy())
+        return share_detection(model, apply_patch(ch.x, patch, ch.corners), p, _boxes(ch.corners, p)).assign(
+            label=ch.y.numpy()
+        )
 
-    settings = {"images": "benign" if patch is None else "patched",
-                "patch_sha256": None if patch is None else _tensor_key(patch)}
-    return _per_image_cached("share_detection", dataset, checkpoint, patch_pct, settings, fn, per_class=per_class,
-                             seed=seed, corner_seed=corner_seed, device=device, chunk_images=chunk_images,
-                             force=force, progress=progress)
+    settings = {
+        "images": "benign" if patch is None else "patched",
+        "patch_sha256": None if patch is None else _tensor_key(patch),
+    }
+    return _per_image_cached(
+        "share_detection",
+        dataset,
+        checkpoint,
+        patch_pct,
+        settings,
+        fn,
+        per_class=per_class,
+        seed=seed,
+        corner_seed=corner_seed,
+        device=device,
+        chunk_images=chunk_images,
+        force=force,
+        progress=progress,
+    )
 
 
 #: example images kept beside each recovery run (the first ones attacked)
@@ -440,13 +714,31 @@ RECOVERY_EXAMPLES = 8
 def pgd_init(ids, p: int, seed: int = 0):
     """Return the seeded random start (len(ids), 3, p, p) of a PGD patch per image id (the same whatever the batch)."""
     import torch
-    return torch.stack([torch.rand(3, p, p, generator=torch.Generator().manual_seed(seed * 1_000_003 + int(i)))
-                        for i in ids]) if len(ids) else torch.zeros(0, 3, p, p)
+
+    return (
+        torch.stack(
+            [torch.rand(3, p, p, generator=torch.Generator().manual_seed(seed * 1_000_003 + int(i))) for i in ids]
+        )
+        if len(ids)
+        else torch.zeros(0, 3, p, p)
+    )
 
 
-def recovery_cached(dataset: str, checkpoint: str, patch_pct: float, *, per_class: int | None, seed: int = 0,
-                    steps: int = 100, tau: float | None = None, examples: int = 4, force: bool = False,
-                    device: str = "cpu", chunk_images: int = 50, progress: bool = True):
+def recovery_cached(
+    dataset: str,
+    checkpoint: str,
+    patch_pct: float,
+    *,
+    per_class: int | None,
+    seed: int = 0,
+    steps: int = 100,
+    tau: float | None = None,
+    examples: int = 4,
+    force: bool = False,
+    device: str = "cpu",
+    chunk_images: int = 50,
+    progress: bool = True,
+):
     """Return (summary, per-image table, examples) of empirical recovery (Sec. 4.4) on the correctly classified
     images: a PGD patch per image at ``patch_corners`` (seeded start per image id), detect, occlude the suspected
     window; cached chunk by chunk.
@@ -460,6 +752,7 @@ def recovery_cached(dataset: str, checkpoint: str, patch_pct: float, *, per_clas
     from .attacks import apply_patch, pgd_patch
     from .defense import Engine
     from .windows import patch_pixels
+
     if not 0 <= examples <= RECOVERY_EXAMPLES:
         raise ValueError(f"examples must be between 0 and {RECOVERY_EXAMPLES}, got {examples}")
     p = patch_pixels(patch_pct, D.image_size(dataset))
@@ -485,14 +778,29 @@ def recovery_cached(dataset: str, checkpoint: str, patch_pct: float, *, per_clas
                 out.loc[ok, col] = [json.dumps(None if b is None else list(b)) for b in per[col]]
         if ch.start == 0:
             k = min(RECOVERY_EXAMPLES, len(xp))
-            crops = torch.stack([xp[i, :, a:a + p, b:b + p].cpu() for i, (a, b) in enumerate(c[:k].tolist())]) \
-                if k else torch.zeros(0, 3, p, p)
+            crops = (
+                torch.stack([xp[i, :, a : a + p, b : b + p].cpu() for i, (a, b) in enumerate(c[:k].tolist())])
+                if k
+                else torch.zeros(0, 3, p, p)
+            )
             _atomic_torch_save({"ids": kept[:k], "corners": c[:k].cpu(), "crops": crops}, ch.run / "examples.pt")
         return out
 
     settings = {"steps": steps, "tau": tau, "attack": "pgd_patch, start seeded per image id"}
-    df = _per_image_cached("empirical_recovery", dataset, checkpoint, patch_pct, settings, fn, per_class=per_class,
-                           seed=seed, device=device, chunk_images=chunk_images, force=force, progress=progress)
+    df = _per_image_cached(
+        "empirical_recovery",
+        dataset,
+        checkpoint,
+        patch_pct,
+        settings,
+        fn,
+        per_class=per_class,
+        seed=seed,
+        device=device,
+        chunk_images=chunk_images,
+        force=force,
+        progress=progress,
+    )
     run = Path(df.attrs["cache"])
     per = df[df.correct.astype(bool)].drop(columns="correct").reset_index(drop=True)
     for col in ("clean", "patched", "recovered"):
@@ -506,12 +814,13 @@ def recovery_cached(dataset: str, checkpoint: str, patch_pct: float, *, per_clas
     ex = torch.load(run / "examples.pt")
     ids = np.asarray(ex["ids"][:examples], dtype=np.int64)
     xs, _ = D.load_dataset(dataset, "eval").tensors(ids)
-    xp = apply_patch(xs, ex["crops"][:len(ids)], ex["corners"][:len(ids)])
+    xp = apply_patch(xs, ex["crops"][: len(ids)], ex["corners"][: len(ids)])
     rows = per.set_index("id").loc[ids].reset_index()
     return recovery_summary(per), per, (xs, xp, rows)
 
 
 # --- whole-split results already in the cache (the paper profile, as far as it has run) ---------------------
+
 
 def _checkpoint_names() -> dict:
     """Return {sha256: checkpoint name} of every shipped checkpoint card."""
@@ -527,8 +836,11 @@ def _settings_05(config: dict, early_stop: bool = True) -> bool:
     """Return True iff a ScaleCert or MR run has 05's τ and r (and, with ``early_stop``, 05's early stopping: off only
     for the paper's rule; 07 times runs with it off, which changes the time but not a single record's outcome)."""
     dataset = config["dataset"]
-    return (config.get("tau") == DEFAULT_TAU[dataset] and config.get("r") == 3
-            and (not early_stop or config.get("early_stop") == (config.get("rule") == "strict")))
+    return (
+        config.get("tau") == DEFAULT_TAU[dataset]
+        and config.get("r") == 3
+        and (not early_stop or config.get("early_stop") == (config.get("rule") == "strict"))
+    )
 
 
 def _is_05(dataset: str, config: dict, model: str, defense: str, early_stop: bool = True) -> bool:
@@ -537,6 +849,7 @@ def _is_05(dataset: str, config: dict, model: str, defense: str, early_stop: boo
     (``_settings_05``)."""
     if "peer" in config:
         from .baselines import harness as H
+
         if config["peer"] == "PatchCleanser":
             return model in {ck for _, ck in patchcleanser_runs(dataset)}
         return model == H.peer(config["peer"]).checkpoint(dataset)
@@ -549,6 +862,7 @@ def _paper_number(dataset: str, config: dict, model: str, defense: str) -> dict:
     Table 2 or 5 for 05's configurations, Table 3/6 for 06's other top-k rates (layer 1, sound mode, 05's settings);
     none for the peers the paper does not report (``harness.EXTRA_PEER_NAMES``: PatchCleanser)."""
     from .baselines import harness as H
+
     if config.get("peer") in H.EXTRA_PEER_NAMES:
         return {}
     pd_name, patch = PAPER_DATASET[dataset], float(config["patch"])
@@ -565,14 +879,18 @@ def _paper_number(dataset: str, config: dict, model: str, defense: str) -> dict:
         return {}
     if hit.empty:
         return {}
-    return {"paper_clean": float(hit.clean.iloc[0]), "paper_certified": float(hit.certified.iloc[0]),
-            "paper_table": table}
+    return {
+        "paper_clean": float(hit.clean.iloc[0]),
+        "paper_certified": float(hit.certified.iloc[0]),
+        "paper_table": table,
+    }
 
 
 def _certification_runs(cache_dir: Path | None = None, datasets=None):
     """Yield (run folder, config, model name, defence, split size, whole-split ids key) of every cached certification
     run (ScaleCert, MR or a peer) made with a shipped checkpoint and, for a peer, the current certificate version."""
     from .baselines import harness as H
+
     names, whole = _checkpoint_names(), {}
     for meta in sorted(Path(cache_dir or R.CACHE_DIR).glob("*/config.json")):
         run, config = meta.parent, json.loads(meta.read_text())
@@ -585,12 +903,18 @@ def _certification_runs(cache_dir: Path | None = None, datasets=None):
         if model is None:
             continue  # made with a checkpoint that is no longer shipped
         if "peer" in config:
-            if config["peer"] not in H.PEER_NAMES + H.EXTRA_PEER_NAMES or config.get("version") != H.peer(config["peer"]).version:
+            if (
+                config["peer"] not in H.PEER_NAMES + H.EXTRA_PEER_NAMES
+                or config.get("version") != H.peer(config["peer"]).version
+            ):
                 continue  # a certificate of an older version of the peer: not what the harness computes now
             defense = _peer_label(config["peer"], dataset, model)
         elif "mode" in config:
-            defense = "MR" if config["rate"] is None else ("ScaleCert (paper mode)" if config["mode"] == "paper"
-                                                            else "ScaleCert")
+            defense = (
+                "MR"
+                if config["rate"] is None
+                else ("ScaleCert (paper mode)" if config["mode"] == "paper" else "ScaleCert")
+            )
         else:
             continue
         if dataset not in whole:
@@ -606,6 +930,7 @@ def whole_split_results(cache_dir: Path | None = None, datasets=None) -> pd.Data
     where it has one (Tables 2 and 5 for 05's rows, 3 and 6 for the other top-k rates; PatchCleanser has none: the paper
     does not report it); ``datasets``: only those."""
     from .baselines import harness as H
+
     rows = []
     for run, config, model, defense, n, ids in _certification_runs(cache_dir, datasets):
         dataset = config["dataset"]
@@ -617,14 +942,38 @@ def whole_split_results(cache_dir: Path | None = None, datasets=None) -> pd.Data
         except R.CacheMismatch:
             continue  # chunks still missing: in progress
         in_05 = _is_05(dataset, config, model, defense)
-        row = {"dataset": D.DATASET_LABELS[dataset], "model": model, "defense": defense,
-               "guarantee": H.peer(config["peer"]).kind if "peer" in config else "detection",
-               "patch_pct": float(config["patch"]), "tau": config.get("tau"), "in_05": in_05, "images": len(df),
-               "clean": round(100 * df.clean_correct.mean(), 1), "certified": round(100 * df.certified.mean(), 1),
-               "cpu_hours": round(float(R.timings(run).seconds.sum()) / 3600, 2), "key": run.name}
+        row = {
+            "dataset": D.DATASET_LABELS[dataset],
+            "model": model,
+            "defense": defense,
+            "guarantee": H.peer(config["peer"]).kind if "peer" in config else "detection",
+            "patch_pct": float(config["patch"]),
+            "tau": config.get("tau"),
+            "in_05": in_05,
+            "images": len(df),
+            "clean": round(100 * df.clean_correct.mean(), 1),
+            "certified": round(100 * df.certified.mean(), 1),
+            "cpu_hours": round(float(R.timings(run).seconds.sum()) / 3600, 2),
+            "key": run.name,
+        }
         rows.append({**row, **_paper_number(dataset, config, model, defense)})
-    cols = ["dataset", "model", "defense", "guarantee", "patch_pct", "tau", "in_05", "images", "clean", "certified",
-            "paper_clean", "paper_certified", "paper_table", "cpu_hours", "key"]
+    cols = [
+        "dataset",
+        "model",
+        "defense",
+        "guarantee",
+        "patch_pct",
+        "tau",
+        "in_05",
+        "images",
+        "clean",
+        "certified",
+        "paper_clean",
+        "paper_certified",
+        "paper_table",
+        "cpu_hours",
+        "key",
+    ]
     out = pd.DataFrame(rows, columns=cols).astype({"in_05": bool})  # so that out[out.in_05] selects rows when empty
     return out.sort_values(["dataset", "defense", "model", "patch_pct"], ignore_index=True)
 
@@ -642,10 +991,17 @@ def card_accuracy_check(cache_dir: Path | None = None) -> pd.DataFrame:
     rows = {}
     for run, config, model, defense, n, ids in _certification_runs(cache_dir):
         size, card, with_sin = json.loads((run / "size.json").read_text()), cards[model], config.get("rate") is not None
-        if (model, with_sin, "certification") in rows or "peer" in config or (size["images"], config["ids"]) != (n, ids):
+        if (
+            (model, with_sin, "certification") in rows
+            or "peer" in config
+            or (size["images"], config["ids"]) != (n, ids)
+        ):
             continue
-        if card.get("eval_images") != n or with_sin and (config.get("layer"), config["rate"]) != (
-                card.get("sin_layer"), card.get("sin_rate")):
+        if (
+            card.get("eval_images") != n
+            or with_sin
+            and (config.get("layer"), config["rate"]) != (card.get("sin_layer"), card.get("sin_rate"))
+        ):
             continue  # another split, or the checkpoint run with SIN settings other than its own (certify --rate)
         try:
             df = R.merge(run, n, size["chunk_images"])
@@ -653,8 +1009,14 @@ def card_accuracy_check(cache_dir: Path | None = None) -> pd.DataFrame:
             continue  # in progress
         acc = card["accuracy_with_sin"] if with_sin else card["accuracy_without_sin"]
         rows[model, with_sin, "certification"] = {
-            "model": model, "sin": with_sin, "source": "certification", "images": n,
-            "card_correct": round(acc * n / 100), "records_correct": int((df.pred == df.label).sum()), "key": run.name}
+            "model": model,
+            "sin": with_sin,
+            "source": "certification",
+            "images": n,
+            "card_correct": round(acc * n / 100),
+            "records_correct": int((df.pred == df.label).sum()),
+            "key": run.name,
+        }
     names = _checkpoint_names()
     for meta in sorted(Path(cache_dir or R.CACHE_DIR).glob("*/config.json")):  # 01's predictions, every model
         run, config = meta.parent, json.loads(meta.read_text())
@@ -675,26 +1037,36 @@ def card_accuracy_check(cache_dir: Path | None = None) -> pd.DataFrame:
                 continue
             margin = df["margin_with_sin" if with_sin else "margin_without_sin"]
             rows[model, with_sin, "predictions"] = {
-                "model": model, "sin": with_sin, "source": "predictions", "images": n,
-                "card_correct": round(acc * n / 100), "records_correct": int((df[col] == df.label).sum()),
-                "near_ties": int((margin < TIE_MARGIN).sum()), "key": run.name}
-    out = pd.DataFrame(list(rows.values()), columns=["model", "sin", "source", "images", "card_correct",
-                                                     "records_correct", "near_ties", "key"])
+                "model": model,
+                "sin": with_sin,
+                "source": "predictions",
+                "images": n,
+                "card_correct": round(acc * n / 100),
+                "records_correct": int((df[col] == df.label).sum()),
+                "near_ties": int((margin < TIE_MARGIN).sum()),
+                "key": run.name,
+            }
+    out = pd.DataFrame(
+        list(rows.values()),
+        columns=["model", "sin", "source", "images", "card_correct", "records_correct", "near_ties", "key"],
+    )
     out["near_ties"] = out.near_ties.fillna(0).astype(int)  # certification records keep no logits
     return out.sort_values(["model", "sin", "source"], ignore_index=True)
 
 
 def study_models(dataset: str) -> set[str]:
-    """Return the checkpoint names the notebooks use on a data set: vanilla, SIN layers 1-3 and rates 10/15/20%, peers."""
+    """Return the checkpoint names the notebooks use on a data set: vanilla, SIN layers 1-3 and rates 10/15/20%,
+    the occlusion-trained twin, peers."""
     from .baselines import harness as H
+
     ours = {model_name(dataset)} | {model_name(dataset, layer, rate) for layer in (1, 2, 3) for rate in (10, 15, 20)}
     ours |= {occlusion_model_name(dataset)}
     return ours | {H.peer(p).checkpoint(dataset) for p in H.PEER_NAMES + H.EXTRA_PEER_NAMES} - {None}
 
 
 def _add_paper_only_rs(plan: dict, quick_rs: set, extra_rs: set) -> None:
-    """Add to a paper plan (keyed by configuration key) the rows of the r values only the paper profile sweeps, for every
-    sweep whose quick r values are all in the plan, priced at the slowest of them."""
+    """Add to a paper plan (keyed by configuration key) the rows of the r values only the paper profile sweeps, for
+    every sweep whose quick r values are all in the plan, priced at the slowest of them."""
     sweeps = {}
     for row in plan.values():
         if row["_config"].get("r") in quick_rs and "peer" not in row["_config"]:
@@ -706,8 +1078,16 @@ def _add_paper_only_rs(plan: dict, quick_rs: set, extra_rs: set) -> None:
         for r in extra_rs:
             config = {**rows[0]["_config"], "r": r}
             key = R.config_key(config)
-            plan.setdefault(key, {**rows[0], "key": key, "r": r, "_config": config,
-                                  "_subset_per_image": max(row["_subset_per_image"] for row in rows)})
+            plan.setdefault(
+                key,
+                {
+                    **rows[0],
+                    "key": key,
+                    "r": r,
+                    "_config": config,
+                    "_subset_per_image": max(row["_subset_per_image"] for row in rows),
+                },
+            )
 
 
 def paper_plan(cache_dir: Path | None = None) -> pd.DataFrame:
@@ -715,12 +1095,13 @@ def paper_plan(cache_dir: Path | None = None) -> pd.DataFrame:
     its settings, status (done, partial, missing), images left and the CPU-hours they need at the measured seconds per
     image (of the partial run itself, else the fastest of its subset runs). A peer's shared work (DS's votes, BagNet's
     local logits), which one process computes once for every configuration and patch, is counted once per data set
-    and model: in its configuration with the most images left, the others marked ``shared``. The window parameters r that
-    only the paper profile sweeps (``notebook.WINDOW_RS``; 11's r = 2) have no subset run: they are priced at the slower
-    of the quick profile's r values of the same sweep. Models the notebooks do not use (see ``study_models``) are left
-    out; subset runs of settings the notebooks no longer use are not."""
+    and model: in its configuration with the most images left, the others marked ``shared``. The window parameters r
+    that only the paper profile sweeps (``notebook.WINDOW_RS``; 11's r = 2) have no subset run: they are priced at the
+    slower of the quick profile's r values of the same sweep. Models the notebooks do not use (see ``study_models``)
+    are left out; subset runs of settings the notebooks no longer use are not."""
     from .baselines import harness as H
     from .notebook import WINDOW_RS
+
     cache = Path(cache_dir or R.CACHE_DIR)
     status = R.status(cache).set_index("key")
     plan, ours = {}, {name: study_models(name) for name in ARCH}  # the data sets with shipped models
@@ -733,12 +1114,18 @@ def paper_plan(cache_dir: Path | None = None) -> pd.DataFrame:
         if target in plan:
             plan[target]["_subset_per_image"] = min(plan[target]["_subset_per_image"], per_image)
             continue
-        plan[target] = {"key": target, **{k: config[k] for k in R.STATUS_FIELDS if k in config},
-                        "model": model, "defense": defense, "r": config.get("r"), "early_stop": config.get("early_stop"),
-                        "images": n, "_subset_per_image": per_image,
-                        "_shared": (config["dataset"], model) if "peer" in config and H.peer(config["peer"]).shared
-                        else None,
-                        "_config": {**config, "ids": ids}}
+        plan[target] = {
+            "key": target,
+            **{k: config[k] for k in R.STATUS_FIELDS if k in config},
+            "model": model,
+            "defense": defense,
+            "r": config.get("r"),
+            "early_stop": config.get("early_stop"),
+            "images": n,
+            "_subset_per_image": per_image,
+            "_shared": (config["dataset"], model) if "peer" in config and H.peer(config["peer"]).shared else None,
+            "_config": {**config, "ids": ids},
+        }
     _add_paper_only_rs(plan, set(WINDOW_RS["quick"]), set(WINDOW_RS["paper"]) - set(WINDOW_RS["quick"]))
     rows = []
     for row in sorted(plan.values(), key=lambda r: r["key"]):
@@ -746,15 +1133,22 @@ def paper_plan(cache_dir: Path | None = None) -> pd.DataFrame:
         done = int(status.loc[key, "images_done"]) if key in status.index and pd.notna(status.loc[key, "images"]) else 0
         own = R.timings(cache / key) if done else None
         per_image = own.seconds.sum() / own.images.sum() if done and len(own) else row["_subset_per_image"]
-        row.update(status="done" if done >= n else ("partial" if done else "missing"), images_left=n - done,
-                   cpu_hours_left=round((n - done) * per_image / 3600, 2))
+        row.update(
+            status="done" if done >= n else ("partial" if done else "missing"),
+            images_left=n - done,
+            cpu_hours_left=round((n - done) * per_image / 3600, 2),
+        )
         rows.append(row)
     # the shared work of a group is redone for the images its member with the most left still needs (a new process
     # has none of it); the other members' own part (certifying from the votes or logits) is small and not priced
     charged = {}
     for row in rows:
         g = row["_shared"]
-        if g is not None and row["images_left"] > 0 and (g not in charged or row["images_left"] > charged[g]["images_left"]):
+        if (
+            g is not None
+            and row["images_left"] > 0
+            and (g not in charged or row["images_left"] > charged[g]["images_left"])
+        ):
             charged[g] = row
     for row in rows:
         row["shared"] = row["_shared"] is not None and row["images_left"] > 0 and charged[row["_shared"]] is not row

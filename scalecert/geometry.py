@@ -4,6 +4,7 @@ Feature ``(i, j)`` of a layer with geometry ``(S, K, P)`` sees the pixel box
 ``[i*S - P, i*S - P + K - 1] x [j*S - P, j*S - P + K - 1]``. Residual blocks take the union of
 their main path and their shortcut (both have the same stride).
 """
+
 from __future__ import annotations
 
 import math
@@ -16,6 +17,7 @@ from torch import nn
 @dataclass(frozen=True)
 class Geometry:
     """Cumulative stride, receptive-field size and padding of a feature map w.r.t. the input."""
+
     stride: int = 1
     rf: int = 1
     pad: int = 0
@@ -143,5 +145,5 @@ def region(geo: Geometry, mask: torch.Tensor, n: int) -> torch.Tensor:
     out = torch.zeros(n, n, dtype=torch.bool)
     boxes = feature_boxes(geo, h, w, n)[idx[:, 0], idx[:, 1]]
     for r0, c0, r1, c1 in boxes.tolist():
-        out[r0: r1 + 1, c0: c1 + 1] = True
+        out[r0 : r1 + 1, c0 : c1 + 1] = True
     return out

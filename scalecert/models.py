@@ -8,6 +8,7 @@ layer s" is the output of unit s (1-based), which gives the paper's Table 7 mean
   residual block;
 * CIFAR layout (3x3 stem, no max-pool): layer 1 = conv-bn-relu, layer 2/3 = first/second block.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -31,6 +32,7 @@ IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 class Normalize(nn.Module):
     """Per-channel (x - mean) / std on [0, 1] images; pointwise, so it has no receptive field."""
+
     pointwise = True
 
     def __init__(self, mean, std):
@@ -45,8 +47,17 @@ class Normalize(nn.Module):
 class SplitNet(nn.Module):
     """A CNN as ``units`` + ``head`` with an optional SIN layer after unit ``sin_layer``."""
 
-    def __init__(self, units: list[nn.Module], head: nn.Module, mean, std, arch: str,
-                 num_classes: int, sin_layer: int | None = None, sin_rate: float | None = None):
+    def __init__(
+        self,
+        units: list[nn.Module],
+        head: nn.Module,
+        mean,
+        std,
+        arch: str,
+        num_classes: int,
+        sin_layer: int | None = None,
+        sin_rate: float | None = None,
+    ):
         super().__init__()
         self.normalize = Normalize(mean, std)
         self.units = nn.ModuleList(units)
@@ -84,7 +95,7 @@ class SplitNet(nn.Module):
         """Return logits from (already sparsified) superficial features."""
         if self.rest_layout is not None:
             f = f.contiguous(memory_format=self.rest_layout)
-        for u in self.units[self.sin_layer:]:
+        for u in self.units[self.sin_layer :]:
             f = u(f)
         return self.head(f)
 
@@ -124,8 +135,10 @@ def _blocks(block, inplanes: int, planes: int, n: int, stride: int) -> tuple[lis
         s = stride if b == 0 else 1
         down = None
         if s != 1 or inplanes != planes * block.expansion:
-            down = nn.Sequential(nn.Conv2d(inplanes, planes * block.expansion, 1, s, bias=False),
-                                 nn.BatchNorm2d(planes * block.expansion))
+            down = nn.Sequential(
+                nn.Conv2d(inplanes, planes * block.expansion, 1, s, bias=False),
+                nn.BatchNorm2d(planes * block.expansion),
+            )
         out.append(block(inplanes, planes, s, down))
         inplanes = planes * block.expansion
     return out, inplanes
@@ -133,8 +146,9 @@ def _blocks(block, inplanes: int, planes: int, n: int, stride: int) -> tuple[lis
 
 def cifar_resnet(depth_blocks: list[int], widths: list[int], num_classes: int = 10, arch: str = "") -> SplitNet:
     """Return a CIFAR-layout ResNet (3x3 stem, no max-pool) with BasicBlocks."""
-    units: list[nn.Module] = [nn.Sequential(nn.Conv2d(3, widths[0], 3, 1, 1, bias=False),
-                                            nn.BatchNorm2d(widths[0]), nn.ReLU(inplace=True))]
+    units: list[nn.Module] = [
+        nn.Sequential(nn.Conv2d(3, widths[0], 3, 1, 1, bias=False), nn.BatchNorm2d(widths[0]), nn.ReLU(inplace=True))
+    ]
     inplanes = widths[0]
     for i, (n, w) in enumerate(zip(depth_blocks, widths)):
         blocks, inplanes = _blocks(BasicBlock, inplanes, w, n, 1 if i == 0 else 2)
@@ -144,12 +158,13 @@ def cifar_resnet(depth_blocks: list[int], widths: list[int], num_classes: int = 
 
 def imagenet_resnet(block, layers: list[int], width: int = 64, num_classes: int = 1000, arch: str = "") -> SplitNet:
     """Return a torchvision-layout ResNet (7x7/2 stem + 3x3/2 max-pool) at a given base width."""
-    units: list[nn.Module] = [nn.Sequential(nn.Conv2d(3, width, 7, 2, 3, bias=False),
-                                            nn.BatchNorm2d(width), nn.ReLU(inplace=True)),
-                              nn.MaxPool2d(3, 2, 1)]
+    units: list[nn.Module] = [
+        nn.Sequential(nn.Conv2d(3, width, 7, 2, 3, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True)),
+        nn.MaxPool2d(3, 2, 1),
+    ]
     inplanes = width
     for i, n in enumerate(layers):
-        blocks, inplanes = _blocks(block, inplanes, width * 2 ** i, n, 1 if i == 0 else 2)
+        blocks, inplanes = _blocks(block, inplanes, width * 2**i, n, 1 if i == 0 else 2)
         units += blocks
     return SplitNet(units, _head(inplanes, num_classes), IMAGENET_MEAN, IMAGENET_STD, arch, num_classes)
 
@@ -271,11 +286,26 @@ def save_checkpoint(model: SplitNet, path: Path, card: dict, half: bool = True) 
         raise ValueError(f"{e}; nothing written (save_checkpoint(..., half=False) keeps fp32)") from None
     state = {k: (v.half() if half and v.is_floating_point() else v).cpu() for k, v in state.items()}
     buf = io.BytesIO()
-    torch.save({"arch": model.arch, "num_classes": model.num_classes, "sin_layer": model.sin_layer,
-                "sin_rate": model.sin_rate, "state": state}, buf)
+    torch.save(
+        {
+            "arch": model.arch,
+            "num_classes": model.num_classes,
+            "sin_layer": model.sin_layer,
+            "sin_rate": model.sin_rate,
+            "state": state,
+        },
+        buf,
+    )
     data = buf.getvalue()
-    card = dict(card, arch=model.arch, num_classes=model.num_classes, sin_layer=model.sin_layer,
-                sin_rate=model.sin_rate, sha256=hashlib.sha256(data).hexdigest(), bytes=len(data))
+    card = dict(
+        card,
+        arch=model.arch,
+        num_classes=model.num_classes,
+        sin_layer=model.sin_layer,
+        sin_rate=model.sin_rate,
+        sha256=hashlib.sha256(data).hexdigest(),
+        bytes=len(data),
+    )
     atomic_write(path, lambda tmp: tmp.write_bytes(data))
     return write_card(path, card)
 
@@ -314,11 +344,12 @@ def read_checkpoint(name_or_path, check_hash: bool = True) -> tuple[dict, dict, 
     digest = hashlib.sha256(data).hexdigest()
     if check_hash:
         if "sha256" not in card:
-            raise ValueError(f"{path}: no card with a sha256 beside it ({card_path}); "
-                             "the card is missing or stale")
+            raise ValueError(f"{path}: no card with a sha256 beside it ({card_path}); the card is missing or stale")
         if digest != card["sha256"]:
-            raise ValueError(f"{path}: sha256 {digest[:12]}… does not match its card ({card_path}: "
-                             f"{str(card['sha256'])[:12]}…); the file was altered or the card is stale")
+            raise ValueError(
+                f"{path}: sha256 {digest[:12]}… does not match its card ({card_path}: "
+                f"{str(card['sha256'])[:12]}…); the file was altered or the card is stale"
+            )
     blob = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     blob = dict(blob, state={k: v.float() if v.is_floating_point() else v for k, v in blob["state"].items()})
     bad = [k for k, v in blob["state"].items() if v.is_floating_point() and not torch.isfinite(v).all()]

@@ -1,4 +1,5 @@
 """Helpers for the parameterised notebooks: profile sizes and parameter checks."""
+
 from __future__ import annotations
 
 import ast
@@ -48,8 +49,9 @@ def _positive_int(value, what: str) -> int:
     return int(value)
 
 
-def per_class(profile: str, n_per_class: int | None = None, what: str = "n_per_class",
-              **profile_sizes: int | None) -> int | None:
+def per_class(
+    profile: str, n_per_class: int | None = None, what: str = "n_per_class", **profile_sizes: int | None
+) -> int | None:
     """Return images per class: the explicit value if given (checked, errors naming the parameter ``what``), else the
     notebook's size for the profile (``profile_sizes``, e.g. ``quick=3`` for a costly sweep), else the profile's
     default."""
@@ -99,8 +101,9 @@ def window_rs(profile: str, values=None, defaults: dict | None = None) -> list[i
     numbers >= 1, sorted, without repeats), else the profile's in ``defaults`` (default :data:`WINDOW_RS`)."""
     check_profile(profile)
     values = (defaults or WINDOW_RS)[profile] if values is None else values
-    rs = _number_list(values, "rs", lambda r: math.isfinite(r) and float(r).is_integer() and r >= 1,
-                      "whole numbers >= 1")
+    rs = _number_list(
+        values, "rs", lambda r: math.isfinite(r) and float(r).is_integer() and r >= 1, "whole numbers >= 1"
+    )
     return sorted({int(r) for r in rs})
 
 
@@ -117,13 +120,19 @@ def check_patch(patch_pct, datasets) -> float | None:
     that it is a positive number giving a patch smaller than every data set's images."""
     if patch_pct is None:
         return None
-    if isinstance(patch_pct, bool) or not isinstance(patch_pct, numbers.Real) or not math.isfinite(patch_pct) \
-            or patch_pct <= 0:
+    if (
+        isinstance(patch_pct, bool)
+        or not isinstance(patch_pct, numbers.Real)
+        or not math.isfinite(patch_pct)
+        or patch_pct <= 0
+    ):
         raise ValueError(f"patch_pct must be a positive number (% of the image area), got {patch_pct!r}")
     for name in check_datasets(datasets):
         n = D.image_size(name)
         p = patch_pixels(float(patch_pct), n) if patch_pct <= 100 else n + 1
         if p >= n:
-            raise ValueError(f"patch_pct={patch_pct} is a patch of at least {n} px: not smaller than the "
-                             f"{n}x{n} images of {D.DATASET_LABELS[name]}")
+            raise ValueError(
+                f"patch_pct={patch_pct} is a patch of at least {n} px: not smaller than the "
+                f"{n}x{n} images of {D.DATASET_LABELS[name]}"
+            )
     return float(patch_pct)

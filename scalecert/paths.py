@@ -8,6 +8,7 @@ Three can be moved by the environment, read once at import:
 
 The shipped checkpoints, the training runs and the paper's tables always live in the repository.
 """
+
 from __future__ import annotations
 
 import os

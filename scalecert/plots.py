@@ -1,4 +1,5 @@
 """Figures shared by the notebooks: saved as PNG and PDF under figures/."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -37,8 +38,7 @@ def to_hwc(x) -> np.ndarray:
 
 def class_grid(images, labels, classes: list[str], per_class: int, title: str):
     """Return a figure with per_class sample images (columns) for each class (rows)."""
-    fig, axes = plt.subplots(len(classes), per_class, figsize=(per_class * 1.1, len(classes) * 1.15),
-                             squeeze=False)
+    fig, axes = plt.subplots(len(classes), per_class, figsize=(per_class * 1.1, len(classes) * 1.15), squeeze=False)
     labels = np.asarray(labels)
     for c, name in enumerate(classes):
         idx = np.flatnonzero(labels == c)[:per_class]
@@ -56,13 +56,17 @@ def class_grid(images, labels, classes: list[str], per_class: int, title: str):
 def patch_sizes_figure(image, sizes: dict[str, int], title: str):
     """Return a figure of one real image with each patch size drawn to scale as a square."""
     import matplotlib.patches as mpatches
+
     n = image.shape[-1]
     fig, axes = plt.subplots(1, len(sizes), figsize=(2.2 * len(sizes), 2.5), squeeze=False)
     for ax, (label, p) in zip(axes[0], sizes.items()):
         ax.imshow(to_hwc(image), interpolation="nearest")
         off = (n - p) / 2 - 0.5
-        ax.add_patch(mpatches.Rectangle((off, off), p, p, fill=True, facecolor="red", alpha=0.55,
-                                        edgecolor="yellow", linewidth=1))
+        ax.add_patch(
+            mpatches.Rectangle(
+                (off, off), p, p, fill=True, facecolor="red", alpha=0.55, edgecolor="yellow", linewidth=1
+            )
+        )
         ax.set_title(f"{label}: {p}×{p} px", fontsize=8)
         ax.axis("off")
     fig.suptitle(title, fontsize=10)
@@ -76,8 +80,14 @@ def sin_map_figure(images, points_list, titles, hw, title: str):
         n = img.shape[-1]
         ax.imshow(to_hwc(img), interpolation="nearest")
         scale = n / hw[0]
-        ax.scatter((pts[:, 1] + 0.5) * scale - 0.5, (pts[:, 0] + 0.5) * scale - 0.5, s=6, c="cyan",
-                   edgecolors="black", linewidths=0.3)
+        ax.scatter(
+            (pts[:, 1] + 0.5) * scale - 0.5,
+            (pts[:, 0] + 0.5) * scale - 0.5,
+            s=6,
+            c="cyan",
+            edgecolors="black",
+            linewidths=0.3,
+        )
         ax.set_title(t, fontsize=8)
         ax.axis("off")
     fig.suptitle(title, fontsize=10)
@@ -88,9 +98,19 @@ def sin_map_figure(images, points_list, titles, hw, title: str):
 def distribution_figure(df: pd.DataFrame, x: str, hue: str, title: str, discrete: bool = False, xlabel=None):
     """Return a histogram figure of column x split by hue (Fig. 1b/1c style)."""
     import seaborn as sns
+
     fig, ax = plt.subplots(figsize=(5, 3.2))
-    sns.histplot(df, x=x, hue=hue, stat="percent", common_norm=False, discrete=discrete,
-                 element="step" if not discrete else "bars", multiple="dodge" if discrete else "layer", ax=ax)
+    sns.histplot(
+        df,
+        x=x,
+        hue=hue,
+        stat="percent",
+        common_norm=False,
+        discrete=discrete,
+        element="step" if not discrete else "bars",
+        multiple="dodge" if discrete else "layer",
+        ax=ax,
+    )
     ax.set_title(title, fontsize=10)
     ax.set_xlabel(xlabel or x)
     fig.tight_layout()
@@ -100,6 +120,7 @@ def distribution_figure(df: pd.DataFrame, x: str, hue: str, title: str, discrete
 def bars_figure(df: pd.DataFrame, x: str, y: str, hue: str | None, title: str, ylabel: str = "%"):
     """Return a grouped bar chart."""
     import seaborn as sns
+
     many = hue is not None and df[hue].nunique() > 4
     fig, ax = plt.subplots(figsize=(7.5 if many else 5.5, 3.2))
     sns.barplot(df, x=x, y=y, hue=hue, ax=ax)
@@ -111,8 +132,17 @@ def bars_figure(df: pd.DataFrame, x: str, y: str, hue: str | None, title: str, y
     return fig
 
 
-def lines_figure(df: pd.DataFrame, x: str, ys: list[str], title: str, xlabel=None, ylabel="%", logx=False,
-                 hue: str | None = None, marker="o"):
+def lines_figure(
+    df: pd.DataFrame,
+    x: str,
+    ys: list[str],
+    title: str,
+    xlabel=None,
+    ylabel="%",
+    logx=False,
+    hue: str | None = None,
+    marker="o",
+):
     """Return a line plot of one or more columns against x (or one column split by hue)."""
     fig, ax = plt.subplots(figsize=(5.5, 3.4))
     if hue:
@@ -132,8 +162,18 @@ def lines_figure(df: pd.DataFrame, x: str, ys: list[str], title: str, xlabel=Non
     return fig
 
 
-def ours_vs_paper_figure(df: pd.DataFrame, x: str, y: str, paper_y: str, hue: str, title: str, paper_hue=None,
-                         xlabel=None, ylabel="%", paper_name="paper's"):
+def ours_vs_paper_figure(
+    df: pd.DataFrame,
+    x: str,
+    y: str,
+    paper_y: str,
+    hue: str,
+    title: str,
+    paper_hue=None,
+    xlabel=None,
+    ylabel="%",
+    paper_name="paper's",
+):
     """Return a line plot of ours (solid, one colour per hue) against x and the paper's numbers (dashed, one line per
     paper_hue, in the colour of the hue of that name, labelled with paper_name)."""
     fig, ax = plt.subplots(figsize=(6.5, 3.4))
@@ -145,8 +185,14 @@ def ours_vs_paper_figure(df: pd.DataFrame, x: str, y: str, paper_y: str, hue: st
     theirs = theirs.assign(_paper=theirs[paper_hue or hue])
     for i, (key, g) in enumerate(theirs.groupby("_paper", sort=True)):
         g = g.drop_duplicates(subset=[x])  # rows of ours that share one paper row (two modes of one defence)
-        ax.plot(g[x], g[paper_y], marker="x", ls="--", color=colours.get(key, f"C{len(colours) + i}"),
-                label=f"{key} ({paper_name})")
+        ax.plot(
+            g[x],
+            g[paper_y],
+            marker="x",
+            ls="--",
+            color=colours.get(key, f"C{len(colours) + i}"),
+            label=f"{key} ({paper_name})",
+        )
     ax.set_title(title, fontsize=10)
     ax.set_xlabel(xlabel or x)
     ax.set_ylabel(ylabel)
@@ -159,13 +205,17 @@ def ours_vs_paper_figure(df: pd.DataFrame, x: str, y: str, paper_y: str, hue: st
 def image_row_figure(images, titles, title: str, boxes=None):
     """Return a row of images with titles and optional red boxes (r0, c0, r1, c1)."""
     import matplotlib.patches as mpatches
+
     fig, axes = plt.subplots(1, len(images), figsize=(2.4 * len(images), 2.7), squeeze=False)
     for k, (ax, img, t) in enumerate(zip(axes[0], images, titles)):
         ax.imshow(to_hwc(img), interpolation="nearest")
         if boxes is not None and boxes[k] is not None:
             r0, c0, r1, c1 = boxes[k]
-            ax.add_patch(mpatches.Rectangle((c0 - 0.5, r0 - 0.5), c1 - c0 + 1, r1 - r0 + 1, fill=False,
-                                            edgecolor="red", linewidth=1.2))
+            ax.add_patch(
+                mpatches.Rectangle(
+                    (c0 - 0.5, r0 - 0.5), c1 - c0 + 1, r1 - r0 + 1, fill=False, edgecolor="red", linewidth=1.2
+                )
+            )
         ax.set_title(t, fontsize=7)
         ax.axis("off")
     fig.suptitle(title, fontsize=10)
@@ -173,13 +223,21 @@ def image_row_figure(images, titles, title: str, boxes=None):
     return fig
 
 
-def cost_accuracy_figure(df: pd.DataFrame, title: str, x: str = "forwards_per_image", y: str = "certified",
-                         hue: str = "defense", facet: str = "patch_pct", label: str = "family"):
+def cost_accuracy_figure(
+    df: pd.DataFrame,
+    title: str,
+    x: str = "forwards_per_image",
+    y: str = "certified",
+    hue: str = "defense",
+    facet: str = "patch_pct",
+    label: str = "family",
+):
     """Return scatter panels (one per ``facet`` value) of y against x on a log axis, one marker per hue, each point
     annotated with its ``label``, so that equal-cost comparisons can be read off."""
     keys = sorted(df[facet].unique())
     hues = sorted(df[hue].unique())
     from matplotlib.ticker import NullFormatter, ScalarFormatter
+
     fig, axes = plt.subplots(1, len(keys), figsize=(max(5.5, 4.2 * len(keys)), 3.6), squeeze=False, sharey=True)
     for ax, key in zip(axes[0], keys):
         g = df[df[facet] == key]

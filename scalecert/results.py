@@ -26,6 +26,7 @@ the same tables from either form; ``compute`` skips a compacted run (``redo`` re
 ``cached`` compacts again). Compaction holds a run's lock exclusively and ``compute`` holds it shared, so a run being
 computed is never compacted. ``write_index`` lists every run in ``INDEX.csv`` (settings, checkpoint name, state).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -140,8 +141,17 @@ def chunks(n: int, size: int) -> list[range]:
     return [range(s, min(n, s + size)) for s in range(0, n, size)]
 
 
-def compute(run: Path, n: int, chunk_size: int, fn, rank: int = 0, world: int = 1, progress: bool = True,
-            fail_after: int | None = None, redo: bool = False) -> int:
+def compute(
+    run: Path,
+    n: int,
+    chunk_size: int,
+    fn,
+    rank: int = 0,
+    world: int = 1,
+    progress: bool = True,
+    fail_after: int | None = None,
+    redo: bool = False,
+) -> int:
     """Compute this rank's missing chunks (every chunk with ``redo``) with ``fn(range) -> DataFrame``; return how many.
 
     A chunk's time is its wall time plus ``df.attrs["extra_seconds"]`` (work ``fn`` reused from another configuration).
@@ -155,16 +165,21 @@ def compute(run: Path, n: int, chunk_size: int, fn, rank: int = 0, world: int = 
         return _compute(run, n, chunk_size, fn, rank, world, progress, fail_after, redo)
 
 
-def _compute(run: Path, n: int, chunk_size: int, fn, rank: int, world: int, progress: bool, fail_after: int | None,
-             redo: bool) -> int:
+def _compute(
+    run: Path, n: int, chunk_size: int, fn, rank: int, world: int, progress: bool, fail_after: int | None, redo: bool
+) -> int:
     from tqdm.auto import tqdm
+
     size = run / "size.json"  # outside config.json (which names the run), so old runs keep their key
     if not size.is_file():
         atomic_write_text(size, json.dumps({"images": n, "chunk_images": chunk_size}))
     if redo:
         (run / f"timings-rank{rank}.csv").unlink(missing_ok=True)
-    todo = [(c, r) for c, r in enumerate(chunks(n, chunk_size)) if c % world == rank
-            and (redo or not (run / f"chunk-{c:05d}.csv").is_file())]
+    todo = [
+        (c, r)
+        for c, r in enumerate(chunks(n, chunk_size))
+        if c % world == rank and (redo or not (run / f"chunk-{c:05d}.csv").is_file())
+    ]
     done = 0
     bar = tqdm(total=len(todo), disable=not progress or rank != 0, desc=f"chunks (rank {rank})")
     wait = False  # first pass: skip the chunks another process is computing; second pass: wait for them
@@ -238,8 +253,15 @@ def merge(run: Path, n: int, chunk_size: int, ids=None) -> pd.DataFrame:
     return _check_ids(out, run, ids)
 
 
-def cached(config: dict, ids: list, chunk_images: int, fn, force: bool = False, progress: bool = True,
-           cache_dir: Path | None = None) -> pd.DataFrame:
+def cached(
+    config: dict,
+    ids: list,
+    chunk_images: int,
+    fn,
+    force: bool = False,
+    progress: bool = True,
+    cache_dir: Path | None = None,
+) -> pd.DataFrame:
     """Return the merged records of a configuration's run, computing its missing chunks (all with ``force``) with
     ``fn(range)`` first; ``attrs`` hold ``seconds_per_image`` and the run folder (``cache``). A compacted run is read,
     not computed; with ``force`` it is computed again and compacted again."""
@@ -339,6 +361,7 @@ _TYPES = {tag: t for t, tag in _TAGS.items()}
 def _encode(s: pd.Series):
     """Return (Arrow array, kind) of a record column; kind tells ``_decode`` how to restore its pandas type."""
     import pyarrow as pa
+
     dtype = s.dtype
     if isinstance(dtype, np.dtype) and dtype.kind in "biuf":
         return pa.array(s.to_numpy(), from_pandas=False), str(dtype)  # NaN stays a float value, not a null
@@ -379,6 +402,7 @@ def _decode(col, kind: str):
 def _write_records(path: Path, df: pd.DataFrame, meta: dict) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
+
     if not isinstance(df.index, pd.RangeIndex) or (df.index.start, df.index.step) != (0, 1):
         raise NotStorable("the records have an index other than 0, 1, ...")
     if not df.columns.is_unique or not all(isinstance(c, str) for c in df.columns):
@@ -386,21 +410,29 @@ def _write_records(path: Path, df: pd.DataFrame, meta: dict) -> None:
     arrays, kinds = zip(*(_encode(df[c]) for c in df.columns)) if len(df.columns) else ((), ())
     meta = {**meta, "columns": list(kinds), "column_index": str(df.columns.dtype)}
     table = pa.table(dict(zip(df.columns, arrays))).replace_schema_metadata(
-        {"scalecert": json.dumps(meta, sort_keys=True)})
+        {"scalecert": json.dumps(meta, sort_keys=True)}
+    )
     pq.write_table(table, path, compression="zstd")
 
 
 def _read_meta(path: Path) -> dict:
     import pyarrow.parquet as pq
+
     return json.loads(pq.read_schema(path).metadata[b"scalecert"])
 
 
 def _read_records(path: Path) -> tuple[pd.DataFrame, dict]:
     import pyarrow.parquet as pq
+
     table = pq.read_table(path)
     meta = json.loads(table.schema.metadata[b"scalecert"])
-    df = pd.DataFrame({name: _decode(table.column(i), kind) for i, (name, kind) in
-                       enumerate(zip(table.column_names, meta["columns"]))}, index=pd.RangeIndex(table.num_rows))
+    df = pd.DataFrame(
+        {
+            name: _decode(table.column(i), kind)
+            for i, (name, kind) in enumerate(zip(table.column_names, meta["columns"]))
+        },
+        index=pd.RangeIndex(table.num_rows),
+    )
     df.columns = pd.Index(table.column_names, dtype=meta["column_index"])
     return df, meta
 
@@ -410,8 +442,10 @@ def _read_compact(run: Path, n: int, chunk_size: int) -> pd.DataFrame:
     if meta["key"] != run.name:
         raise CacheMismatch(f"{run / RECORDS} was made with configuration {meta['key']}, not {run.name}")
     if (meta["images"], meta["chunk_images"]) != (n, chunk_size):
-        raise CacheMismatch(f"{run / RECORDS} holds {meta['images']} images in chunks of {meta['chunk_images']}, "
-                            f"not {n} in chunks of {chunk_size}")
+        raise CacheMismatch(
+            f"{run / RECORDS} holds {meta['images']} images in chunks of {meta['chunk_images']}, "
+            f"not {n} in chunks of {chunk_size}"
+        )
     return df
 
 
@@ -430,8 +464,11 @@ def difference(a: pd.DataFrame, b: pd.DataFrame) -> str | None:
     from another's; float columns compared bit for bit."""
     if type(a.index) is not type(b.index) or not a.index.equals(b.index):
         return "index"
-    if (type(a.columns) is not type(b.columns) or a.columns.dtype != b.columns.dtype
-            or list(a.columns) != list(b.columns)):
+    if (
+        type(a.columns) is not type(b.columns)
+        or a.columns.dtype != b.columns.dtype
+        or list(a.columns) != list(b.columns)
+    ):
         return f"columns {list(a.columns)} != {list(b.columns)}"
     if a.attrs != b.attrs:
         return f"attrs {a.attrs} != {b.attrs}"
@@ -492,8 +529,14 @@ def compact(run: Path) -> str:
         files = sorted(run.glob("timings-rank*.csv"))
         texts = [(p.name, p.read_bytes().decode()) for p in files]
         t = _timings_of([pd.read_csv(p, names=TIMINGS_NAMES) for p in files])
-        meta = {"format": COMPACT_FORMAT, "key": run.name, "images": n, "chunk_images": chunk_size,
-                "chunks": len(parts), "timings": texts}
+        meta = {
+            "format": COMPACT_FORMAT,
+            "key": run.name,
+            "images": n,
+            "chunk_images": chunk_size,
+            "chunks": len(parts),
+            "timings": texts,
+        }
 
         def write(tmp):
             _write_records(tmp, df, meta)
@@ -521,8 +564,9 @@ def _last_modified(run: Path) -> float:
     return max(times)
 
 
-def compact_all(cache_dir: Path | None = None, min_age: float = 0.0,
-                checkpoint_dir: Path | None = None) -> pd.DataFrame:
+def compact_all(
+    cache_dir: Path | None = None, min_age: float = 0.0, checkpoint_dir: Path | None = None
+) -> pd.DataFrame:
     """Compact every run of a cache (see ``compact``), leaving alone those with a file modified in the last ``min_age``
     seconds (outcome ``recent``), then write ``INDEX.csv``; return one row per run: key, outcome, detail."""
     cache = Path(cache_dir or CACHE_DIR)
@@ -546,8 +590,20 @@ def checkpoint_names(checkpoint_dir: Path | None = None) -> dict:
     return names
 
 
-INDEX_COLUMNS = ["key", "kind", "defense", "dataset", "checkpoint", "patch", "mode", "tau", "r", "images", "state",
-                 "form"]
+INDEX_COLUMNS = [
+    "key",
+    "kind",
+    "defense",
+    "dataset",
+    "checkpoint",
+    "patch",
+    "mode",
+    "tau",
+    "r",
+    "images",
+    "state",
+    "form",
+]
 
 
 def write_index(cache_dir: Path | None = None, checkpoint_dir: Path | None = None) -> pd.DataFrame:
@@ -561,19 +617,36 @@ def write_index(cache_dir: Path | None = None, checkpoint_dir: Path | None = Non
         run, config = meta.parent, json.loads(meta.read_text())
         size = json.loads((run / "size.json").read_text()) if (run / "size.json").is_file() else None
         compacted = is_compact(run)
-        complete = compacted or size is not None and set(_chunks_done(run)) >= set(
-            range(len(chunks(size["images"], size["chunk_images"]))))
+        complete = (
+            compacted
+            or size is not None
+            and set(_chunks_done(run)) >= set(range(len(chunks(size["images"], size["chunk_images"]))))
+        )
         sha = config.get("checkpoint_sha256")
         defense = None
         if "kind" not in config:
-            defense = config["peer"] if "peer" in config else (
-                ("MR" if config.get("rate") is None else "ScaleCert") if "mode" in config else None)
+            defense = (
+                config["peer"]
+                if "peer" in config
+                else (("MR" if config.get("rate") is None else "ScaleCert") if "mode" in config else None)
+            )
         checkpoint = names.get(sha, f"sha256:{sha[:16]}") if sha else None
-        rows.append({"key": run.name, "kind": config.get("kind", "certify"), "defense": defense,
-                     "dataset": config.get("dataset"), "checkpoint": checkpoint,
-                     "patch": config.get("patch", config.get("patch_pct")), "mode": config.get("mode"),
-                     "tau": config.get("tau"), "r": config.get("r"), "images": size["images"] if size else None,
-                     "state": "complete" if complete else "partial", "form": "parquet" if compacted else "chunks"})
+        rows.append(
+            {
+                "key": run.name,
+                "kind": config.get("kind", "certify"),
+                "defense": defense,
+                "dataset": config.get("dataset"),
+                "checkpoint": checkpoint,
+                "patch": config.get("patch", config.get("patch_pct")),
+                "mode": config.get("mode"),
+                "tau": config.get("tau"),
+                "r": config.get("r"),
+                "images": size["images"] if size else None,
+                "state": "complete" if complete else "partial",
+                "form": "parquet" if compacted else "chunks",
+            }
+        )
     out = pd.DataFrame(rows, columns=INDEX_COLUMNS).astype({"r": "Int64", "images": "Int64"})
     text = out.to_csv(index=False)
     path = cache / INDEX

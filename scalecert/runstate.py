@@ -6,6 +6,7 @@ seconds, so an interrupted epoch resumes at that step with the same random draws
 state at the end of every epoch. A state made with another configuration is refused, so a changed
 command never continues an old run.
 """
+
 from __future__ import annotations
 
 import json
@@ -25,8 +26,9 @@ class Interrupted(RuntimeError):
     """Raised by :meth:`ResumableRun.batches` after ``stop_after`` steps, its state saved (tests)."""
 
 
-def resume_run(run_dir: Path, config, device="cpu", accept_legacy: bool = False,
-               **stateful) -> tuple[int, float, dict | None]:
+def resume_run(
+    run_dir: Path, config, device="cpu", accept_legacy: bool = False, **stateful
+) -> tuple[int, float, dict | None]:
     """Return (epochs done, seconds, mid-epoch partial state or None) of run_dir after loading its
     state.pt into ``stateful``; (0, 0.0, None) if new. ``accept_legacy``: a state saved without a
     configuration (by older code: no "config" key, or None) is resumed instead of refused."""
@@ -35,8 +37,10 @@ def resume_run(run_dir: Path, config, device="cpu", accept_legacy: bool = False,
         return 0, 0.0, None
     st = torch.load(state_path, map_location=device, weights_only=False)
     if not (accept_legacy and st.get("config") is None) and st.get("config") != config:
-        raise ValueError(f"{state_path} was made with another configuration {st.get('config')}; "
-                         "use another --name or delete the run directory")
+        raise ValueError(
+            f"{state_path} was made with another configuration {st.get('config')}; "
+            "use another --name or delete the run directory"
+        )
     for key, obj in stateful.items():
         obj.load_state_dict(st[key])
     partial = st.get("partial")
@@ -74,8 +78,16 @@ class ResumableRun:
     :class:`Interrupted` after that many steps of this process, its state saved (to test resumption).
     """
 
-    def __init__(self, run_dir: Path, config, device="cpu", save_every: float = 600.0, stop_after: int = 0,
-                 accept_legacy: bool = False, **stateful):
+    def __init__(
+        self,
+        run_dir: Path,
+        config,
+        device="cpu",
+        save_every: float = 600.0,
+        stop_after: int = 0,
+        accept_legacy: bool = False,
+        **stateful,
+    ):
         self.run_dir, self.config, self.stateful = Path(run_dir), config, stateful
         self.save_every, self.stop_after, self.steps_run = float(save_every), int(stop_after), 0
         self.start, self.elapsed, self._partial = resume_run(run_dir, config, device, accept_legacy, **stateful)
@@ -91,8 +103,19 @@ class ResumableRun:
         """Return the step the next :meth:`batches` call starts from (0 unless resuming mid-epoch)."""
         return self._partial["step"] if self._partial else 0
 
-    def batches(self, train_set, n_train: int, batch_size: int, pad: int, gen: torch.Generator, seed: int,
-                epoch: int, device="cpu", totals: dict | None = None, desc: str = ""):
+    def batches(
+        self,
+        train_set,
+        n_train: int,
+        batch_size: int,
+        pad: int,
+        gen: torch.Generator,
+        seed: int,
+        epoch: int,
+        device="cpu",
+        totals: dict | None = None,
+        desc: str = "",
+    ):
         """Yield the epoch's (x, y) batches as :func:`epoch_batches`, from the saved step if this epoch was
         interrupted (``totals``, the caller's running sums, are restored in place and saved with the step)."""
         totals = {} if totals is None else totals
@@ -104,20 +127,33 @@ class ResumableRun:
         steps = math.ceil(n_train / batch_size)
         self._t0 = last = time.time()
         from tqdm.auto import tqdm
-        self.bar = bar = tqdm(total=steps, initial=first, desc=desc or f"{self.run_dir.name} {epoch + 1}",
-                              leave=False, mininterval=5, disable=False)
+
+        self.bar = bar = tqdm(
+            total=steps,
+            initial=first,
+            desc=desc or f"{self.run_dir.name} {epoch + 1}",
+            leave=False,
+            mininterval=5,
+            disable=False,
+        )
         try:
-            for s, batch in enumerate(epoch_batches(train_set, n_train, batch_size, pad, gen, seed, epoch, device,
-                                                    first, gen_state), first):
+            for s, batch in enumerate(
+                epoch_batches(train_set, n_train, batch_size, pad, gen, seed, epoch, device, first, gen_state), first
+            ):
                 yield batch
                 self.steps_run += 1
                 bar.update(1)
                 now = time.time()
                 stop = self.stop_after and self.steps_run >= self.stop_after
                 if stop or (s + 1 < steps and now - last >= self.save_every):
-                    save_state(self.run_dir, self.config, epoch, self.elapsed,
-                               {"step": s + 1, "gen": gen.get_state(), "seconds": self.epoch_seconds(), **totals},
-                               **self.stateful)
+                    save_state(
+                        self.run_dir,
+                        self.config,
+                        epoch,
+                        self.elapsed,
+                        {"step": s + 1, "gen": gen.get_state(), "seconds": self.epoch_seconds(), **totals},
+                        **self.stateful,
+                    )
                     last = now
                     if stop:
                         raise Interrupted(f"stopped {self.run_dir.name} at step {s + 1} of epoch {epoch + 1}")
@@ -146,8 +182,18 @@ def prepare(seed: int, threads: int, dataset: str, train_set=None, eval_set=None
     return train_set, eval_set, int(train_set.images.shape[-1])
 
 
-def epoch_batches(train_set, n_train: int, batch_size: int, pad: int, gen: torch.Generator, seed: int,
-                  epoch: int, device="cpu", first_step: int = 0, gen_state: torch.Tensor | None = None):
+def epoch_batches(
+    train_set,
+    n_train: int,
+    batch_size: int,
+    pad: int,
+    gen: torch.Generator,
+    seed: int,
+    epoch: int,
+    device="cpu",
+    first_step: int = 0,
+    gen_state: torch.Tensor | None = None,
+):
     """Yield the augmented (x, y) batches of one epoch: a seeded permutation of the first n_train draws
     (from batch ``first_step`` on, with the generator set to ``gen_state`` first when resuming)."""
     gen.manual_seed(seed * 1000 + epoch)
@@ -155,7 +201,7 @@ def epoch_batches(train_set, n_train: int, batch_size: int, pad: int, gen: torch
     if gen_state is not None:
         gen.set_state(gen_state)
     for s in range(first_step * batch_size, n_train, batch_size):
-        x, y = train_set.tensors(np.sort(perm[s: s + batch_size]))
+        x, y = train_set.tensors(np.sort(perm[s : s + batch_size]))
         yield D.augment(x, pad, gen).to(device), y.to(device)
 
 
@@ -171,7 +217,9 @@ def finished_card(card_path: Path, config: dict, epochs: int) -> dict | None:
         return None
     differ = sorted(k for k, v in config.items() if k in card and card[k] != v)
     if differ:
-        raise ValueError(f"{card_path} was made with another configuration (differs in {differ}); "
-                         "use another --name or delete the run directory")
+        raise ValueError(
+            f"{card_path} was made with another configuration (differs in {differ}); "
+            "use another --name or delete the run directory"
+        )
     print(f"{card.get('name', card_path.stem)} is already final; nothing to do", file=sys.stderr)
     return card

@@ -1,4 +1,5 @@
 """The sparse superficial layer: keep the top-k spatial positions of a feature map (all channels)."""
+
 from __future__ import annotations
 
 import torch

@@ -1,5 +1,6 @@
 """Paired comparisons of two defences on the same images: difference in certified accuracy, its paired-bootstrap
 interval and McNemar's exact test on the discordant images."""
+
 from __future__ import annotations
 
 import numpy as np

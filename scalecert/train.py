@@ -6,6 +6,7 @@ SIN ranking (the re-ranked top-k then fills in), so the model is trained on exac
 occluded predictions ``certify`` will ask of it. An optional consistency term pulls the
 occluded prediction towards the clean one.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -78,8 +79,15 @@ def occlude(model, x: torch.Tensor, boxes: torch.Tensor, occlusion: str) -> tupl
 
 
 @torch.no_grad()
-def worst_window_boxes(model, x: torch.Tensor, y: torch.Tensor, sizes: list[int], k: int, gen: torch.Generator,
-                       occlusion: str = "footprint") -> torch.Tensor:
+def worst_window_boxes(
+    model,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    sizes: list[int],
+    k: int,
+    gen: torch.Generator,
+    occlusion: str = "footprint",
+) -> torch.Tensor:
     """Return (b, 4) boxes: per image, of k random windows the one whose occlusion costs the most loss.
 
     Certification needs every candidate window's occluded prediction right, so training on the worst of a
@@ -100,8 +108,9 @@ def worst_window_boxes(model, x: torch.Tensor, y: torch.Tensor, sizes: list[int]
     return draws[loss.argmax(0).cpu(), torch.arange(b)]
 
 
-def worst_window_exclude(model, x: torch.Tensor, y: torch.Tensor, sizes: list[int], k: int,
-                         gen: torch.Generator) -> torch.Tensor:
+def worst_window_exclude(
+    model, x: torch.Tensor, y: torch.Tensor, sizes: list[int], k: int, gen: torch.Generator
+) -> torch.Tensor:
     """Return footprint masks (b, h*w) of the worst of k random windows per image (``worst_window_boxes``)."""
     return footprint_masks(model, x.shape[-1], worst_window_boxes(model, x, y, sizes, k, gen))
 
@@ -114,7 +123,7 @@ def evaluate(model, ds: D.ImageSet, idx=None, batch: int = 500, device="cpu", si
     correct = 0
     with without_sin(model) if not sin else contextlib.nullcontext():
         for s in range(0, len(idx), batch):
-            x, y = ds.tensors(idx[s: s + batch])
+            x, y = ds.tensors(idx[s : s + batch])
             correct += (model(x.to(device)).argmax(1).cpu() == y).sum().item()
     return 100.0 * correct / max(1, len(idx))
 
@@ -134,7 +143,7 @@ def recalibrate_bn(model, ds: D.ImageSet, images: int, batch: int = 128, seed: i
     model.train()
     try:
         for s in range(0, len(idx), batch):
-            x, _ = ds.tensors(idx[s: s + batch])
+            x, _ = ds.tensors(idx[s : s + batch])
             model(x.to(device))
     finally:
         for m, mom in zip(bns, momenta):
@@ -174,14 +183,16 @@ def recalibrate_main(argv=None) -> int:
     card["accuracy_with_sin"] = evaluate(model, test_ds, device=a.device) if model.sin is not None else None
     card["accuracy_without_sin"] = evaluate(model, test_ds, device=a.device, sin=False)
     card["accuracy_measured_on"] = MEASURED_ON
-    card["bn_recalibration"] = {**settings, "images_used": used, "before": before,
-                                "seconds": round(time.perf_counter() - t, 1),
-                                "command": "python -m scalecert recalibrate " + shlex.join(list(argv or sys.argv[1:]))}
+    card["bn_recalibration"] = {
+        **settings,
+        "images_used": used,
+        "before": before,
+        "seconds": round(time.perf_counter() - t, 1),
+        "command": "python -m scalecert recalibrate " + shlex.join(list(argv or sys.argv[1:])),
+    }
     card = save_checkpoint(model, path, card)
     print(json.dumps({k: card[k] for k in ("name", "accuracy_with_sin", "accuracy_without_sin")} | {"before": before}))
     return 0
-
-
 
 
 def remeasure(name_or_path, device="cpu", force: bool = False) -> dict | None:
@@ -190,23 +201,30 @@ def remeasure(name_or_path, device="cpu", force: bool = False) -> dict | None:
     path = resolve_checkpoint(name_or_path)
     card = json.loads(path.with_suffix(".json").read_text()) if path.with_suffix(".json").is_file() else {}
     if "accuracy_without_sin" not in card or "dataset_key" not in card:
-        raise ValueError(f"{path.stem}: not a ScaleCert checkpoint card (no dataset_key / accuracy_without_sin); "
-                         "remeasure handles the vanilla and SIN models, not the peers' (BagNet, DS, IBP)")
+        raise ValueError(
+            f"{path.stem}: not a ScaleCert checkpoint card (no dataset_key / accuracy_without_sin); "
+            "remeasure handles the vanilla and SIN models, not the peers' (BagNet, DS, IBP)"
+        )
     if card.get("accuracy_measured_on") == MEASURED_ON and not force:
         return None
     model = load_model(path, device=device)
     card = dict(model.card)
     test_ds = D.load_dataset(card["dataset_key"], "eval")
     if card.get("eval_images") not in (None, len(test_ds)):
-        raise ValueError(f"{path.stem}: its card counts {card['eval_images']} evaluation images, the split today "
-                         f"{len(test_ds)}; nothing rewritten")
+        raise ValueError(
+            f"{path.stem}: its card counts {card['eval_images']} evaluation images, the split today "
+            f"{len(test_ds)}; nothing rewritten"
+        )
     keys = ("accuracy_with_sin", "accuracy_without_sin")
     before = {k: card.get(k) for k in keys}
     card["accuracy_with_sin"] = evaluate(model, test_ds, device=device) if model.sin is not None else None
     card["accuracy_without_sin"] = evaluate(model, test_ds, device=device, sin=False)
     if card.get("accuracy_measured_on") != MEASURED_ON:
-        card["accuracy_before_remeasure"] = dict(before, measured_on="the fp32 weights before their fp16 storage",
-                                                 note="numbers quoted in the card's notes before the re-measurement")
+        card["accuracy_before_remeasure"] = dict(
+            before,
+            measured_on="the fp32 weights before their fp16 storage",
+            note="numbers quoted in the card's notes before the re-measurement",
+        )
     card["accuracy_measured_on"] = MEASURED_ON
     return write_card(path, card)
 
@@ -233,8 +251,15 @@ def remeasure_main(argv=None) -> int:
         if card is None:
             print(f"{name}: already measured on the stored weights (--force to redo)", file=sys.stderr)
             continue
-        print(json.dumps({k: card.get(k) for k in ("name", "accuracy_with_sin", "accuracy_without_sin",
-                                                   "accuracy_before_remeasure")}), flush=True)
+        print(
+            json.dumps(
+                {
+                    k: card.get(k)
+                    for k in ("name", "accuracy_with_sin", "accuracy_without_sin", "accuracy_before_remeasure")
+                }
+            ),
+            flush=True,
+        )
     if failed:
         print(f"not re-measured: {' '.join(failed)}", file=sys.stderr)
     return 1 if failed else 0
@@ -256,14 +281,23 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--occlude-prob", type=float, default=1.0)
     p.add_argument("--occlude-tau", type=overlap_ratio, default=None, help="also occlude the tau-merged window sizes")
     p.add_argument("--consistency", type=float, default=0.0, help="weight of KL(clean || occluded)")
-    p.add_argument("--occlude-worst-of", type=int_at_least(1), default=1,
-                   help="occlude, per image, the worst (highest-loss) of this many random windows")
-    p.add_argument("--occlusion", choices=OCCLUSIONS, default="footprint",
-                   help="how a window is occluded in training: footprint (removed from the SIN ranking, as the "
-                        "sound engine certifies; needs a SIN layer) or pixels (filled, as Minority Reports certifies; "
-                        "no SIN)")
-    p.add_argument("--twin", default=None,
-                   help="name of the model this one is an ablation twin of (recorded in the card)")
+    p.add_argument(
+        "--occlude-worst-of",
+        type=int_at_least(1),
+        default=1,
+        help="occlude, per image, the worst (highest-loss) of this many random windows",
+    )
+    p.add_argument(
+        "--occlusion",
+        choices=OCCLUSIONS,
+        default="footprint",
+        help="how a window is occluded in training: footprint (removed from the SIN ranking, as the "
+        "sound engine certifies; needs a SIN layer) or pixels (filled, as Minority Reports certifies; "
+        "no SIN)",
+    )
+    p.add_argument(
+        "--twin", default=None, help="name of the model this one is an ablation twin of (recorded in the card)"
+    )
     p.add_argument("--r", type=int_at_least(1), default=3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int_at_least(0), default=0)
@@ -271,14 +305,25 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--eval-subset", type=int, default=0, help="evaluate per epoch on N images (0: all)")
     p.add_argument("--device", type=device_name, default="cpu")
     p.add_argument("--out-dir", default=str(CHECKPOINT_DIR))
-    p.add_argument("--save-every", type=float, default=600.0,
-                   help="also save a mid-epoch state every N seconds (0: after every step), so that an "
-                        "interrupted epoch resumes at the step where it stopped")
-    p.add_argument("--stop-after-steps", type=int, default=0,
-                   help="stop after N optimiser steps of this process, as if interrupted (tests)")
-    p.add_argument("--snapshot", action="store_true",
-                   help="write a provisional checkpoint from the run's last saved state (a finished epoch or a "
-                        "mid-epoch step), without training")
+    p.add_argument(
+        "--save-every",
+        type=float,
+        default=600.0,
+        help="also save a mid-epoch state every N seconds (0: after every step), so that an "
+        "interrupted epoch resumes at the step where it stopped",
+    )
+    p.add_argument(
+        "--stop-after-steps",
+        type=int,
+        default=0,
+        help="stop after N optimiser steps of this process, as if interrupted (tests)",
+    )
+    p.add_argument(
+        "--snapshot",
+        action="store_true",
+        help="write a provisional checkpoint from the run's last saved state (a finished epoch or a "
+        "mid-epoch step), without training",
+    )
     a = p.parse_args(argv)
     with usage_errors(p):  # the checks train() makes, before any data or model is loaded
         n = D.image_size(a.dataset)
@@ -328,13 +373,32 @@ def train(a: argparse.Namespace, argv_text: str = "") -> dict:
             occl.append(window_side(p, n, a.r, a.occlude_tau)[0])
     opt = torch.optim.SGD(model.parameters(), lr=a.lr, momentum=0.9, weight_decay=a.wd, nesterov=True)
     steps_per_epoch = math.ceil(n_train / a.batch_size)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, a.lr, total_steps=a.epochs * steps_per_epoch,
-                                                pct_start=0.15 if not a.init else 0.05)
+    sched = torch.optim.lr_scheduler.OneCycleLR(
+        opt, a.lr, total_steps=a.epochs * steps_per_epoch, pct_start=0.15 if not a.init else 0.05
+    )
     run_dir = RUNS_DIR / a.name
     run_dir.mkdir(parents=True, exist_ok=True)
-    config = {k: getattr(a, k) for k in ("dataset", "arch", "init", "epochs", "batch_size", "lr", "wd", "sin_layer",
-                                         "sin_rate", "occlude", "occlude_prob", "occlude_tau", "consistency", "r",
-                                         "seed", "max_train")}
+    config = {
+        k: getattr(a, k)
+        for k in (
+            "dataset",
+            "arch",
+            "init",
+            "epochs",
+            "batch_size",
+            "lr",
+            "wd",
+            "sin_layer",
+            "sin_rate",
+            "occlude",
+            "occlude_prob",
+            "occlude_tau",
+            "consistency",
+            "r",
+            "seed",
+            "max_train",
+        )
+    }
     if a.occlude_worst_of != 1:  # recorded only when used, so that earlier runs keep resuming
         config["occlude_worst_of"] = a.occlude_worst_of
     if a.occlusion != "footprint":  # recorded only when not the default, so that earlier runs keep resuming
@@ -342,13 +406,24 @@ def train(a: argparse.Namespace, argv_text: str = "") -> dict:
     if a.occlude_worst_of < 1:
         raise ValueError(f"--occlude-worst-of must be >= 1, got {a.occlude_worst_of}")
     if occl and a.occlusion == "footprint" and model.sin is None:
-        raise ValueError("--occlude with footprint occlusion needs a SIN layer (--sin-rate); "
-                         "use --occlusion pixels to occlude a model without one")
+        raise ValueError(
+            "--occlude with footprint occlusion needs a SIN layer (--sin-rate); "
+            "use --occlusion pixels to occlude a model without one"
+        )
     if a.occlusion == "pixels" and model.sin is not None:
         raise ValueError("--occlusion pixels trains a model without a SIN layer (omit --sin-rate)")
     # states written before configurations were recorded are resumed (accept_legacy)
-    run = ResumableRun(run_dir, config, a.device, a.save_every, a.stop_after_steps, accept_legacy=True,
-                       model=model, opt=opt, sched=sched)
+    run = ResumableRun(
+        run_dir,
+        config,
+        a.device,
+        a.save_every,
+        a.stop_after_steps,
+        accept_legacy=True,
+        model=model,
+        opt=opt,
+        sched=sched,
+    )
     start = run.start
     partial = run.partial
     gen = torch.Generator().manual_seed(a.seed)
@@ -358,8 +433,18 @@ def train(a: argparse.Namespace, argv_text: str = "") -> dict:
         for epoch in range(start, a.epochs if not a.snapshot else start):
             model.train()
             t = {"tot": 0.0, "correct": 0, "seen": 0}
-            for x, y in run.batches(train_ds, n_train, a.batch_size, pad, gen, a.seed, epoch, a.device, t,
-                                    desc=f"{a.name} {epoch + 1}/{a.epochs}"):
+            for x, y in run.batches(
+                train_ds,
+                n_train,
+                a.batch_size,
+                pad,
+                gen,
+                a.seed,
+                epoch,
+                a.device,
+                t,
+                desc=f"{a.name} {epoch + 1}/{a.epochs}",
+            ):
                 if occl:
                     b = len(y)
                     boxes = worst_window_boxes(model, x, y, occl, a.occlude_worst_of, gen, a.occlusion)
@@ -375,8 +460,9 @@ def train(a: argparse.Namespace, argv_text: str = "") -> dict:
                         else:
                             out = model(torch.cat([x, xo]))
                         clean, occ = out[:b], out[b:]
-                        loss = (F.cross_entropy(clean, y) + F.cross_entropy(occ, y)) / 2 + a.consistency * \
-                            F.kl_div(F.log_softmax(occ, 1), F.softmax(clean.detach(), 1), reduction="batchmean")
+                        loss = (F.cross_entropy(clean, y) + F.cross_entropy(occ, y)) / 2 + a.consistency * F.kl_div(
+                            F.log_softmax(occ, 1), F.softmax(clean.detach(), 1), reduction="batchmean"
+                        )
                         out = clean
                     else:
                         out = model(xo, excl) if excl is not None else model(xo)
@@ -394,9 +480,17 @@ def train(a: argparse.Namespace, argv_text: str = "") -> dict:
                 run.bar.set_postfix(loss=f"{t['tot'] / t['seen']:.3f}", acc=f"{100 * t['correct'] / t['seen']:.1f}")
             dt = run.epoch_seconds()
             acc = evaluate(model, test_ds, eval_idx, device=a.device)
-            run.end_epoch({"epoch": epoch + 1, "loss": t["tot"] / t["seen"],
-                           "train_acc": 100 * t["correct"] / t["seen"], "test_acc": acc, "seconds": dt,
-                           "lr": sched.get_last_lr()[0]}, seconds=dt)
+            run.end_epoch(
+                {
+                    "epoch": epoch + 1,
+                    "loss": t["tot"] / t["seen"],
+                    "train_acc": 100 * t["correct"] / t["seen"],
+                    "test_acc": acc,
+                    "seconds": dt,
+                    "lr": sched.get_last_lr()[0],
+                },
+                seconds=dt,
+            )
     except Interrupted as stop:
         print(f"{stop} (state saved)", file=sys.stderr)
         return None
@@ -408,19 +502,37 @@ def train(a: argparse.Namespace, argv_text: str = "") -> dict:
     acc_plain = evaluate(model, test_ds, card_idx, device=a.device, sin=False)
     finished = start if a.snapshot else a.epochs
     more = f" and {partial['step']} steps of the next" if partial else ""
-    card = {"name": a.name, "status": "final" if finished >= a.epochs and not a.max_train else
-            f"provisional: trained on the first {a.max_train} images only" if a.max_train else
-            f"provisional: snapshot after epoch {finished} of {a.epochs}{more} (training continues)",
-            "epochs_done": finished, "dataset": D.DATASET_LABELS[name], "dataset_key": name,
-            "epochs": a.epochs, "seed": a.seed, "init": a.init, "occlude_pct": a.occlude, "occlude_tau": a.occlude_tau,
-            "occlude_sides_px": occl, "consistency": a.consistency, "occlude_worst_of": a.occlude_worst_of,
-            "occlusion": a.occlusion if occl else None,
-            "twin": a.twin, "lr": a.lr, "batch_size": a.batch_size,
-            "eval_split": test_ds.split, "eval_images": len(test_ds) if card_idx is None else len(card_idx),
-            "accuracy_with_sin": acc_sin if model.sin is not None else None,
-            "accuracy_without_sin": acc_plain, "accuracy_measured_on": MEASURED_ON, "train_seconds": round(elapsed, 1),
-            "command": argv_text or "python -m scalecert train " + " ".join(sys.argv[1:]),
-            "log": str((run_dir / "log.jsonl").relative_to(RUNS_DIR.parent.parent))}
+    card = {
+        "name": a.name,
+        "status": "final"
+        if finished >= a.epochs and not a.max_train
+        else f"provisional: trained on the first {a.max_train} images only"
+        if a.max_train
+        else f"provisional: snapshot after epoch {finished} of {a.epochs}{more} (training continues)",
+        "epochs_done": finished,
+        "dataset": D.DATASET_LABELS[name],
+        "dataset_key": name,
+        "epochs": a.epochs,
+        "seed": a.seed,
+        "init": a.init,
+        "occlude_pct": a.occlude,
+        "occlude_tau": a.occlude_tau,
+        "occlude_sides_px": occl,
+        "consistency": a.consistency,
+        "occlude_worst_of": a.occlude_worst_of,
+        "occlusion": a.occlusion if occl else None,
+        "twin": a.twin,
+        "lr": a.lr,
+        "batch_size": a.batch_size,
+        "eval_split": test_ds.split,
+        "eval_images": len(test_ds) if card_idx is None else len(card_idx),
+        "accuracy_with_sin": acc_sin if model.sin is not None else None,
+        "accuracy_without_sin": acc_plain,
+        "accuracy_measured_on": MEASURED_ON,
+        "train_seconds": round(elapsed, 1),
+        "command": argv_text or "python -m scalecert train " + " ".join(sys.argv[1:]),
+        "log": str((run_dir / "log.jsonl").relative_to(RUNS_DIR.parent.parent)),
+    }
     card = save_checkpoint(model, Path(a.out_dir) / f"{a.name}.pt", card)
     print(json.dumps({k: card[k] for k in ("name", "accuracy_with_sin", "accuracy_without_sin")}))
     return card

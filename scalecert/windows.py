@@ -6,6 +6,7 @@ squares of side ``M = floor(m / sqrt(tau))`` — the largest square whose IoU wi
 window it contains is at least ``tau`` — at stride ``M - m + 1``, so every base window (and hence
 every patch) lies wholly inside a member. The last position on each axis is always included.
 """
+
 from __future__ import annotations
 
 import math
@@ -14,8 +15,17 @@ from dataclasses import dataclass
 import torch
 
 #: The paper's (and its peers') rounding of patch sizes given as % of the image.
-PAPER_PATCH_PX = {(224, 1.0): 23, (224, 2.0): 32, (224, 3.0): 39, (224, 5.0): 50, (224, 8.0): 64,
-                  (32, 0.4): 2, (32, 2.4): 5, (32, 5.0): 7, (32, 8.0): 9}
+PAPER_PATCH_PX = {
+    (224, 1.0): 23,
+    (224, 2.0): 32,
+    (224, 3.0): 39,
+    (224, 5.0): 50,
+    (224, 8.0): 64,
+    (32, 0.4): 2,
+    (32, 2.4): 5,
+    (32, 5.0): 7,
+    (32, 8.0): 9,
+}
 
 
 def patch_pixels(patch, n: int) -> int:
@@ -55,8 +65,9 @@ def square_grid(n: int, side: int, stride: int) -> tuple[torch.Tensor, torch.Ten
 @dataclass
 class WindowFamily:
     """A fixed list of square pixel windows with their grid coordinates."""
+
     boxes: torch.Tensor  # (N, 4) inclusive pixel boxes (r0, c0, r1, c1)
-    grid: torch.Tensor   # (N, 2) grid index (gi, gj) for the r x r block rule
+    grid: torch.Tensor  # (N, 2) grid index (gi, gj) for the r x r block rule
     n: int
     patch: int
     side: int
@@ -123,7 +134,7 @@ def covers_all_patches(family: WindowFamily) -> bool:
     for r0, c0, r1, c1 in family.boxes.tolist():
         # patches with top-left (a, b) inside: r0 <= a and a + p - 1 <= r1
         if r1 - r0 + 1 >= p and c1 - c0 + 1 >= p:
-            ok[r0: r1 - p + 2, c0: c1 - p + 2] = True
+            ok[r0 : r1 - p + 2, c0 : c1 - p + 2] = True
     return bool(ok.all())
 
 

@@ -19,6 +19,7 @@ def randomise_bn(model):
 def spread_model(arch="resnet20", layer=1, rate=0.2, seed=0, num_classes=10, scale=0.3):
     """A random model whose BN statistics are randomised so that predictions vary between images."""
     from scalecert.models import build
+
     torch.manual_seed(seed)
     m = randomise_bn(build(arch, num_classes, layer, rate))
     m.eval()
@@ -37,7 +38,7 @@ def _body(m, x):
     f = m.stem(x)
     if m.sin is not None:
         f = m.sin(f)
-    for u in m.units[m.sin_layer:]:
+    for u in m.units[m.sin_layer :]:
         f = u(f)
     return f
 

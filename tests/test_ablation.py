@@ -23,8 +23,11 @@ def test_families_are_05_11_07_and_the_mask_set_and_each_covers_every_patch():
 def test_every_family_runs_all_four_defences_on_the_right_models():
     runs = A.defence_runs("cifar10", A.families("cifar10", 2.4)[0])
     assert [(d, m) for d, m, _ in runs] == [
-        (A.SC, "cifar10_resnet20_sin1_r20"), (A.SC_PAPER, "cifar10_resnet20_sin1_r20"),
-        (A.MR_VANILLA, "cifar10_resnet20_vanilla"), (A.MR_OCCL, E.occlusion_model_name("cifar10"))]
+        (A.SC, "cifar10_resnet20_sin1_r20"),
+        (A.SC_PAPER, "cifar10_resnet20_sin1_r20"),
+        (A.MR_VANILLA, "cifar10_resnet20_vanilla"),
+        (A.MR_OCCL, E.occlusion_model_name("cifar10")),
+    ]
     assert runs[2][2]["sin"] is False and "sin" not in runs[3][2]
     masks = A.defence_runs("cifar10", A.families("cifar10", 2.4)[2])
     assert A.SC_PAPER not in [d for d, _, _ in masks]  # the mask set has no paper-mode rule
@@ -58,17 +61,37 @@ def _table(rows):
 
 
 def test_equal_forwards_takes_mr_s_best_point_at_no_more_forwards():
-    t = _table([("C", 2.4, "r=3", A.SC, 50.0, 47.0), ("C", 2.4, "k=6 masks", A.SC, 8.0, 30.0),
-                ("C", 2.4, "r=3", A.MR_OCCL, 677.0, 55.0), ("C", 2.4, "k=6 masks", A.MR_OCCL, 37.0, 40.0),
-                ("C", 2.4, "r=3 tau=0.3", A.MR_OCCL, 50.0, 42.0)])
+    t = _table(
+        [
+            ("C", 2.4, "r=3", A.SC, 50.0, 47.0),
+            ("C", 2.4, "k=6 masks", A.SC, 8.0, 30.0),
+            ("C", 2.4, "r=3", A.MR_OCCL, 677.0, 55.0),
+            ("C", 2.4, "k=6 masks", A.MR_OCCL, 37.0, 40.0),
+            ("C", 2.4, "r=3 tau=0.3", A.MR_OCCL, 50.0, 42.0),
+        ]
+    )
     f = A.equal_forwards(t).set_index("family")
     assert f.loc["r=3", "mr_occl_family"] == "r=3 tau=0.3" and f.loc["r=3", "mr_occl_certified"] == 42.0
     assert np.isnan(f.loc["k=6 masks", "mr_occl_certified"])  # MR has nothing as cheap as 8 forwards
 
 
 def test_sentence_is_written_from_the_tables():
-    v = pd.DataFrame([{"dataset": "C", "patch_pct": 2.4, "family": "r=3", "images": 100, "scalecert_certified": 50.0,
-                       "mr_occl_certified": 40.0, "difference": 10.0, "ci_low": 3.0, "ci_high": 17.0, "p_value": 0.01}])
+    v = pd.DataFrame(
+        [
+            {
+                "dataset": "C",
+                "patch_pct": 2.4,
+                "family": "r=3",
+                "images": 100,
+                "scalecert_certified": 50.0,
+                "mr_occl_certified": 40.0,
+                "difference": 10.0,
+                "ci_low": 3.0,
+                "ci_high": 17.0,
+                "p_value": 0.01,
+            }
+        ]
+    )
     f = pd.DataFrame([{"dataset": "C", "scalecert_certified": 50.0, "mr_occl_certified": 42.0}])
     s = A.sentence("C", v, f)
     assert s.startswith("C: SIN adds certified accuracy") and "+10.0" in s and "100 images" in s and "+8.0" in s
@@ -88,13 +111,20 @@ def test_tiny_profile_runs_every_code_path_on_one_patch_size():
 
 def test_run_all_adds_patchcleanser_points_and_keeps_every_other_row(monkeypatch):
     from scalecert.baselines import harness as H
+
     occl = E.occlusion_model_name("cifar10")
     shipped = {E.model_name(d) for d in ("cifar10", "imagenette")} | {E.model_name("cifar10", 1, 20)}
-    monkeypatch.setattr(E, "available", lambda name: name in shipped)   # the twin is not trained yet
+    monkeypatch.setattr(E, "available", lambda name: name in shipped)  # the twin is not trained yet
 
     def certify_cached(dataset, ckpt, pct, *, per_class, **kw):
-        df = pd.DataFrame({"id": range(4), "clean_correct": [True] * 4, "certified": [True, False, True, False],
-                           "n_candidates": [9, 9, 9, 9]})
+        df = pd.DataFrame(
+            {
+                "id": range(4),
+                "clean_correct": [True] * 4,
+                "certified": [True, False, True, False],
+                "n_candidates": [9, 9, 9, 9],
+            }
+        )
         df.attrs["seconds_per_image"] = 0.5
         return df
 
@@ -102,8 +132,15 @@ def test_run_all_adds_patchcleanser_points_and_keeps_every_other_row(monkeypatch
 
     def peer_cached(name, dataset, pct, *, per_class, checkpoint=None, **kw):
         calls.append((name, dataset, pct, per_class, checkpoint))
-        df = pd.DataFrame({"id": range(2), "clean_correct": [True, True], "certified": [True, False],
-                           "forwards": [36, 106], "certify_forwards": [666, 666]})
+        df = pd.DataFrame(
+            {
+                "id": range(2),
+                "clean_correct": [True, True],
+                "certified": [True, False],
+                "forwards": [36, 106],
+                "certify_forwards": [666, 666],
+            }
+        )
         df.attrs["seconds_per_image"] = 4.0
         return df
 
@@ -120,7 +157,14 @@ def test_run_all_adds_patchcleanser_points_and_keeps_every_other_row(monkeypatch
     assert (got.family == "k=6 masks").all()
     v = got.loc[(2.4, A.PC_VANILLA)]
     assert (v.model, v.images, v.clean, v.certified, v.forwards_per_image, v.certify_forwards, v.seconds_per_image) == (
-        "cifar10_resnet20_vanilla", 2, 100.0, 50.0, 71.0, 666.0, 4.0)   # inference forwards: (36 + 106) / 2
+        "cifar10_resnet20_vanilla",
+        2,
+        100.0,
+        50.0,
+        71.0,
+        666.0,
+        4.0,
+    )  # inference forwards: (36 + 106) / 2
     o = got.loc[(2.4, A.PC_OCCL)]
     assert o.model == occl and o.note == f"{occl} not trained yet" and pd.isna(o.certified)
     assert calls == [("PatchCleanser", "cifar10", p, 1, "cifar10_resnet20_vanilla") for p in (0.4, 2.4)]
@@ -135,4 +179,4 @@ def test_run_all_adds_patchcleanser_points_and_keeps_every_other_row(monkeypatch
     A.run_all("cifar10", [0.4, 2.4], **{**kw, "per_class": None})
     assert [c[2] for c in calls] == [0.4, 2.4]
     assert set(recs) >= {(0.4, "k=6 masks", A.PC_VANILLA), (2.4, "k=6 masks", A.PC_VANILLA)}
-    assert len(A.verdict("cifar10", recs, n_boot=200)) == 0   # no MR (occlusion-trained) runs here: nothing to pair
+    assert len(A.verdict("cifar10", recs, n_boot=200)) == 0  # no MR (occlusion-trained) runs here: nothing to pair

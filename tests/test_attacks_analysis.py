@@ -45,7 +45,7 @@ def test_pgd_stays_inside_its_square_and_the_image_range():
     assert torch.equal(c, corners)
     inside = torch.zeros_like(x, dtype=torch.bool)
     for i, (a, b) in enumerate(corners.tolist()):
-        inside[i, :, a:a + 4, b:b + 4] = True
+        inside[i, :, a : a + 4, b : b + 4] = True
     assert torch.equal(xp[~inside], x[~inside])
     assert xp.min() >= 0 and xp.max() <= 1
     with torch.no_grad():
@@ -103,14 +103,14 @@ def test_sin_statistics_on_two_processes_equal_the_serial_run():
 def test_localised_patch_is_found_by_the_sin_share_detector():
     m = spread_model()
     x = calibration_images(1, 32, 5)
-    bright = T.apply_patch(x, torch.ones(3, 5, 5) * torch.tensor([1.0, 0, 1.0]).view(3, 1, 1),
-                           torch.tensor([[12, 20]]))
+    bright = T.apply_patch(x, torch.ones(3, 5, 5) * torch.tensor([1.0, 0, 1.0]).view(3, 1, 1), torch.tensor([[12, 20]]))
     # make the patch dominate the channel-summed activation: scale features of its field
     stem = m.stem
 
     def loud(z):
         f = stem(z)
-        return f + 50 * (z[:, :1] - z[:, 1:2]).clamp(min=0)[:, :, :f.shape[-2], :f.shape[-1]]
+        return f + 50 * (z[:, :1] - z[:, 1:2]).clamp(min=0)[:, :, : f.shape[-2], : f.shape[-1]]
+
     m.stem = loud
     det, boxes = A.sin_share_detector(m, bright, 5, n=20)
     assert det[0] and A.boxes_overlap(boxes[0], (12, 20, 16, 24))
@@ -127,11 +127,11 @@ def test_recovery_on_a_known_patch_returns_the_true_label():
     for i, r in enumerate(recs):
         if not r["certified"]:
             continue
-        xp, c = T.pgd_patch(m, x[i:i + 1], y[i:i + 1], 3, steps=15, search=4, seed=i)
+        xp, c = T.pgd_patch(m, x[i : i + 1], y[i : i + 1], 3, steps=15, search=4, seed=i)
         with torch.no_grad():
             if m(xp).argmax(1).item() == y[i].item():
                 continue
-        summary, per = A.empirical_recovery(eng, x[i:i + 1], y[i:i + 1], xp, c)
+        summary, per = A.empirical_recovery(eng, x[i : i + 1], y[i : i + 1], xp, c)
         assert per.alert[0]  # certified image + patch that fools the model: detect must alert
         found += 1
         if per.recovered[0] == per.label[0]:
@@ -141,6 +141,7 @@ def test_recovery_on_a_known_patch_returns_the_true_label():
 
 def test_in_patch_share_counts_the_top_sins_inside_the_patch_footprint():
     from scalecert.geometry import footprint
+
     m = spread_model()
     x = calibration_images(3, 32, 6)
     boxes = [(0, 0, 31, 31), (4, 6, 8, 10), (27, 27, 31, 31)]
@@ -156,8 +157,9 @@ def test_in_patch_share_counts_the_top_sins_inside_the_patch_footprint():
 
 def test_significant_cluster_counts_hand_computed():
     # one patched image (200 SINs: 160, 20, 10, 10) and one benign image (5 clusters of 40)
-    cl = pd.DataFrame({"kind": ["patched"] * 4 + ["benign"] * 5, "image": [0] * 9,
-                       "size": [160, 20, 10, 10, 40, 40, 40, 40, 40]})
+    cl = pd.DataFrame(
+        {"kind": ["patched"] * 4 + ["benign"] * 5, "image": [0] * 9, "size": [160, 20, 10, 10, 40, 40, 40, 40, 40]}
+    )
     c = A.significant_cluster_counts
     assert c(cl, 0).to_dict() == {("benign", 0): 5, ("patched", 0): 4}
     assert c(cl, 5)["patched", 0] == 4  # 10 of 200 is 5%: the boundary counts
@@ -167,11 +169,15 @@ def test_significant_cluster_counts_hand_computed():
 
 
 def test_fig1c_statistics_hand_computed():
-    counts = pd.Series([1, 1, 0, 3, 4, 5, 2, 7],
-                       index=pd.MultiIndex.from_product([["patched", "benign"], range(4)], names=["kind", "image"]))
-    assert A.fig1c_statistics(counts) == {"patched images with exactly one cluster (%)": 50.0,
-                                          "patched images with fewer than two clusters (%)": 75.0,
-                                          "benign images with more than three clusters (%)": 75.0}
+    counts = pd.Series(
+        [1, 1, 0, 3, 4, 5, 2, 7],
+        index=pd.MultiIndex.from_product([["patched", "benign"], range(4)], names=["kind", "image"]),
+    )
+    assert A.fig1c_statistics(counts) == {
+        "patched images with exactly one cluster (%)": 50.0,
+        "patched images with fewer than two clusters (%)": 75.0,
+        "benign images with more than three clusters (%)": 75.0,
+    }
 
 
 def test_cluster_count_sensitivity_starts_at_every_cluster_and_never_rises_for_the_benign_count():

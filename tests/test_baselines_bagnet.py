@@ -1,6 +1,7 @@
 """BagNet geometry and the CBN / PG-Mask-BN / PatchGuard++ certificates: receptive fields from input
 gradients, patch locality, certificate soundness by exhaustive audit, hand-computed cases, checkpoint
 integrity and training."""
+
 import json
 import math
 
@@ -42,7 +43,7 @@ def test_images(seed=0, n=N, b=10):
     col = torch.rand(b, 3, 1, 1, generator=g)
     amp = torch.linspace(0.0, 0.6, b).view(b, 1, 1, 1)
     x = (1 - amp) * col + amp * torch.rand(b, 3, n, n, generator=g)
-    x[max(0, b - 4):, :, :, n // 2:] = torch.rand(min(4, b), 3, 1, 1, generator=g)
+    x[max(0, b - 4) :, :, :, n // 2 :] = torch.rand(min(4, b), 3, 1, 1, generator=g)
     return x.clamp(0, 1)
 
 
@@ -75,11 +76,13 @@ def test_stated_receptive_field_is_the_input_gradient_support(arch, n):
     z = m.local_logits(x)
     boxes = feature_boxes(geo, h, w, n)
     for i, j in [(h // 2, w // 2), (0, 0), (h - 1, w - 1)]:
-        grad, = torch.autograd.grad(z[0, :, i, j] @ torch.arange(1.0, 11.0, dtype=torch.float64), x, retain_graph=True)
+        (grad,) = torch.autograd.grad(
+            z[0, :, i, j] @ torch.arange(1.0, 11.0, dtype=torch.float64), x, retain_graph=True
+        )
         support = grad[0].abs().sum(0) > 0
         r0, c0, r1, c1 = boxes[i, j].tolist()
         expected = torch.zeros(n, n, dtype=torch.bool)
-        expected[r0: r1 + 1, c0: c1 + 1] = True
+        expected[r0 : r1 + 1, c0 : c1 + 1] = True
         assert torch.equal(support, expected), (arch, i, j)
     r0, c0, r1, c1 = boxes[h // 2, w // 2].tolist()
     assert r1 - r0 + 1 == c1 - c0 + 1 == geo.rf  # the central field lies wholly inside the image
@@ -97,8 +100,9 @@ def test_patch_changes_only_logits_in_its_footprint_which_fits_a_window(arch, n,
     rects = window_rects(h, w, win)
     g = torch.Generator().manual_seed(2)
     x = torch.rand(1, 3, n, n, generator=g)
-    corners = torch.cat([torch.tensor([[0, 0], [n - p, n - p], [0, n - p]]),
-                         torch.randint(0, n - p + 1, (9, 2), generator=g)])
+    corners = torch.cat(
+        [torch.tensor([[0, 0], [n - p, n - p], [0, n - p]]), torch.randint(0, n - p + 1, (9, 2), generator=g)]
+    )
     with torch.no_grad():  # the same batch shape on both sides: float32 convolutions are then bit-exact
         z = m.local_logits(x.expand(len(corners), -1, -1, -1))
         patches = torch.rand(len(corners), 3, p, p, generator=g)
@@ -107,7 +111,7 @@ def test_patch_changes_only_logits_in_its_footprint_which_fits_a_window(arch, n,
     extents = set()
     for changed, fp in zip((zp != z).any(1), fps):  # (h, w) per patch
         inside = rect_masks(fp, h, w)[0]
-        assert not (changed & ~inside).any()           # exact: nothing outside the footprint moves
+        assert not (changed & ~inside).any()  # exact: nothing outside the footprint moves
         assert changed.any()
         i0, j0, i1, j1 = fp.tolist()
         extents.add(max(i1 - i0, j1 - j0) + 1)
@@ -155,9 +159,11 @@ def _unsound(z, y, win):
     tot, ws = u.sum((2, 3)), window_sums(u, win)
     upper = (tot[:, :, None] - ws).scatter(1, yy[:, :, None].expand(-1, 1, ws.shape[2]), float("-inf")).amax(1)
     lower = tot.gather(1, yy) - ws.gather(1, yy[:, :, None].expand(-1, 1, ws.shape[2]))[:, 0]
-    return {"CBN-clamp": (cbn_predict(z, **CBN_CLIPS["clamp"]) == y) & (m.amin((1, 2)) > 0),
-            "PG-Mask-BN": (pg_mask_predict(z, win) == y) & ((lower - upper).amin(1) > 0),
-            "PatchGuard++": z.sum((2, 3)).argmax(1) == y}
+    return {
+        "CBN-clamp": (cbn_predict(z, **CBN_CLIPS["clamp"]) == y) & (m.amin((1, 2)) > 0),
+        "PG-Mask-BN": (pg_mask_predict(z, win) == y) & ((lower - upper).amin(1) > 0),
+        "PatchGuard++": z.sum((2, 3)).argmax(1) == y,
+    }
 
 
 @pytest.fixture(scope="module")
@@ -180,7 +186,7 @@ def audited():
         for i in range(len(x)):
             pt = torch.cat([torch.zeros(k, 3, P, P), torch.ones(k, 3, P, P), torch.rand(k, 3, P, P, generator=g)])
             with torch.no_grad():
-                z = m.local_logits(apply_patch(x[i: i + 1].expand(len(c), -1, -1, -1), pt, c))
+                z = m.local_logits(apply_patch(x[i : i + 1].expand(len(c), -1, -1, -1), pt, c))
             outs.append(_defended(z, y[i].expand(len(c)), win))
         with torch.no_grad():
             unsound = _unsound(m.local_logits(x), y, win)
@@ -219,8 +225,11 @@ def test_exhaustive_audit_never_breaks_a_certificate(audited):
 def test_the_audit_catches_unsound_certificates(audited):
     """The same audit breaks deliberately loosened bounds, so the soundness test above can fail."""
     for name in ("CBN-clamp", "PG-Mask-BN", "PatchGuard++"):
-        broken = sum(bool(unsound[name][i]) and bool(((out[name] != y[i]) & (out[name] != -1)).any())
-                     for _, _, y, _, _, outs, unsound in audited for i, out in enumerate(outs))
+        broken = sum(
+            bool(unsound[name][i]) and bool(((out[name] != y[i]) & (out[name] != -1)).any())
+            for _, _, y, _, _, outs, unsound in audited
+            for i, out in enumerate(outs)
+        )
         assert broken > 0, name
 
 
@@ -230,16 +239,21 @@ def test_gradient_patch_attack_never_breaks_a_certificate(audited, name):
         idx = torch.tensor([i for i in range(len(x)) if certs[name].certified[i]], dtype=torch.long)
         if len(idx) == 0:
             continue
-        corners = torch.cat([torch.tensor([[0, 0], [N - P, N - P], [N // 2, N // 2 - 1]]),
-                             torch.randint(0, N - P + 1, (5, 2), generator=torch.Generator().manual_seed(4))])
+        corners = torch.cat(
+            [
+                torch.tensor([[0, 0], [N - P, N - P], [N // 2, N // 2 - 1]]),
+                torch.randint(0, N - P + 1, (5, 2), generator=torch.Generator().manual_seed(4)),
+            ]
+        )
         xs, ys = x[idx].repeat_interleave(len(corners), 0), y[idx].repeat_interleave(len(corners))
 
         def loss(model, xp, yy):  # push the best wrong class over the true one
             s = _scores(name, model.local_logits(xp), win)
             return s.scatter(1, yy[:, None], -1e9).amax(1) - s.gather(1, yy[:, None])[:, 0]
 
-        xp, _ = pgd_patch(m, xs, ys, P, corners=corners.repeat(len(idx), 1), steps=6, step_size=0.3, seed=5,
-                          loss_fn=loss)
+        xp, _ = pgd_patch(
+            m, xs, ys, P, corners=corners.repeat(len(idx), 1), steps=6, step_size=0.3, seed=5, loss_fn=loss
+        )
         with torch.no_grad():
             o = _defended(m.local_logits(xp), ys, win)[name]
         assert ((o == ys) | ((o == -1) & (name == "PatchGuard++"))).all()
@@ -262,15 +276,16 @@ def _logits(c0, c1):
 
 def test_cbn_hand_computed():
     y = torch.tensor([0])
+
     # clamp to [0, 1], 4 x 4 map, 2 x 2 windows: margin = (S0 - S1) - (W0 - W1) - 4 * (1 - 0)
     def flat(a, b):
         return _logits(torch.full((4, 4), a), torch.full((4, 4), b))
 
-    out = cbn_local(flat(0.75, 0.25), y, 2, "clamp", 0.0, 1.0)   # 8 - 2 - 4 = 2
+    out = cbn_local(flat(0.75, 0.25), y, 2, "clamp", 0.0, 1.0)  # 8 - 2 - 4 = 2
     assert out["certified"].item() and out["margin"].item() == pytest.approx(2.0)
-    out = cbn_local(flat(0.5, 0.25), y, 2, "clamp", 0.0, 1.0)    # 4 - 1 - 4 = -1
+    out = cbn_local(flat(0.5, 0.25), y, 2, "clamp", 0.0, 1.0)  # 4 - 1 - 4 = -1
     assert not out["certified"].item() and out["margin"].item() == pytest.approx(-1.0)
-    out = cbn_local(flat(3.0, -2.0), y, 2, "clamp", 0.0, 1.0)    # clipped to 1 / 0: 16 - 4 - 4 = 8
+    out = cbn_local(flat(3.0, -2.0), y, 2, "clamp", 0.0, 1.0)  # clipped to 1 / 0: 16 - 4 - 4 = 8
     assert out["certified"].item() and out["margin"].item() == pytest.approx(8.0)
     # the worst window is the one where the true class is strongest
     c0 = torch.full((4, 4), 0.5)
@@ -285,11 +300,11 @@ def test_pg_mask_hand_computed():
     # class 0 uniform 1: masked 16 - 4 = 12; worst case L = 16 - 8 (two disjoint windows) = 8
     one_spike = torch.zeros(4, 4)
     one_spike[0, 0] = 5.0
-    out = pg_mask_local(_logits(ones, one_spike), y, 2)          # U = 5 outside, 0 on the spike: 8 - 5 = 3
+    out = pg_mask_local(_logits(ones, one_spike), y, 2)  # U = 5 outside, 0 on the spike: 8 - 5 = 3
     assert out["pred"].item() == 0 and out["certified"].item() and out["margin"].item() == pytest.approx(3.0)
     two_spikes = one_spike.clone()
     two_spikes[3, 3] = 5.0
-    out = pg_mask_local(_logits(ones, two_spikes), y, 2)         # U = 10 on a window missing both: 8 - 10 = -2
+    out = pg_mask_local(_logits(ones, two_spikes), y, 2)  # U = 10 on a window missing both: 8 - 10 = -2
     assert out["pred"].item() == 0 and not out["certified"].item()
     assert out["margin"].item() == pytest.approx(-2.0)
     # negative evidence is clipped away (ReLU): the same as above
@@ -304,16 +319,17 @@ def test_pg_mask_hand_computed():
 def test_pgpp_hand_computed():
     y = torch.tensor([0])
     ones = torch.ones(4, 4)
+
     def block(v):  # evidence v in the top-left 2 x 2
         return torch.nn.functional.pad(torch.full((2, 2), v), (0, 2, 0, 2))
 
-    out = pgpp_local(_logits(ones, block(2.5)), y, 2)   # unmasked 16 vs 10; a far window: 12 vs 10 -> agree
+    out = pgpp_local(_logits(ones, block(2.5)), y, 2)  # unmasked 16 vs 10; a far window: 12 vs 10 -> agree
     assert out["pred"].item() == 0 and not out["alert"].item() and out["certified"].item()
-    out = pgpp_local(_logits(ones, block(3.5)), y, 2)   # unmasked 16 vs 14; a far window: 12 vs 14 -> alert
+    out = pgpp_local(_logits(ones, block(3.5)), y, 2)  # unmasked 16 vs 14; a far window: 12 vs 14 -> alert
     assert out["pred"].item() == -1 and out["alert"].item() and not out["certified"].item()
     # windows touching the block mask some of class 1's evidence: exactly the 9 - 4 = 5 far-enough ones disagree
     assert out["disagree"].item() == 5
-    out = pgpp_local(_logits(ones, block(2.5)), torch.tensor([1]), 2)   # right output for another label: not certified
+    out = pgpp_local(_logits(ones, block(2.5)), torch.tensor([1]), 2)  # right output for another label: not certified
     assert out["pred"].item() == 0 and not out["certified"].item()
 
 
@@ -380,12 +396,21 @@ def test_one_training_step_lowers_the_loss():
 def test_train_bagnet_writes_a_loadable_checkpoint_and_resumes(tmp_path):
     g = torch.Generator().manual_seed(0)
     y = torch.arange(48) % 3
-    x = (torch.rand(48, 3, 1, 1, generator=g) * 0.3 + torch.nn.functional.one_hot(y, 3)[:, :, None, None] * 0.6)
+    x = torch.rand(48, 3, 1, 1, generator=g) * 0.3 + torch.nn.functional.one_hot(y, 3)[:, :, None, None] * 0.6
     x = (x.expand(-1, -1, N, N) * 255).to(torch.uint8).numpy()
     train = ImageSet(x, y.numpy(), ["a", "b", "c"], "toy", "train")
     ev = ImageSet(x[:12], y[:12].numpy(), ["a", "b", "c"], "toy", "test")
-    kw = dict(arch="bagnet_tiny", epochs=1, batch_size=16, lr=0.05, runs_dir=tmp_path / "runs",
-              out_dir=tmp_path / "ckpt", train_set=train, eval_set=ev, command="test")
+    kw = dict(
+        arch="bagnet_tiny",
+        epochs=1,
+        batch_size=16,
+        lr=0.05,
+        runs_dir=tmp_path / "runs",
+        out_dir=tmp_path / "ckpt",
+        train_set=train,
+        eval_set=ev,
+        command="test",
+    )
     card = train_bagnet("toy_bagnet", **kw)
     assert card["geometry"] == {"stride": 2, "rf": 5, "pad": 2} and card["logit_map"] == [8, 8]
     log = (tmp_path / "runs" / "toy_bagnet" / "log.jsonl").read_text().splitlines()
@@ -402,6 +427,7 @@ def test_train_bagnet_writes_a_loadable_checkpoint_and_resumes(tmp_path):
 
 def test_training_interrupted_mid_epoch_resumes_to_the_same_weights(tmp_path):
     from scalecert.runstate import Interrupted
+
     g = torch.Generator().manual_seed(0)
     y = torch.arange(48) % 3
     # pixel noise, so that the random crops and flips change the batches
@@ -409,12 +435,22 @@ def test_training_interrupted_mid_epoch_resumes_to_the_same_weights(tmp_path):
     x = (x * 255).to(torch.uint8).numpy()
     train = ImageSet(x, y.numpy(), ["a", "b", "c"], "toy", "train")
     ev = ImageSet(x[:12], y[:12].numpy(), ["a", "b", "c"], "toy", "test")
-    kw = dict(arch="bagnet_tiny", epochs=2, batch_size=16, lr=0.05, runs_dir=tmp_path / "runs",
-              out_dir=tmp_path / "ckpt", train_set=train, eval_set=ev, command="test", threads=1)
+    kw = dict(
+        arch="bagnet_tiny",
+        epochs=2,
+        batch_size=16,
+        lr=0.05,
+        runs_dir=tmp_path / "runs",
+        out_dir=tmp_path / "ckpt",
+        train_set=train,
+        eval_set=ev,
+        command="test",
+        threads=1,
+    )
     whole = train_bagnet("whole", **kw)
     with pytest.raises(Interrupted, match="step 2 of epoch 1"):
         train_bagnet("cut", **kw, stop_after=2)
     with pytest.raises(Interrupted, match="step 1 of epoch 2"):
-        train_bagnet("cut", **kw, stop_after=2)        # the rest of epoch 1, then one step of epoch 2
+        train_bagnet("cut", **kw, stop_after=2)  # the rest of epoch 1, then one step of epoch 2
     assert train_bagnet("cut", **kw)["sha256"] == whole["sha256"]
     assert len((tmp_path / "runs" / "cut" / "log.jsonl").read_text().splitlines()) == 2

@@ -1,6 +1,7 @@
 """De-randomized Smoothing (column ablation) and PG-Mask-DS: ablation, hand-computed votes and
 certificates (ties included), Delta by exhaustive count, exhaustive soundness of both aggregations
 and of the certificates on a hand-built model, checkpoint integrity and training."""
+
 import itertools
 import json
 
@@ -83,8 +84,13 @@ def test_column_ablate_encoding_and_wrap():
             column_ablate(x, 0, bad)
     with pytest.raises(ValueError):
         column_ablate(x, torch.tensor([0.5, 1.0]), 2)
-    assert (default_band(32), default_band(299), default_band(224), default_threshold(32), default_threshold(224)) == \
-        (4, 25, 19, 0.3, 0.2)
+    assert (default_band(32), default_band(299), default_band(224), default_threshold(32), default_threshold(224)) == (
+        4,
+        25,
+        19,
+        0.3,
+        0.2,
+    )
 
 
 # --------------------------------------------------------------------------- (1) hand-computed votes
@@ -95,7 +101,7 @@ def test_votes_of_hand_built_model_match_hand_computed():
     model = ColourNet(scale=10.0, mode="mean")
     logits = band_logits(model, x, band=2)
     # band s covers columns s, s+1 (mod 6): means (1,0,0) (.5,.5,0) (0,.5,.5) (0,0,1) (0,0,1) (.5,0,.5)
-    expected = 10 * torch.tensor([[1, 0, 0], [.5, .5, 0], [0, .5, .5], [0, 0, 1], [0, 0, 1], [.5, 0, .5]])
+    expected = 10 * torch.tensor([[1, 0, 0], [0.5, 0.5, 0], [0, 0.5, 0.5], [0, 0, 1], [0, 0, 1], [0.5, 0, 0.5]])
     assert torch.allclose(logits[0], expected)
     top = ds_votes(model, x, band=2, threshold=None)  # argmax, exact ties to the smaller class
     assert top.sum(-1).eq(1).all()
@@ -113,17 +119,20 @@ def test_votes_of_hand_built_model_match_hand_computed():
 
 
 # --------------------------------------------------------------------------- (2) hand-made certificates
-@pytest.mark.parametrize("counts,label,d,flag", [
-    ([5, 3, 0], 0, 1, True),    # 5 >= 3 + 2 (c = 1 > y: ties go to y)
-    ([3, 5, 0], 1, 1, False),   # 5 > 3 + 2 fails (c = 0 < y would win the tie)
-    ([2, 5, 0], 1, 1, True),
-    ([0, 5, 3], 1, 1, True),    # 5 >= 3 + 2 with c = 2 > y
-    ([0, 4, 3], 1, 1, False),
-    ([5, 3, 0], 1, 1, False),   # not even the prediction
-    ([2, 2, 0], 0, 0, True),    # Delta = 0: the tie goes to class 0
-    ([2, 2, 0], 1, 0, False),
-    ([9, 0, 0], 0, 5, False),   # 9 < 0 + 10
-])
+@pytest.mark.parametrize(
+    "counts,label,d,flag",
+    [
+        ([5, 3, 0], 0, 1, True),  # 5 >= 3 + 2 (c = 1 > y: ties go to y)
+        ([3, 5, 0], 1, 1, False),  # 5 > 3 + 2 fails (c = 0 < y would win the tie)
+        ([2, 5, 0], 1, 1, True),
+        ([0, 5, 3], 1, 1, True),  # 5 >= 3 + 2 with c = 2 > y
+        ([0, 4, 3], 1, 1, False),
+        ([5, 3, 0], 1, 1, False),  # not even the prediction
+        ([2, 2, 0], 0, 0, True),  # Delta = 0: the tie goes to class 0
+        ([2, 2, 0], 1, 0, False),
+        ([9, 0, 0], 0, 5, False),  # 9 < 0 + 10
+    ],
+)
 def test_ds_certificate_hand_made(counts, label, d, flag):
     c = torch.tensor([counts])
     assert ds_certificate(c, [label], d).tolist() == [flag]
@@ -151,8 +160,8 @@ def test_pg_mask_hand_made():
     assert ok.tolist() == [True] and margin.tolist() == [6]
     # an exact tie (n = 6, Delta = 1): y votes everywhere, L = 6 - 2 = 4; c votes at 0..3, U_c = 4 at W0 in {4, 5}
     tie = [[1] * 6, [1, 1, 1, 1, 0, 0]]
-    ok0, m0 = pg_mask_certificate(votes_of(tie), [0], 1)            # c = 1 > y = 0: the tie goes to y
-    ok1, m1 = pg_mask_certificate(votes_of(tie[::-1]), [1], 1)      # c = 0 < y = 1: the tie goes to c
+    ok0, m0 = pg_mask_certificate(votes_of(tie), [0], 1)  # c = 1 > y = 0: the tie goes to y
+    ok1, m1 = pg_mask_certificate(votes_of(tie[::-1]), [1], 1)  # c = 0 < y = 1: the tie goes to c
     assert (ok0.tolist(), ok1.tolist(), m0.tolist(), m1.tolist()) == ([True], [False], [0], [0])
     # Delta >= n: everything masked, class 0 by the tie rule
     assert pg_mask_predict(votes_of([[0, 1, 1], [1, 1, 1]]), 5).tolist() == [0]
@@ -189,9 +198,17 @@ def test_aggregations_sound_against_every_vote_change():
 
 def test_vote_bounds_hand_made():
     e = VOTE_EPS
-    logits = torch.tensor([[0.3 + e / 2, 0.5, 0.2 - e / 2],      # one probability just above theta = 0.3
-                           [0.6, 0.35, 0.05],                       # nothing near a decision
-                           [0.3 - e / 2, 0.5, 0.2 + e / 2]]).double().log()
+    logits = (
+        torch.tensor(
+            [
+                [0.3 + e / 2, 0.5, 0.2 - e / 2],  # one probability just above theta = 0.3
+                [0.6, 0.35, 0.05],  # nothing near a decision
+                [0.3 - e / 2, 0.5, 0.2 + e / 2],
+            ]
+        )
+        .double()
+        .log()
+    )
     low, high = vote_bounds(logits, 0.3)
     votes = ds_votes_from(logits, 0.3)
     assert votes.tolist() == [[True, True, False], [True, True, False], [False, True, False]]
@@ -210,6 +227,7 @@ def test_vote_bounds_hand_made():
 
 def ds_votes_from(logits, threshold):
     from scalecert.baselines.smoothing import votes_from_logits
+
     return votes_from_logits(logits, threshold)
 
 
@@ -292,7 +310,7 @@ def test_delta_counts_changed_band_inputs(n, band, p):
     assert d == min(n, p + band - 1)
     for col in range(n - p + 1):
         xp = x.clone()
-        xp[..., col: col + p] = 0.9  # differs from x at every patch pixel
+        xp[..., col : col + p] = 0.9  # differs from x at every patch pixel
         changed = (column_ablate(xp.expand(n, -1, -1, -1), starts, band) != base).flatten(1).any(1)
         assert int(changed.sum()) == d
         assert torch.nonzero(changed).flatten().tolist() == affected_bands(n, col, p, band).tolist()
@@ -310,7 +328,7 @@ def two_colour_images(b: int, n: int, gen: torch.Generator):
     k = torch.randint(0, n + 1, (b,), generator=gen)
     eye = torch.eye(3)
     ca, cb = 0.1 + 0.7 * eye[a], 0.1 + 0.7 * eye[bb]
-    left = torch.arange(n)[None, :] < k[:, None]                                  # (b, n)
+    left = torch.arange(n)[None, :] < k[:, None]  # (b, n)
     x = torch.where(left[:, None, None, :], ca[:, :, None, None], cb[:, :, None, None])
     x = (x + 0.1 * torch.rand(b, 3, n, n, generator=gen)).clamp(0, 1)
     return x, torch.where(2 * k >= n, a, bb)
@@ -324,7 +342,7 @@ def test_certificates_survive_exhaustive_patch_audit():
     g = torch.Generator().manual_seed(3)
     x, y = two_colour_images(20, n, g)
     model = ColourNet(20.0)
-    corners = patch_positions(n, p)                       # every one of the 15 x 15 positions
+    corners = patch_positions(n, p)  # every one of the 15 x 15 positions
     gp = torch.Generator().manual_seed(4)
     eye = torch.eye(3)[:, :, None, None].expand(3, 3, p, p)
     contents = [torch.zeros(3, p, p), torch.ones(3, p, p), *eye]
@@ -333,13 +351,17 @@ def test_certificates_survive_exhaustive_patch_audit():
     def audit_votes(i):  # votes of all 6 x 225 patched copies of image i, shared by both defences
         if i not in cache:
             xs = x[i].expand(len(corners), -1, -1, -1)
-            patched = torch.cat([apply_patch(xs, c, corners) for c in contents] +
-                                [apply_patch(xs, torch.rand(len(corners), 3, p, p, generator=gp), corners)])
+            patched = torch.cat(
+                [apply_patch(xs, c, corners) for c in contents]
+                + [apply_patch(xs, torch.rand(len(corners), 3, p, p, generator=gp), corners)]
+            )
             cache[i] = ds_votes(model, patched, band, theta, chunk=4096)
         return cache[i]
 
-    for defense, certify, defended in (("DS", certify_ds, lambda v: ds_predict(v.sum(1))),
-                                       ("PG-Mask-DS", certify_pg_mask_ds, lambda v: pg_mask_predict(v, d))):
+    for defense, certify, defended in (
+        ("DS", certify_ds, lambda v: ds_predict(v.sum(1))),
+        ("PG-Mask-DS", certify_pg_mask_ds, lambda v: pg_mask_predict(v, d)),
+    ):
         df = certify(model, x, y, p, band=band, threshold=theta, chunk=256)
         assert (df.defense == defense).all() and (df.kind == "recovery").all() and not df.alert.any()
         assert (df.forwards == n).all() and (df.delta == d).all() and (df.patch_px == p).all()
@@ -361,14 +383,31 @@ def test_certificates_survive_exhaustive_patch_audit():
 def test_bad_inputs_raise():
     model = ColourNet()
     x, y = torch.rand(2, 3, 8, 8), torch.tensor([0, 1])
-    for kwargs in ({"images": torch.rand(2, 1, 8, 8)}, {"images": x * 2}, {"images": x.int()},
-                   {"labels": torch.tensor([0, 3])}, {"labels": torch.tensor([0])}, {"patch": 9},
-                   {"patch": 0}, {"band": 0}, {"band": 9}, {"threshold": 0.0}, {"batch_size": 0}):
+    for kwargs in (
+        {"images": torch.rand(2, 1, 8, 8)},
+        {"images": x * 2},
+        {"images": x.int()},
+        {"labels": torch.tensor([0, 3])},
+        {"labels": torch.tensor([0])},
+        {"patch": 9},
+        {"patch": 0},
+        {"band": 0},
+        {"band": 9},
+        {"threshold": 0.0},
+        {"batch_size": 0},
+    ):
         args = {"images": x, "labels": y, "patch": 2, "band": 2, "threshold": 0.3, **kwargs}
         for fn in (certify_ds, certify_pg_mask_ds):
             with pytest.raises(ValueError):
-                fn(model, args["images"], args["labels"], args["patch"], band=args["band"],
-                   threshold=args["threshold"], batch_size=kwargs.get("batch_size", 64))
+                fn(
+                    model,
+                    args["images"],
+                    args["labels"],
+                    args["patch"],
+                    band=args["band"],
+                    threshold=args["threshold"],
+                    batch_size=kwargs.get("batch_size", 64),
+                )
     with pytest.raises(ValueError):
         certify_ds(model, x, y, 2, band=2, votes=torch.zeros(2, 7, 3, dtype=torch.bool))
     with pytest.raises(ValueError):
@@ -408,6 +447,7 @@ def test_one_training_step_lowers_the_loss():
     opt = torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9)
     before, _ = train_step(m, opt, x, y, 2, starts=starts)
     from scalecert.baselines.smoothing import ds_loss
+
     with torch.no_grad():
         after = ds_loss(m, x, y, starts, 2)[0].item()
     assert after < before
@@ -422,8 +462,21 @@ def test_train_ds_tiny_run_writes_card_log_and_resumes(tmp_path):
     classes = ["r", "g", "b"]
     tr = ImageSet(imgs[tr_idx], labels[tr_idx], classes, "toy", "train")
     ev = ImageSet(imgs[ev_idx], labels[ev_idx], classes, "toy", "test")
-    kw = dict(band=2, epochs=1, batch_size=20, lr=0.05, eval_subset=0, cert_eval=3, final_cert=3, cert_patch=2,
-              runs_dir=tmp_path / "runs", out_dir=tmp_path / "ck", train_set=tr, eval_set=ev, threads=1)
+    kw = dict(
+        band=2,
+        epochs=1,
+        batch_size=20,
+        lr=0.05,
+        eval_subset=0,
+        cert_eval=3,
+        final_cert=3,
+        cert_patch=2,
+        runs_dir=tmp_path / "runs",
+        out_dir=tmp_path / "ck",
+        train_set=tr,
+        eval_set=ev,
+        threads=1,
+    )
     card = train_ds("toy_ds", **kw)
     log = [json.loads(line) for line in (tmp_path / "runs" / "toy_ds" / "log.jsonl").read_text().splitlines()]
     assert len(log) == 1 and {"loss", "base_acc", "ds_certified_3", "pg_certified_3"} <= set(log[0])
@@ -440,12 +493,26 @@ def test_train_ds_tiny_run_writes_card_log_and_resumes(tmp_path):
 
 def test_training_interrupted_mid_epoch_resumes_to_the_same_weights(tmp_path):
     from scalecert.runstate import Interrupted
+
     g = torch.Generator().manual_seed(5)
     x, y = two_colour_images(60, 16, g)
     tr = ImageSet((x * 255).round().to(torch.uint8).numpy(), y.numpy(), ["r", "g", "b"], "toy", "train")
-    kw = dict(band=2, epochs=1, batch_size=20, lr=0.05, eval_subset=0, cert_eval=0, final_cert=3, cert_patch=2,
-              runs_dir=tmp_path / "runs", out_dir=tmp_path / "ck", train_set=tr, eval_set=tr, threads=1)
+    kw = dict(
+        band=2,
+        epochs=1,
+        batch_size=20,
+        lr=0.05,
+        eval_subset=0,
+        cert_eval=0,
+        final_cert=3,
+        cert_patch=2,
+        runs_dir=tmp_path / "runs",
+        out_dir=tmp_path / "ck",
+        train_set=tr,
+        eval_set=tr,
+        threads=1,
+    )
     whole = train_ds("whole", **kw)
-    with pytest.raises(Interrupted, match="step 2 of epoch 1"):   # 3 steps: the band draws of steps 1-2 are skipped
+    with pytest.raises(Interrupted, match="step 2 of epoch 1"):  # 3 steps: the band draws of steps 1-2 are skipped
         train_ds("cut", **kw, stop_after=2)
     assert train_ds("cut", **kw)["sha256"] == whole["sha256"]

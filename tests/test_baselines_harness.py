@@ -58,6 +58,7 @@ def _peer_checkpoints():
     import json
 
     from scalecert.models import ARCHS, CHECKPOINT_DIR
+
     out = []
     for p in sorted(CHECKPOINT_DIR.glob("*.pt")):
         card = json.loads(p.with_suffix(".json").read_text())
@@ -74,6 +75,7 @@ def test_peer_card_accuracy_holds_on_a_subset(name):
     from scalecert.baselines.ibp import clean_accuracy
     from scalecert.baselines.smoothing import base_accuracy
     from scalecert.train import evaluate
+
     peers = [p for p in H._peers().values() if name in p.checkpoints.values()]
     assert peers, f"{name} is shipped but no peer of the harness uses it"
     model = peers[0].loader(name)
@@ -91,6 +93,7 @@ def test_peer_card_accuracy_holds_on_a_subset(name):
 
 def test_ds_votes_are_computed_once_and_charged_to_every_configuration(tmp_path, monkeypatch):
     from scalecert.baselines import smoothing as S
+
     torch.manual_seed(0)
     path = tmp_path / "tiny_ds.pt"
     save_checkpoint(S.ds_model("resnet20", 10, 4), path, {"name": "tiny_ds"})
@@ -100,30 +103,37 @@ def test_ds_votes_are_computed_once_and_charged_to_every_configuration(tmp_path,
         calls.append(len(x))
         return {"votes": S.ds_votes(model, x, device=device)}
 
-    peers = {n: H.Peer(n, "recovery", S.load_ds, f, {"cifar10": str(path)}, counted)
-             for n, f in (("DS", S.certify_ds), ("PG-Mask-DS", S.certify_pg_mask_ds))}
+    peers = {
+        n: H.Peer(n, "recovery", S.load_ds, f, {"cifar10": str(path)}, counted)
+        for n, f in (("DS", S.certify_ds), ("PG-Mask-DS", S.certify_pg_mask_ds))
+    }
     monkeypatch.setattr(H, "_peers", lambda: peers)
     monkeypatch.setattr(H, "_SHARED", {})
     monkeypatch.setattr(R, "CACHE_DIR", tmp_path / "cache")
-    got = {(n, pct): H.peer_cached(n, "cifar10", pct, per_class=1, chunk_images=5, progress=False)
-           for n in ("DS", "PG-Mask-DS") for pct in (0.4, 2.4)}
-    assert calls == [5, 5]                                 # one vote pass per chunk of images, for 4 configurations
+    got = {
+        (n, pct): H.peer_cached(n, "cifar10", pct, per_class=1, chunk_images=5, progress=False)
+        for n in ("DS", "PG-Mask-DS")
+        for pct in (0.4, 2.4)
+    }
+    assert calls == [5, 5]  # one vote pass per chunk of images, for 4 configurations
     model = S.load_ds(path)
     from scalecert import data as D
     from scalecert.experiments import eval_ids
+
     ds = D.load_dataset("cifar10", "eval")
     x, y = ds.tensors(eval_ids(ds, 1, 0))
-    for (n, pct), df in got.items():                       # same records as certifying without sharing
+    for (n, pct), df in got.items():  # same records as certifying without sharing
         alone = peers[n].certify(model, x, y, pct, ids=eval_ids(ds, 1, 0))
         cols = [c for c in alone.columns if c != "seconds"]
         pd.testing.assert_frame_equal(df[cols].reset_index(drop=True), alone[cols], check_dtype=False)
     first, reused = got[("DS", 0.4)].attrs["seconds_per_image"], got[("DS", 2.4)].attrs["seconds_per_image"]
     vote_secs = sum(v[1] for v in H._SHARED.values()) / 10
-    assert reused >= vote_secs > 0 and first >= vote_secs    # the reusing configuration is charged the votes
+    assert reused >= vote_secs > 0 and first >= vote_secs  # the reusing configuration is charged the votes
 
 
 def test_bagnet_logits_are_computed_once_for_the_three_bagnet_peers(tmp_path, monkeypatch):
     from scalecert.baselines import patchguard as G
+
     torch.manual_seed(0)
     path = tmp_path / "tiny_bagnet.pt"
     save_checkpoint(BagNet("bagnet11_cifar", 10), path, {"name": "tiny_bagnet"})
@@ -134,21 +144,29 @@ def test_bagnet_logits_are_computed_once_for_the_three_bagnet_peers(tmp_path, mo
         return {"logits": G.bagnet_logits(model, x, device=device)}
 
     fns = {"CBN": G.certify_cbn, "PG-Mask-BN": G.certify_pg_mask_bn, "PatchGuard++": G.certify_pgpp}
-    peers = {n: H.Peer(n, "detection" if n == "PatchGuard++" else "recovery", load_bagnet, f, {"cifar10": str(path)},
-                       counted) for n, f in fns.items()}
+    peers = {
+        n: H.Peer(
+            n, "detection" if n == "PatchGuard++" else "recovery", load_bagnet, f, {"cifar10": str(path)}, counted
+        )
+        for n, f in fns.items()
+    }
     monkeypatch.setattr(H, "_peers", lambda: peers)
     monkeypatch.setattr(H, "_SHARED", {})
     monkeypatch.setattr(R, "CACHE_DIR", tmp_path / "cache")
-    got = {(n, pct): H.peer_cached(n, "cifar10", pct, per_class=1, chunk_images=5, progress=False)
-           for n in fns for pct in (0.4, 2.4)}
-    assert calls == [5, 5]                                 # one forward pass per chunk for 6 configurations
+    got = {
+        (n, pct): H.peer_cached(n, "cifar10", pct, per_class=1, chunk_images=5, progress=False)
+        for n in fns
+        for pct in (0.4, 2.4)
+    }
+    assert calls == [5, 5]  # one forward pass per chunk for 6 configurations
     from scalecert import data as D
     from scalecert.experiments import eval_ids
+
     ds = D.load_dataset("cifar10", "eval")
     ids = eval_ids(ds, 1, 0)
     x, y = ds.tensors(ids)
     model = load_bagnet(path)
-    for (n, pct), df in got.items():                       # same records as certifying without sharing
+    for (n, pct), df in got.items():  # same records as certifying without sharing
         alone = fns[n](model, x, y, pct, ids=ids)
         cols = [c for c in alone.columns if c != "seconds"]
         pd.testing.assert_frame_equal(df[cols].reset_index(drop=True), alone[cols], check_dtype=False)

@@ -1,5 +1,6 @@
 """IBP patch certification (Chiang et al. 2020): bound soundness, a hand-computed case, certificate
 soundness by exhaustive audit, position enumeration, checkpoint integrity and training."""
+
 import json
 
 import numpy as np
@@ -48,8 +49,16 @@ def colour_images(b, n, gen):
 
 def tiny_net(n=16, seed=0):
     torch.manual_seed(seed)
-    layers = [nn.Conv2d(3, 8, 4, 2, 1), nn.ReLU(), nn.Conv2d(8, 8, 4, 2, 1), nn.ReLU(), nn.Flatten(),
-              nn.Linear(8 * (n // 4) ** 2, 32), nn.ReLU(), nn.Linear(32, 3)]
+    layers = [
+        nn.Conv2d(3, 8, 4, 2, 1),
+        nn.ReLU(),
+        nn.Conv2d(8, 8, 4, 2, 1),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(8 * (n // 4) ** 2, 32),
+        nn.ReLU(),
+        nn.Linear(32, 3),
+    ]
     return IBPNet(layers, n, 3, "tiny")
 
 
@@ -90,7 +99,7 @@ def test_bounds_contain_logits_of_sampled_inputs_and_box_corners(eps):
             u = torch.rand(128, 3, 16, 16, generator=g)
             u[64:] = (u[64:] < 0.5).float()  # box corners: every patch pixel at one end of its range
             xs = lo + u * (hi - lo)
-            assert torch.equal(xs[:, :, :c[0], :], x[i].expand(128, -1, -1, -1)[:, :, :c[0], :])  # outside unchanged
+            assert torch.equal(xs[:, :, : c[0], :], x[i].expand(128, -1, -1, -1)[:, :, : c[0], :])  # outside unchanged
             with torch.no_grad():
                 logits = m(xs)
                 llo, lhi = interval_bounds(m, lo, hi)
@@ -144,7 +153,7 @@ def test_certificates_survive_exhaustive_patch_audit(trained):
     cert = torch.tensor(df.certified.values)
     assert cert.any() and (~cert).any(), "the test needs certified and non-certified images"
     assert (df.defense == "IBP").all() and (df.kind == "recovery").all() and not df.alert.any()
-    assert (df.forwards == 1 + 2 * 15 ** 2).all()
+    assert (df.forwards == 1 + 2 * 15**2).all()
     assert ((df.worst_bound > 0) == df.certified).all()
     corners = torch.cartesian_prod(torch.arange(15), torch.arange(15))
     lower = margin_bounds(trained, x, y, corners, p)
@@ -187,6 +196,7 @@ def test_all_positions_are_enumerated_including_corners(trained):
     x, y = colour_images(1, 16, torch.Generator().manual_seed(0))
     assert margin_bounds(trained, x, y, "all", 3).shape == (1, 14 * 14, 3)
     from scalecert.baselines.ibp import _corners
+
     c = _corners("all", 32, 5)
     assert len({tuple(v) for v in c.tolist()}) == 28 * 28 == len(c)
     for corner in ([0, 0], [0, 27], [27, 0], [27, 27]):
@@ -227,8 +237,18 @@ def synthetic_set(b, n, seed, split):
 def test_train_resume_save_load_and_tamper(tmp_path):
     tr, ev = synthetic_set(48, 16, 0, "train"), synthetic_set(30, 16, 1, "test")
     ev.labels = np.repeat([0, 1, 2], 10)  # balanced for the class-balanced subsets
-    kw = dict(patch=2, epochs=2, batch_size=16, cert_eval=3, final_cert=6, runs_dir=tmp_path / "runs",
-              out_dir=tmp_path / "ckpt", train_set=tr, eval_set=ev, threads=0)
+    kw = dict(
+        patch=2,
+        epochs=2,
+        batch_size=16,
+        cert_eval=3,
+        final_cert=6,
+        runs_dir=tmp_path / "runs",
+        out_dir=tmp_path / "ckpt",
+        train_set=tr,
+        eval_set=ev,
+        threads=0,
+    )
     card = train_ibp("t", **kw)
     log = [json.loads(line) for line in (tmp_path / "runs" / "t" / "log.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in log] == [1, 2] and log[-1]["eps"] > 0
@@ -285,17 +305,30 @@ def test_ramp_schedule_and_cost_estimate():
 
 def test_training_interrupted_mid_epoch_resumes_to_the_same_weights(tmp_path):
     from scalecert.runstate import Interrupted
+
     tr, ev = synthetic_set(48, 16, 0, "train"), synthetic_set(30, 16, 1, "test")
     ev.labels = np.repeat([0, 1, 2], 10)
-    kw = dict(patch=2, epochs=2, batch_size=16, cert_eval=0, final_cert=3, runs_dir=tmp_path / "runs",
-              out_dir=tmp_path / "ckpt", train_set=tr, eval_set=ev, threads=1)
+    kw = dict(
+        patch=2,
+        epochs=2,
+        batch_size=16,
+        cert_eval=0,
+        final_cert=3,
+        runs_dir=tmp_path / "runs",
+        out_dir=tmp_path / "ckpt",
+        train_set=tr,
+        eval_set=ev,
+        threads=1,
+    )
     whole = train_ibp("whole", **kw)
     with pytest.raises(Interrupted, match="step 1 of epoch 2"):
-        train_ibp("cut", **kw, stop_after=4)          # 3 steps per epoch: stops inside epoch 2
+        train_ibp("cut", **kw, stop_after=4)  # 3 steps per epoch: stops inside epoch 2
     cut = train_ibp("cut", **kw)
     assert cut["sha256"] == whole["sha256"]
-    logs = [[json.loads(x) for x in (tmp_path / "runs" / n / "log.jsonl").read_text().splitlines()]
-            for n in ("whole", "cut")]
+    logs = [
+        [json.loads(x) for x in (tmp_path / "runs" / n / "log.jsonl").read_text().splitlines()]
+        for n in ("whole", "cut")
+    ]
     for a, b in zip(*logs, strict=True):
         assert {k: v for k, v in a.items() if k != "seconds"} == {k: v for k, v in b.items() if k != "seconds"}
 

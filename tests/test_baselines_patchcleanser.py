@@ -20,7 +20,7 @@ class BoxDetector(nn.Module):
 
     def forward(self, x):
         r0, c0, r1, c1 = self.box
-        hidden = (x[:, :, r0: r1 + 1, c0: c1 + 1] == 0).flatten(1).all(1).float()
+        hidden = (x[:, :, r0 : r1 + 1, c0 : c1 + 1] == 0).flatten(1).all(1).float()
         return torch.stack([1 - hidden, hidden], 1) + self.anchor
 
 
@@ -38,8 +38,9 @@ class BrightSegment(nn.Module):
 
 def tiny_net(seed):
     torch.manual_seed(seed)
-    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 3, 3, padding=1),
-                         nn.AdaptiveMaxPool2d(1), nn.Flatten()).eval()
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 3, 3, padding=1), nn.AdaptiveMaxPool2d(1), nn.Flatten()
+    ).eval()
 
 
 def brute_table(model, x, family):
@@ -49,7 +50,7 @@ def brute_table(model, x, family):
     for i, j in itertools.product(range(k), range(k)):
         img = x.clone()
         for r0, c0, r1, c1 in (family.boxes[i].tolist(), family.boxes[j].tolist()):
-            img[:, r0: r1 + 1, c0: c1 + 1] = 0.0
+            img[:, r0 : r1 + 1, c0 : c1 + 1] = 0.0
         with torch.no_grad():
             out[i, j] = model(img[None]).argmax(1)[0]
     return out
@@ -62,7 +63,7 @@ def algorithm_1(table):
     one = [int(table[i, i]) for i in range(k)]
     if len(set(one)) == 1:
         return one[0], 1, k
-    majority = min(set(one), key=lambda c: (-one.count(c), c))   # ties to the smaller label
+    majority = min(set(one), key=lambda c: (-one.count(c), c))  # ties to the smaller label
     forwards = k
     for i in range(k):
         if one[i] != majority:
@@ -73,8 +74,9 @@ def algorithm_1(table):
 
 
 # --------------------------------------------------------------------------- mask set
-@pytest.mark.parametrize("n,pct", [(32, 0.4), (32, 2.4), (32, 5.0), (32, 8.0),
-                                   (224, 1.0), (224, 2.0), (224, 3.0), (224, 5.0), (224, 8.0)])
+@pytest.mark.parametrize(
+    "n,pct", [(32, 0.4), (32, 2.4), (32, 5.0), (32, 8.0), (224, 1.0), (224, 2.0), (224, 3.0), (224, 5.0), (224, 8.0)]
+)
 def test_mask_set_covers_every_paper_patch_size_with_36_masks(n, pct):
     family = mask_set(n, pct, k=6)
     assert covers_all_patches(family)
@@ -113,10 +115,10 @@ def test_double_masking_decision_on_hand_made_tables():
 def test_double_masking_decision_matches_algorithm_1_on_random_tables():
     gen = torch.Generator().manual_seed(0)
     seen = set()
-    for k in range(2, 8):                                   # 50 tables of each size, decided as one batch
+    for k in range(2, 8):  # 50 tables of each size, decided as one batch
         t = torch.randint(0, 3, (50, k, k), generator=gen)
         t = torch.triu(t) + torch.triu(t, 1).transpose(1, 2)
-        unanimous = torch.rand(50, k, generator=gen) < 0.4   # some masks get a unanimous row: case II candidates
+        unanimous = torch.rand(50, k, generator=gen) < 0.4  # some masks get a unanimous row: case II candidates
         for b, i in unanimous.nonzero().tolist():
             t[b, i, :] = t[b, :, i] = t[b, i, i].clone()
         out = P.double_masking_decision(t)
@@ -127,14 +129,17 @@ def test_double_masking_decision_matches_algorithm_1_on_random_tables():
 
 
 # --------------------------------------------------------------------------- certificate on a hand-built model
-@pytest.mark.parametrize("box,certified,pred,case", [
-    ((10, 10, 12, 12), False, 1, 2),   # one mask hides the box: every mask holding it flips to 1 and passes
-    ((1, 2, 7, 12), False, 0, 1),      # 7 x 11: no one mask hides it (first round agrees), two adjacent masks do
-    ((6, 6, 25, 25), True, 0, 1),      # 20 x 20: no two masks hide it
-])
+@pytest.mark.parametrize(
+    "box,certified,pred,case",
+    [
+        ((10, 10, 12, 12), False, 1, 2),  # one mask hides the box: every mask holding it flips to 1 and passes
+        ((1, 2, 7, 12), False, 0, 1),  # 7 x 11: no one mask hides it (first round agrees), two adjacent masks do
+        ((6, 6, 25, 25), True, 0, 1),  # 20 x 20: no two masks hide it
+    ],
+)
 def test_certificate_equals_brute_force_over_all_mask_pairs(box, certified, pred, case):
     torch.manual_seed(1)
-    x = 0.1 + 0.9 * torch.rand(1, 3, 32, 32)        # no pixel is 0 unless a mask hides it
+    x = 0.1 + 0.9 * torch.rand(1, 3, 32, 32)  # no pixel is 0 unless a mask hides it
     model = BoxDetector(box)
     family = mask_set(32, 5, k=6)
     brute = brute_table(model, x[0], family)
@@ -161,7 +166,7 @@ def test_double_masking_run_round_by_round_equals_the_decision_on_the_pair_table
     got = P.double_masking(net, x, family=family, chunk=23)
     for key in ("pred", "case", "disagreers", "forwards"):
         assert torch.equal(got[key], want[key]), key
-    assert set(got["case"].tolist()) >= {2, 3}      # the seed exercises both second-round outcomes
+    assert set(got["case"].tolist()) >= {2, 3}  # the seed exercises both second-round outcomes
 
 
 def _patched(x, p, gen):
@@ -171,7 +176,7 @@ def _patched(x, p, gen):
     for content in (torch.zeros(3, p, p), torch.ones(3, p, p), torch.rand(3, p, p, generator=gen)):
         for r, c in itertools.product(range(n - p + 1), repeat=2):
             a = x.clone()
-            a[:, r: r + p, c: c + p] = content
+            a[:, r : r + p, c : c + p] = content
             out.append(a)
     return torch.stack(out)
 
@@ -200,13 +205,14 @@ def test_certified_images_keep_their_label_under_every_patch_position(make):
         with torch.no_grad():
             flipped += int((net(attacked).argmax(1) != y[i]).sum())
         worked += int((out["case"] > 1).sum())
-    assert flipped > 0 and worked > 0   # the patches do fool the undefended net and make double masking work
+    assert flipped > 0 and worked > 0  # the patches do fool the undefended net and make double masking work
 
 
 # --------------------------------------------------------------------------- harness
 def test_patchcleanser_runs_through_the_peer_harness(tmp_path, monkeypatch):
     from scalecert import results as R
     from scalecert.baselines import harness as H
+
     pc = H.peer("PatchCleanser")
     assert pc.kind == "recovery" and pc.name not in H.PEER_NAMES and pc.name in H.EXTRA_PEER_NAMES
     assert pc.checkpoint("cifar10") == "cifar10_resnet20_vanilla"
@@ -214,15 +220,19 @@ def test_patchcleanser_runs_through_the_peer_harness(tmp_path, monkeypatch):
     net = tiny_net(1)
     net.card = {"sha256": "0" * 64}
     # k = 3 (9 masks, 45 pairs per image) keeps the run short
-    fake = H.dataclasses.replace(pc, loader=lambda name, device="cpu": net, checkpoints={"cifar10": "tiny"},
-                                 certify=functools.partial(P.certify_patchcleanser, k=3))
+    fake = H.dataclasses.replace(
+        pc,
+        loader=lambda name, device="cpu": net,
+        checkpoints={"cifar10": "tiny"},
+        certify=functools.partial(P.certify_patchcleanser, k=3),
+    )
     monkeypatch.setattr(H, "_peers", lambda: {"PatchCleanser": fake})
     monkeypatch.setattr(R, "CACHE_DIR", tmp_path / "cache")
     df = H.peer_cached("PatchCleanser", "cifar10", 2.4, per_class=1, chunk_images=5, progress=False)
     assert len(df) == 10 and (df.defense == "PatchCleanser").all() and (df.guarantee == "recovery").all()
     assert (df.certify_forwards == 9 * 10 // 2).all() and (df.patch_px == 5).all() and (df.masks == 9).all()
     assert ((df.forwards >= 9) & (df.forwards <= 9 + 8 * df.disagreers)).all()
-    assert (~df.certified | df.clean_correct).all()    # a certified image's defended output is its label
+    assert (~df.certified | df.clean_correct).all()  # a certified image's defended output is its label
     names = []  # another checkpoint than the peer's own: the occlusion-trained twin, say
     other = H.dataclasses.replace(fake, loader=lambda name, device="cpu": names.append(name) or net)
     monkeypatch.setattr(H, "_peers", lambda: {"PatchCleanser": other})

@@ -1,4 +1,5 @@
 """The claims table: the verdict rule, its coverage of the paper's claims, and the README block it writes."""
+
 import math
 import shutil
 
@@ -9,19 +10,22 @@ from scalecert import claims as C
 from scalecert import experiments as E
 
 
-@pytest.mark.parametrize("paper, ours, better, tol, want", [
-    (55.4, 60.9, "higher", 5.0, "reproduced"),        # beyond the paper in the claim's direction
-    (55.4, 50.4, "higher", 5.0, "reproduced"),        # exactly at the tolerance
-    (55.4, 50.3, "higher", 5.0, "not reproduced"),    # just past it
-    (7.9, 12.9, "lower", 5.0, "reproduced"),
-    (7.9, 66.3, "lower", 5.0, "not reproduced"),
-    (100.0, 100.0, "lower", 0.0, "reproduced"),       # a bound without tolerance
-    (100.0, 100.1, "lower", 0.0, "not reproduced"),
-    (-0.6, 4.4, "lower", 5.0, "reproduced"),          # differences in points follow the same rule
-    (50.0, 64.4 - 9.4, "lower", 5.0, "reproduced"),   # 55.00000000000001: compared as printed, not as binary floats
-    (math.nan, 96.0, "higher", 5.0, "not testable here"),
-    (82.1, math.nan, "higher", 5.0, "not testable here"),
-])
+@pytest.mark.parametrize(
+    "paper, ours, better, tol, want",
+    [
+        (55.4, 60.9, "higher", 5.0, "reproduced"),  # beyond the paper in the claim's direction
+        (55.4, 50.4, "higher", 5.0, "reproduced"),  # exactly at the tolerance
+        (55.4, 50.3, "higher", 5.0, "not reproduced"),  # just past it
+        (7.9, 12.9, "lower", 5.0, "reproduced"),
+        (7.9, 66.3, "lower", 5.0, "not reproduced"),
+        (100.0, 100.0, "lower", 0.0, "reproduced"),  # a bound without tolerance
+        (100.0, 100.1, "lower", 0.0, "not reproduced"),
+        (-0.6, 4.4, "lower", 5.0, "reproduced"),  # differences in points follow the same rule
+        (50.0, 64.4 - 9.4, "lower", 5.0, "reproduced"),  # 55.00000000000001: compared as printed, not as binary floats
+        (math.nan, 96.0, "higher", 5.0, "not testable here"),
+        (82.1, math.nan, "higher", 5.0, "not testable here"),
+    ],
+)
 def test_verdict_rule_on_hand_made_rows(paper, ours, better, tol, want):
     assert C.verdict(paper, ours, better, tol)[0] == want
 

@@ -1,5 +1,6 @@
 """Command-line errors: every bad argument of ``python -m scalecert <command>`` ends in one stderr line ``error: …``
 with exit status 2 and no traceback, before any data set, certification, audit, benchmark or training starts."""
+
 import argparse
 
 import pytest
@@ -20,9 +21,18 @@ def _no_work(*args, **kwargs):
 @pytest.fixture(autouse=True)
 def no_real_work(monkeypatch):
     """Any data loading, certification, audit, benchmark, training or re-measurement fails the test."""
-    for module, name in ((cli, "eval_subset"), (cli, "run_certify"), (cli, "bench_one"), (cli, "audit_with_progress"),
-                         (D, "load_dataset"), (D, "main"), (D, "prepare"), (train, "train"),
-                         (train, "recalibrate_bn"), (train, "remeasure")):
+    for module, name in (
+        (cli, "eval_subset"),
+        (cli, "run_certify"),
+        (cli, "bench_one"),
+        (cli, "audit_with_progress"),
+        (D, "load_dataset"),
+        (D, "main"),
+        (D, "prepare"),
+        (train, "train"),
+        (train, "recalibrate_bn"),
+        (train, "remeasure"),
+    ):
         monkeypatch.setattr(module, name, _no_work)
 
 
@@ -50,18 +60,32 @@ def error_line(capsys, argv) -> str:
 
 # ------------------------------------------------------------------ unknown data set
 
-@pytest.mark.parametrize("argv", [["certify", "--dataset", "nope"], ["audit", "--dataset", "nope"],
-                                  ["train", "--name", "x", "--dataset", "nope"], ["data", "cifar10", "nope"]])
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["certify", "--dataset", "nope"],
+        ["audit", "--dataset", "nope"],
+        ["train", "--name", "x", "--dataset", "nope"],
+        ["data", "cifar10", "nope"],
+    ],
+)
 def test_unknown_dataset(capsys, argv):
     assert "unknown dataset 'nope'" in error_line(capsys, argv)
 
 
 # ------------------------------------------------------------------ unknown model / missing checkpoint file
 
-@pytest.mark.parametrize("argv", [["certify", "--checkpoint", "no_such_model"],
-                                  ["audit", "--checkpoint", "no_such_model"],
-                                  ["train", "--name", "x", "--init", "no_such_model"],
-                                  ["recalibrate", "no_such_model"]])
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["certify", "--checkpoint", "no_such_model"],
+        ["audit", "--checkpoint", "no_such_model"],
+        ["train", "--name", "x", "--init", "no_such_model"],
+        ["recalibrate", "no_such_model"],
+    ],
+)
 def test_unknown_checkpoint_name(capsys, argv):
     assert "unknown model 'no_such_model'" in error_line(capsys, argv)
 
@@ -83,10 +107,16 @@ def test_checkpoint_without_card(capsys, ckpt, tmp_path):
 
 # ------------------------------------------------------------------ patch larger than the image, or not positive
 
-@pytest.mark.parametrize("argv", [["certify", "--patch", "200"],
-                                  ["certify", "--dataset", "imagenette", "--patch", "150"],
-                                  ["audit", "--quick", "--patch", "200"],
-                                  ["train", "--name", "x", "--occlude", "2.4,200"]])
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["certify", "--patch", "200"],
+        ["certify", "--dataset", "imagenette", "--patch", "150"],
+        ["audit", "--quick", "--patch", "200"],
+        ["train", "--name", "x", "--occlude", "2.4,200"],
+    ],
+)
 def test_patch_larger_than_the_image(capsys, ckpt, argv):
     argv = argv + (["--checkpoint", ckpt] if argv[0] != "train" else [])
     assert "more than the whole image" in error_line(capsys, argv)
@@ -99,14 +129,16 @@ def test_patch_not_positive(capsys, ckpt, patch):
 
 # ------------------------------------------------------------------ tau outside (0, 1]
 
+
 @pytest.mark.parametrize("tau", ["7", "1.0001", "0", "-0.5", "nan"])
 def test_tau_outside_unit_interval(capsys, ckpt, tau):
     line = error_line(capsys, ["certify", "--checkpoint", ckpt, f"--tau={tau}"])
     assert "argument --tau: overlap ratio tau must lie in (0, 1]" in line
 
 
-@pytest.mark.parametrize("argv", [["audit", "--tau", "7"], ["bench", "--tau", "7"],
-                                  ["train", "--name", "x", "--occlude-tau", "7"]])
+@pytest.mark.parametrize(
+    "argv", [["audit", "--tau", "7"], ["bench", "--tau", "7"], ["train", "--name", "x", "--occlude-tau", "7"]]
+)
 def test_tau_outside_unit_interval_other_commands(capsys, argv):
     assert "tau must lie in (0, 1]" in error_line(capsys, argv)
 
@@ -124,16 +156,28 @@ def test_tau_one_and_small_are_accepted():
 
 # ------------------------------------------------------------------ r < 1
 
-@pytest.mark.parametrize("argv", [["certify", "--window-r", "0"], ["audit", "--window-r", "-2"],
-                                  ["train", "--name", "x", "--r", "0"]])
+
+@pytest.mark.parametrize(
+    "argv", [["certify", "--window-r", "0"], ["audit", "--window-r", "-2"], ["train", "--name", "x", "--r", "0"]]
+)
 def test_r_below_one(capsys, argv):
     assert "must be >= 1" in error_line(capsys, argv)
 
 
 # ------------------------------------------------------------------ unknown device
 
-@pytest.mark.parametrize("command", [["certify"], ["audit"], ["bench"], ["train", "--name", "x"],
-                                     ["recalibrate", "no_such_model"], ["remeasure", "no_such_model"]])
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["certify"],
+        ["audit"],
+        ["bench"],
+        ["train", "--name", "x"],
+        ["recalibrate", "no_such_model"],
+        ["remeasure", "no_such_model"],
+    ],
+)
 def test_unknown_device(capsys, command):
     assert "argument --device: unknown device 'nope'" in error_line(capsys, command + ["--device", "nope"])
 
@@ -153,8 +197,10 @@ def test_device_names():
 
 # ------------------------------------------------------------------ --images below its minimum
 
-@pytest.mark.parametrize("argv", [["certify", "--images", "-1"], ["audit", "--images", "-1"],
-                                  ["bench", "--images", "-1"]])
+
+@pytest.mark.parametrize(
+    "argv", [["certify", "--images", "-1"], ["audit", "--images", "-1"], ["bench", "--images", "-1"]]
+)
 def test_negative_images(capsys, argv):
     assert "argument --images: must be >= 0" in error_line(capsys, argv)
 
@@ -181,6 +227,7 @@ def test_audit_of_the_whole_split_shows_progress_from_the_start(capsys, monkeypa
         raise KeyboardInterrupt  # stop before any real audit work
 
     import scalecert.audit
+
     monkeypatch.setattr(cli, "audit_with_progress", AUDIT_WITH_PROGRESS)
     monkeypatch.setattr(cli, "eval_subset", subset)
     monkeypatch.setattr(scalecert.audit, "audit", first_image)
@@ -192,6 +239,7 @@ def test_audit_of_the_whole_split_shows_progress_from_the_start(capsys, monkeypa
 
 # ------------------------------------------------------------------ SIN layer and rate the checkpoint cannot take
 
+
 def test_unknown_sin_layer(capsys, ckpt):
     assert "unknown superficial layer 0" in error_line(capsys, ["certify", "--checkpoint", ckpt, "--layer", "0"])
 
@@ -202,9 +250,18 @@ def test_sin_rate_outside_unit_interval(capsys, ckpt):
 
 # ------------------------------------------------------------------ commands and options argparse itself rejects
 
-@pytest.mark.parametrize("argv", [["certify", "--bogus"], ["models", "--bogus"], ["cache", "--bogus"],
-                                  ["data", "--bogus"], ["certify", "--mode", "nope"],
-                                  ["train", "--dataset", "cifar10"]])
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["certify", "--bogus"],
+        ["models", "--bogus"],
+        ["cache", "--bogus"],
+        ["data", "--bogus"],
+        ["certify", "--mode", "nope"],
+        ["train", "--dataset", "cifar10"],
+    ],
+)
 def test_argparse_errors_are_one_line(capsys, argv):
     error_line(capsys, argv)
 
@@ -214,12 +271,31 @@ def test_unknown_or_missing_command(capsys, argv):
     assert "usage: python -m scalecert {" in error_line(capsys, argv)
 
 
-@pytest.mark.parametrize("argv", [
-    ["certify", "--tau", "1", "--window-r", "1", "--images", "0", "--patch", "2.4", "--device", "cpu", "--layer", "1"],
-    ["audit", "--quick", "--tau", "0.3", "--dataset", "CIFAR-10", "--patch", "100"],
-    ["train", "--name", "x", "--occlude", "2.4,5", "--occlude-tau", "0.3", "--r", "1", "--device", "cpu"],
-    ["recalibrate", "CKPT", "--images", "1"], ["bench", "--tau", "1", "--images", "0"],
-    ["data", "cifar10", "imagenette-224"]])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        [
+            "certify",
+            "--tau",
+            "1",
+            "--window-r",
+            "1",
+            "--images",
+            "0",
+            "--patch",
+            "2.4",
+            "--device",
+            "cpu",
+            "--layer",
+            "1",
+        ],
+        ["audit", "--quick", "--tau", "0.3", "--dataset", "CIFAR-10", "--patch", "100"],
+        ["train", "--name", "x", "--occlude", "2.4,5", "--occlude-tau", "0.3", "--r", "1", "--device", "cpu"],
+        ["recalibrate", "CKPT", "--images", "1"],
+        ["bench", "--tau", "1", "--images", "0"],
+        ["data", "cifar10", "imagenette-224"],
+    ],
+)
 def test_valid_arguments_get_past_the_checks(capsys, ckpt, argv):
     # the checks reject nothing valid: each command goes on until the first real work (stopped by the fixture)
     argv = [ckpt if x == "CKPT" else x for x in argv]
@@ -235,9 +311,16 @@ def test_a_real_process_exits_2_with_one_line():
     import subprocess
     import sys
     from pathlib import Path
+
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    p = subprocess.run([sys.executable, "-m", "scalecert", "certify", "--tau", "7"], capture_output=True, text=True,
-                       cwd=Path(__file__).resolve().parent.parent, env=env, timeout=120)
+    p = subprocess.run(
+        [sys.executable, "-m", "scalecert", "certify", "--tau", "7"],
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).resolve().parent.parent,
+        env=env,
+        timeout=120,
+    )
     assert p.returncode == 2 and p.stdout == ""
     assert p.stderr.splitlines() == [p.stderr.strip()] and p.stderr.startswith("error: argument --tau: ")
 

@@ -130,8 +130,11 @@ def _tiny_archive(tmp_path, folder="cifar10-jpeg"):
 
 def _use_archive(monkeypatch, arch_path):
     monkeypatch.setattr(D, "shared_dirs", lambda: [arch_path.parent])
-    monkeypatch.setitem(D.ARCHIVES, "cifar10", D.ARCHIVES["cifar10"].__class__(
-        "cifar10-jpeg.tar.gz", "cifar10-jpeg", D.sha256_file(arch_path), "x", 32))
+    monkeypatch.setitem(
+        D.ARCHIVES,
+        "cifar10",
+        D.ARCHIVES["cifar10"].__class__("cifar10-jpeg.tar.gz", "cifar10-jpeg", D.sha256_file(arch_path), "x", 32),
+    )
     monkeypatch.setattr(D, "_network_available", lambda host: False)
 
 
@@ -159,8 +162,9 @@ def test_extraction_is_atomic_and_idempotent(tmp_path, monkeypatch):
 def test_wrong_checksum_is_refused(tmp_path, monkeypatch):
     arch = _tiny_archive(tmp_path)
     _use_archive(monkeypatch, arch)
-    monkeypatch.setitem(D.ARCHIVES, "cifar10", D.ARCHIVES["cifar10"].__class__(
-        "cifar10-jpeg.tar.gz", "cifar10-jpeg", "0" * 64, "x", 32))
+    monkeypatch.setitem(
+        D.ARCHIVES, "cifar10", D.ARCHIVES["cifar10"].__class__("cifar10-jpeg.tar.gz", "cifar10-jpeg", "0" * 64, "x", 32)
+    )
     with pytest.raises(D.DataMissing, match="sha256"):
         D.prepare("cifar10", tmp_path / "data", verbose=False)
 

@@ -13,8 +13,9 @@ def images(b=6, n=16, seed=0):
     return calibration_images(b, n, seed)
 
 
-@pytest.mark.parametrize("arch,layer,n", [("resnet20", 1, 32), ("resnet20", 2, 32), ("resnet18w16", 1, 64),
-                                          ("resnet18w16", 2, 64)])
+@pytest.mark.parametrize(
+    "arch,layer,n", [("resnet20", 1, 32), ("resnet20", 2, 32), ("resnet18w16", 1, 64), ("resnet18w16", 2, 64)]
+)
 def test_stem_once_equals_filled_input_bit_for_bit(arch, layer, n):
     m = spread_model(arch, layer)
     eng = Engine(m, n, 5)
@@ -28,6 +29,7 @@ def test_stem_once_equals_filled_input_bit_for_bit(arch, layer, n):
         direct = m(eng.fill_windows(x[img], boxes), exclude=excl)
         f = m.stem(x)
         from scalecert.sin import importance, masked_topk_from_order, strict_order
+
         keep = masked_topk_from_order(strict_order(importance(f))[img], excl, eng.k)
         once = m.rest(f[img] * keep.view(-1, 1, eng.h, eng.w))
     assert torch.equal(direct, once)
@@ -45,6 +47,7 @@ def test_invariance_lemma_non_candidates_keep_the_winners():
             non = (~cand[i]).nonzero().flatten()
             excl = rect_masks(eng.fp[non], eng.h, eng.w).flatten(1)
             from scalecert.sin import masked_topk_from_order
+
             keep = masked_topk_from_order(order[i].expand(len(non), -1), excl, eng.k)
             assert torch.equal(keep, sin[i].flatten().expand_as(keep))
             cand_excl = rect_masks(eng.fp[cand[i]], eng.h, eng.w).flatten(1)
@@ -53,6 +56,7 @@ def test_invariance_lemma_non_candidates_keep_the_winners():
 
 def test_candidates_match_region_definition():
     from scalecert.geometry import region
+
     m = spread_model(rate=0.05)
     eng = Engine(m, 16, 3)
     x = images(2)
@@ -62,7 +66,7 @@ def test_candidates_match_region_definition():
     for i in range(2):
         R = region(eng.geo, sin[i], 16)
         boxes = eng.family.boxes
-        meets = torch.tensor([R[r0:r1 + 1, c0:c1 + 1].any().item() for r0, c0, r1, c1 in boxes.tolist()])
+        meets = torch.tensor([R[r0 : r1 + 1, c0 : c1 + 1].any().item() for r0, c0, r1, c1 in boxes.tolist()])
         assert torch.equal(cand[i], meets)
 
 
@@ -91,16 +95,23 @@ def test_minority_reports_evaluates_every_window():
     assert (df.n_candidates == 10 * 10).all() and (df.n_evaluated == 100).all()
 
 
-@pytest.mark.parametrize("kw,match", [({"mode": "fast"}, "mode"), ({"rule": "x"}, "rule"),
-                                      ({"rate": 1.5}, "rate"), ({"layer": 99}, "layer")])
+@pytest.mark.parametrize(
+    "kw,match", [({"mode": "fast"}, "mode"), ({"rule": "x"}, "rule"), ({"rate": 1.5}, "rate"), ({"layer": 99}, "layer")]
+)
 def test_bad_options_raise(kw, match):
     with pytest.raises(ValueError, match=match):
         certify(spread_model(), images(1), [0], 3, **kw)
 
 
-@pytest.mark.parametrize("bad,match", [(torch.rand(3, 32, 31), "shape"), (torch.rand(1, 3, 32, 32) * 2, "range|lie"),
-                                       (torch.full((1, 3, 32, 32), float("nan")), "NaN"),
-                                       (torch.zeros(1, 3, 32, 32, dtype=torch.uint8), "floating")])
+@pytest.mark.parametrize(
+    "bad,match",
+    [
+        (torch.rand(3, 32, 31), "shape"),
+        (torch.rand(1, 3, 32, 32) * 2, "range|lie"),
+        (torch.full((1, 3, 32, 32), float("nan")), "NaN"),
+        (torch.zeros(1, 3, 32, 32, dtype=torch.uint8), "floating"),
+    ],
+)
 def test_bad_images_raise(bad, match):
     with pytest.raises(ValueError, match=match):
         certify(spread_model(), bad, [0], 3)
@@ -137,6 +148,7 @@ def test_sound_mode_has_no_violations(r):
 
 def test_cpu_chunk_follows_the_cache_budget(monkeypatch):
     from scalecert.defense import default_chunk
+
     monkeypatch.setenv("SCALECERT_CPU_CHUNK_MB", "16")
     assert default_chunk(1 << 18, "cpu") == 64  # 16 MB / 256 KB
     assert default_chunk(1 << 30, "cpu") == 8  # never below 8
@@ -154,6 +166,7 @@ def test_no_batch_of_occluded_windows_exceeds_the_chunk(monkeypatch, mode, sin):
     eng = Engine(m, 32, 5, chunk=64, mode=mode)
     sizes = []
     inner = eng.occluded_labels
+
     def counted(x, f, o, img, *a):
         sizes.append(len(img))
         return inner(x, f, o, img, *a)
@@ -170,12 +183,14 @@ def test_chunk_size_does_not_change_the_records():
     a = Engine(m, 32, 5, chunk=8).run(x, y, early_stop=False)
     b = Engine(m, 32, 5, chunk=300).run(x, y, early_stop=False)
     drop = ("seconds",)
-    assert [{k: v for k, v in r.items() if k not in drop} for r in a] == \
-        [{k: v for k, v in r.items() if k not in drop} for r in b]
+    assert [{k: v for k, v in r.items() if k not in drop} for r in a] == [
+        {k: v for k, v in r.items() if k not in drop} for r in b
+    ]
 
 
 def test_bench_one_reports_consistent_counts():
     from scalecert.cli import bench_one
+
     m = spread_model()
     x = images(2, 32, seed=5)
     row = bench_one(m, x, 5, repeat=1)
@@ -209,8 +224,9 @@ def test_audit_attack_stride_only_thins_the_attack_positions():
     x = images(2, seed=5)
     with torch.no_grad():
         y = m(x).argmax(1)
-    res = audit(Engine(m, 16, 2), x, y, progress=False, contents=("zeros", "attack"), stride=1,
-                attack_stride=5, attack_steps=1)
+    res = audit(
+        Engine(m, 16, 2), x, y, progress=False, contents=("zeros", "attack"), stride=1, attack_stride=5, attack_steps=1
+    )
     assert res["certified"] > 0
     assert len(patch_positions(16, 2, 5)) == 16  # 0, 5, 10 and the last corner 14, per axis
     assert res["cases"] == res["certified"] * (15 * 15 + 16)
@@ -220,6 +236,7 @@ def test_audit_cached_matches_audit_and_resumes_from_the_cache(tmp_path, monkeyp
     from scalecert import audit as A
     from scalecert import experiments as E
     from scalecert import results as R
+
     monkeypatch.setattr(R, "CACHE_DIR", tmp_path / "cache")
     torch.manual_seed(0)
     path = tmp_path / "m.pt"
@@ -227,11 +244,16 @@ def test_audit_cached_matches_audit_and_resumes_from_the_cache(tmp_path, monkeyp
     kw = dict(per_class=1, mode="sound", stride=9, attack_stride=27, attack_steps=1, progress=False)
     a = E.audit_cached("cifar10", str(path), 2.4, **kw)
     x, y, ids = E.eval_images("cifar10", 1)
-    tot = audit(Engine(load_model(str(path)), 32, 2.4), x, y, progress=False, stride=9, attack_stride=27,
-                attack_steps=1)
+    tot = audit(
+        Engine(load_model(str(path)), 32, 2.4), x, y, progress=False, stride=9, attack_stride=27, attack_steps=1
+    )
     assert list(a.id) == ids and len(a) == 10
-    assert (int(a.certified.sum()), int(a.cases.sum()), int(a.flipped.sum()), int(a.violations.sum())) == \
-        (tot["certified"], tot["cases"], tot["flipped"], tot["violations"])
+    assert (int(a.certified.sum()), int(a.cases.sum()), int(a.flipped.sum()), int(a.violations.sum())) == (
+        tot["certified"],
+        tot["cases"],
+        tot["flipped"],
+        tot["violations"],
+    )
     assert a.violations.sum() == 0
     monkeypatch.setattr(A, "audit_records", lambda *a_, **k: pytest.fail("recomputed a cached image"))
     pd.testing.assert_frame_equal(a, E.audit_cached("cifar10", str(path), 2.4, **kw))
@@ -240,6 +262,7 @@ def test_audit_cached_matches_audit_and_resumes_from_the_cache(tmp_path, monkeyp
 @pytest.mark.skipif(not __import__("os").path.exists("/proc/self/clear_refs"), reason="Linux /proc only")
 def test_run_peak_sees_an_allocation_and_resets_between_calls():
     from scalecert.cli import run_peak_mb
+
     before, peak = run_peak_mb(lambda: torch.ones(25_000_000).sum())  # 100 MB, freed on return
     assert peak - before > 90
     before, peak = run_peak_mb(lambda: None)
@@ -261,9 +284,9 @@ def test_minority_reports_certified_equals_brute_force_over_every_window(patch, 
     with torch.no_grad():
         for i in range(len(x)):
             masks = rect_masks(eng.family.boxes, 16, 16).unsqueeze(1)
-            filled = x[i:i + 1].expand(len(masks), -1, -1, -1).masked_fill(masks, 0.0)
+            filled = x[i : i + 1].expand(len(masks), -1, -1, -1).masked_fill(masks, 0.0)
             labels = m(filled).argmax(1)
-            want.append(bool(m(x[i:i + 1]).argmax(1) == y[i]) and bool((labels == y[i]).all()))
+            want.append(bool(m(x[i : i + 1]).argmax(1) == y[i]) and bool((labels == y[i]).all()))
     assert recs.certified.tolist() == want
     assert 0 < sum(want) < len(want), "the check needs certified and uncertified images"
     assert (recs.n_candidates == len(eng.family)).all()

@@ -1,4 +1,5 @@
 """Sharded certification: 2 gloo processes equal 1 process; killed runs resume; foreign shards are refused."""
+
 import json
 import os
 import subprocess
@@ -32,14 +33,34 @@ def run(args, launcher=(sys.executable, "-m", "scalecert"), check=True):
 
 
 def args(ckpt, tmp, out, cache="cache"):
-    return ["--checkpoint", str(ckpt), "--dataset", "cifar10", "--images", "20", "--patch", "5", "--tau", "0.3",
-            "--chunk-images", "4", "--cache-dir", str(tmp / cache), "--out", str(tmp / out), "--device", "cpu"]
+    return [
+        "--checkpoint",
+        str(ckpt),
+        "--dataset",
+        "cifar10",
+        "--images",
+        "20",
+        "--patch",
+        "5",
+        "--tau",
+        "0.3",
+        "--chunk-images",
+        "4",
+        "--cache-dir",
+        str(tmp / cache),
+        "--out",
+        str(tmp / out),
+        "--device",
+        "cpu",
+    ]
 
 
 def test_two_gloo_processes_equal_one(ckpt, tmp_path):
     run(args(ckpt, tmp_path, "one.csv", "c1"))
-    run(args(ckpt, tmp_path, "two.csv", "c2"),
-        launcher=(sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "scalecert"))
+    run(
+        args(ckpt, tmp_path, "two.csv", "c2"),
+        launcher=(sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "scalecert"),
+    )
     one, two = (tmp_path / "one.csv").read_text(), (tmp_path / "two.csv").read_text()
     assert one == two
     df = pd.read_csv(tmp_path / "one.csv")
@@ -83,6 +104,7 @@ def test_numeric_looking_config_keys_still_merge(tmp_path, key):
 
 def test_cache_status_counts_chunks_and_images_and_survives_an_interruption(tmp_path, capsys):
     from scalecert import cli
+
     run = R.open_run({"dataset": "cifar10", "mode": "sound", "patch": 2.4}, tmp_path)
     fn = lambda r: pd.DataFrame({"id": list(r), "pred": [0] * len(r)})  # noqa: E731
     with pytest.raises(KeyboardInterrupt):
@@ -123,8 +145,12 @@ print(R.compute(run, 8, 2, fn, progress=False))
 def test_notebooks_side_by_side_compute_each_chunk_of_a_shared_run_once(tmp_path):
     """Two processes that need the same run at once share its chunks: each computes some, none is computed twice, the
     merge is whole."""
-    procs = [subprocess.Popen([sys.executable, "-c", _SIDE_BY_SIDE, str(tmp_path), str(k)], cwd=ROOT,
-                              stdout=subprocess.PIPE, text=True) for k in (1, 2)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", _SIDE_BY_SIDE, str(tmp_path), str(k)], cwd=ROOT, stdout=subprocess.PIPE, text=True
+        )
+        for k in (1, 2)
+    ]
     computed = [int(p.communicate(timeout=60)[0].split()[-1]) for p in procs]
     assert [p.returncode for p in procs] == [0, 0]
     calls = (tmp_path / "calls.txt").read_text().split("\n")[:-1]
@@ -136,10 +162,19 @@ def test_notebooks_side_by_side_compute_each_chunk_of_a_shared_run_once(tmp_path
     # a lock is released when its holder dies, however it dies
     with R.exclusive("held", tmp_path):
         pass
-    killed = subprocess.Popen([sys.executable, "-c", "import sys, time; from pathlib import Path; from scalecert "
-                               "import results as R\nwith R.exclusive('held', Path(sys.argv[1])):\n "
-                               "print('in', flush=True); time.sleep(60)", str(tmp_path)],
-                              cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    killed = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from pathlib import Path; from scalecert "
+            "import results as R\nwith R.exclusive('held', Path(sys.argv[1])):\n "
+            "print('in', flush=True); time.sleep(60)",
+            str(tmp_path),
+        ],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     assert killed.stdout.readline().strip() == "in"
     with R.exclusive("held", tmp_path, wait=False) as held:
         assert held is False  # held by the other process: not waited for

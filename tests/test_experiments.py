@@ -1,4 +1,5 @@
 """The cached per-image analyses of 02, 03, 04 and 09: equal to the uncached functions, resumed, never recomputed."""
+
 import json
 
 import pandas as pd
@@ -91,17 +92,28 @@ def test_share_detection_cached_equals_the_direct_run(cache, setup):
 def test_adaptive_summary_hand_computed():
     benign = pd.DataFrame({"detected": [True, False, False, False]})
     patched = pd.DataFrame({"label": [3, 1, 2, 5], "pred": [3, 3, 2, 3], "localised": [True, True, False, False]})
-    assert A.adaptive_summary(benign, patched, target=3) == \
-        {"attack_success": 66.7, "detection_rate": 50.0, "benign_false_alarms": 25.0}  # 2 of the 3 non-cats
+    assert A.adaptive_summary(benign, patched, target=3) == {
+        "attack_success": 66.7,
+        "detection_rate": 50.0,
+        "benign_false_alarms": 25.0,
+    }  # 2 of the 3 non-cats
 
 
 def test_stability_table_hand_computed():
-    per = pd.DataFrame({"label": [0, 1, 2, 3], "benign_before": [0, 1, 2, 0], "benign_after": [0, 1, 0, 0],
-                        "patched_before": [5, 5, 2, 3], "patched_after": [0, 1, 2, 5]})
+    per = pd.DataFrame(
+        {
+            "label": [0, 1, 2, 3],
+            "benign_before": [0, 1, 2, 0],
+            "benign_after": [0, 1, 0, 0],
+            "patched_before": [5, 5, 2, 3],
+            "patched_after": [0, 1, 2, 5],
+        }
+    )
     t = A.stability_table(per)
     assert t.to_dict("records") == [
         {"images": "benign", "before": 75.0, "after_removing_localised_sins": 50.0, "n": 4},
-        {"images": "patched", "before": 50.0, "after_removing_localised_sins": 75.0, "n": 4}]
+        {"images": "patched", "before": 50.0, "after_removing_localised_sins": 75.0, "n": 4},
+    ]
 
 
 def test_force_recomputes_in_place_and_gives_the_same_records(cache, setup, monkeypatch):
@@ -114,6 +126,7 @@ def test_force_recomputes_in_place_and_gives_the_same_records(cache, setup, monk
     def counting(*args, **kw):  # while the run is redone, a reader of it still finds every chunk
         seen.append(len(list(cache.glob("*/chunk-*.csv"))))
         return real(*args, **kw)
+
     monkeypatch.setattr(A, "share_detection", counting)
     b = E.share_detection_cached("cifar10", CKPT, 5.0, patch=patch, force=True, **KW)
     pd.testing.assert_frame_equal(a, b)
@@ -135,7 +148,7 @@ def test_recovery_cached_resumes_and_keeps_its_examples(cache, setup, monkeypatc
     assert torch.equal(xs, E.D.load_dataset("cifar10", "eval").tensors(list(rows.id))[0])
     for i, (a, b) in enumerate(corners[ok][:3].tolist()):  # the stored images: clean outside the patch, at its corner
         outside = torch.ones(32, 32, dtype=torch.bool)
-        outside[a:a + p, b:b + p] = False
+        outside[a : a + p, b : b + p] = False
         assert torch.equal(xp[i][:, outside], xs[i][:, outside])
         assert rows.patch_box[i] == (a, b, a + p - 1, b + p - 1)
     # the stored images give the recorded outcome when detection and recovery run on them again
@@ -173,7 +186,7 @@ def test_recovery_with_no_example_or_no_correct_image_in_the_first_chunk(cache, 
     summary, per, (xs, xp, rows) = E.recovery_cached("cifar10", CKPT, 5.0, examples=0, steps=1, **KW)
     assert len(xs) == len(xp) == len(rows) == 0 and len(per) == 10 - len(wrong)
     first = ids.index(wrong[0])  # a one-image chunk 0 that the model gets wrong: nothing to attack or show
-    monkeypatch.setattr(E, "eval_ids", lambda ds, n, seed=0: ids[first:first + 1] + ids[:first])
+    monkeypatch.setattr(E, "eval_ids", lambda ds, n, seed=0: ids[first : first + 1] + ids[:first])
     summary, per, (xs, xp, rows) = E.recovery_cached("cifar10", CKPT, 5.0, steps=1, **dict(KW, chunk_images=1))
     assert wrong[0] not in list(per.id) and len(xs) == 0
     with pytest.raises(ValueError, match="examples must be"):
@@ -198,8 +211,13 @@ def _fake_run(cache, config, certified, n_chunks=None, chunk=2, hours_per_image=
     n = len(certified)
 
     def fn(rg):
-        df = pd.DataFrame({"id": list(rg), "certified": [certified[i] for i in rg],
-                           "clean_correct": [certified[i] or i % 2 == 1 for i in rg]})
+        df = pd.DataFrame(
+            {
+                "id": list(rg),
+                "certified": [certified[i] for i in rg],
+                "clean_correct": [certified[i] or i % 2 == 1 for i in rg],
+            }
+        )
         df.attrs["extra_seconds"] = 3600 * hours_per_image * len(rg)
         return df
 
@@ -209,24 +227,45 @@ def _fake_run(cache, config, certified, n_chunks=None, chunk=2, hours_per_image=
     return run
 
 
-def test_whole_split_results_lists_complete_whole_split_certificates_with_the_papers_numbers(cache, monkeypatch, capsys):
+def test_whole_split_results_lists_complete_whole_split_certificates_with_the_papers_numbers(
+    cache, monkeypatch, capsys
+):
     from scalecert import data as D
     from scalecert.baselines import harness as H
+
     n = 6  # a stand-in split of 6 images, so that the test needs no 10,000-image run
     monkeypatch.setattr(D, "load_dataset", lambda name, split=None, root=None: range(n))
     empty = E.whole_split_results()
     assert len(empty[empty.in_05]) == 0 and "certified" in empty[empty.in_05]  # rows filtered, columns kept
     sha = {name: E.load_model(name).card["sha256"] for name in (CKPT, "cifar10_resnet20_vanilla")}
     whole, part = R.config_key({"ids": list(range(n))}), R.config_key({"ids": [0, 2, 4]})
-    base = {"dataset": "cifar10", "checkpoint_sha256": sha[CKPT], "patch": 2.4, "mode": "sound", "rule": "strict",
-            "tau": None, "r": 3, "layer": 1, "rate": 0.2, "ids": whole, "chunk_images": 2, "early_stop": True}
+    base = {
+        "dataset": "cifar10",
+        "checkpoint_sha256": sha[CKPT],
+        "patch": 2.4,
+        "mode": "sound",
+        "rule": "strict",
+        "tau": None,
+        "r": 3,
+        "layer": 1,
+        "rate": 0.2,
+        "ids": whole,
+        "chunk_images": 2,
+        "early_stop": True,
+    }
     cert = [True, False, True, True, False, False]  # 50% certified, 83.3% clean (ids 1 and 5 clean only)
     _fake_run(cache, base, cert)
     _fake_run(cache, {**base, "mode": "paper", "rule": "paper", "early_stop": False}, [True] * n)
     _fake_run(cache, {**base, "checkpoint_sha256": sha["cifar10_resnet20_vanilla"], "rate": None}, [False] * n)
     shas = {name: sha for sha, name in E._checkpoint_names().items()}
-    peer = {"peer": "DS", "dataset": "cifar10", "checkpoint_sha256": shas["cifar10_ds_resnet20"],
-            "patch": 2.4, "ids": whole, "chunk_images": 2}
+    peer = {
+        "peer": "DS",
+        "dataset": "cifar10",
+        "checkpoint_sha256": shas["cifar10_ds_resnet20"],
+        "patch": 2.4,
+        "ids": whole,
+        "chunk_images": 2,
+    }
     _fake_run(cache, {**peer, "version": H.peer("DS").version}, cert)
     # left out: a subset, an incomplete run, an older certificate version, a retired checkpoint, an analysis run
     _fake_run(cache, {**base, "ids": part}, [True] * 3)
@@ -238,23 +277,37 @@ def test_whole_split_results_lists_complete_whole_split_certificates_with_the_pa
     _fake_run(cache, {**base, "tau": 0.5, "early_stop": False}, cert)  # 07's timing run of it: listed too
     _fake_run(cache, {**base, "early_stop": False}, cert)  # 07's timing run of 05's row: not 05's row twice
     # Imagenette: 06's rate-20 model at 05's settings gets Table 3/6's number; 07's τ = 0.5 run of 05's model gets none
-    inet = {**base, "dataset": "imagenette", "patch": 2.0, "tau": 0.3, "rate": 0.2,
-            "checkpoint_sha256": shas["imagenette_resnet18w16_sin1_r20"]}
+    inet = {
+        **base,
+        "dataset": "imagenette",
+        "patch": 2.0,
+        "tau": 0.3,
+        "rate": 0.2,
+        "checkpoint_sha256": shas["imagenette_resnet18w16_sin1_r20"],
+    }
     _fake_run(cache, inet, cert)
-    _fake_run(cache, {**inet, "tau": 0.5, "rate": 0.1, "checkpoint_sha256": shas["imagenette_resnet18w16_sin1_r10"]}, cert)
+    _fake_run(
+        cache, {**inet, "tau": 0.5, "rate": 0.1, "checkpoint_sha256": shas["imagenette_resnet18w16_sin1_r10"]}, cert
+    )
 
     every = E.whole_split_results()
     inets = every[every.dataset == "Imagenette-224"].set_index("tau")
     assert not inets.in_05.any() and inets.loc[0.5, ["paper_certified", "paper_table"]].isna().all()
     table36 = E.paper_table("table3_6_topk_rate", "imagenette").set_index(["topk_rate_pct", "patch_pct"])
-    assert inets.loc[0.3, "paper_certified"] == table36.loc[(20, 2), "certified"] and inets.loc[0.3, "paper_table"] == "3/6"
+    assert (
+        inets.loc[0.3, "paper_certified"] == table36.loc[(20, 2), "certified"]
+        and inets.loc[0.3, "paper_table"] == "3/6"
+    )
     assert E.whole_split_results(datasets=["imagenette"]).dataset.unique().tolist() == ["Imagenette-224"]
     every = every[every.dataset == "CIFAR-10 (JPEG)"]
     other = every[~every.in_05]
     assert sorted(other.tau.fillna(0)) == [0, 0.5, 0.5] and other[other.tau == 0.5].paper_certified.isna().all()
     twin = other[other.tau.isna()]  # same records as 05's row, so the same paper number, but listed as 07's
-    assert twin.paper_certified.tolist() == [E.paper_table("table2_certified", "cifar10").set_index(
-        ["defense", "patch_pct"]).loc[("ScaleCert", 2.4), "certified"]]
+    assert twin.paper_certified.tolist() == [
+        E.paper_table("table2_certified", "cifar10")
+        .set_index(["defense", "patch_pct"])
+        .loc[("ScaleCert", 2.4), "certified"]
+    ]
     assert other.certified.tolist() == [50.0] * 3
     df = every[every.in_05].set_index("defense")
     assert sorted(df.index) == ["DS", "MR", "ScaleCert", "ScaleCert (paper mode)"]
@@ -263,11 +316,16 @@ def test_whole_split_results_lists_complete_whole_split_certificates_with_the_pa
     assert df.loc["ScaleCert (paper mode)", "certified"] == 100.0 and df.loc["MR", "certified"] == 0.0
     assert df.loc["ScaleCert", "model"] == CKPT and df.loc["MR", "model"] == "cifar10_resnet20_vanilla"
     paper = E.paper_table("table2_certified", "cifar10").set_index(["defense", "patch_pct"])
-    for defense, theirs in (("ScaleCert", "ScaleCert"), ("ScaleCert (paper mode)", "ScaleCert"), ("MR", "MR"),
-                            ("DS", "DS")):
+    for defense, theirs in (
+        ("ScaleCert", "ScaleCert"),
+        ("ScaleCert (paper mode)", "ScaleCert"),
+        ("MR", "MR"),
+        ("DS", "DS"),
+    ):
         assert df.loc[defense, "paper_certified"] == paper.loc[(theirs, 2.4), "certified"]
         assert df.loc[defense, "paper_table"] == "2"
     from scalecert import cli
+
     assert cli.cache(["--dir", str(cache), "--whole-splits"]) == 0
     printed = capsys.readouterr().out
     assert "| CIFAR-10 (JPEG)" in printed and printed.count("ScaleCert (paper mode)") == 1
@@ -276,12 +334,25 @@ def test_whole_split_results_lists_complete_whole_split_certificates_with_the_pa
 def test_paper_plan_prices_the_whole_split_counterpart_of_every_subset_run(cache, monkeypatch, capsys):
     from scalecert import data as D
     from scalecert.baselines import harness as H
+
     n = 6
     monkeypatch.setattr(D, "load_dataset", lambda name, split=None, root=None: range(n))
     sha = E.load_model(CKPT).card["sha256"]
     whole, part = R.config_key({"ids": list(range(n))}), R.config_key({"ids": [0, 2, 4]})
-    base = {"dataset": "cifar10", "checkpoint_sha256": sha, "patch": 2.4, "mode": "sound", "rule": "strict",
-            "tau": None, "r": 3, "layer": 1, "rate": 0.2, "ids": part, "chunk_images": 2, "early_stop": True}
+    base = {
+        "dataset": "cifar10",
+        "checkpoint_sha256": sha,
+        "patch": 2.4,
+        "mode": "sound",
+        "rule": "strict",
+        "tau": None,
+        "r": 3,
+        "layer": 1,
+        "rate": 0.2,
+        "ids": part,
+        "chunk_images": 2,
+        "early_stop": True,
+    }
     _fake_run(cache, base, [True] * 3, hours_per_image=1.0)  # its whole split: 4 of 6 images done, at 0.5 h each
     _fake_run(cache, {**base, "ids": whole}, [True] * n, n_chunks=2, hours_per_image=0.5)
     _fake_run(cache, {**base, "patch": 0.4}, [True] * 3, hours_per_image=1.0)  # whole split missing
@@ -291,8 +362,15 @@ def test_paper_plan_prices_the_whole_split_counterpart_of_every_subset_run(cache
     shas = {name: sha for sha, name in E._checkpoint_names().items()}
     ds = shas["cifar10_ds_resnet20"]
     for name in ("DS", "PG-Mask-DS"):  # they share DS's votes: priced once, for the one with the most images left
-        cfg = {"peer": name, "version": H.peer(name).version, "dataset": "cifar10", "checkpoint_sha256": ds,
-               "patch": 2.4, "ids": part, "chunk_images": 2}
+        cfg = {
+            "peer": name,
+            "version": H.peer(name).version,
+            "dataset": "cifar10",
+            "checkpoint_sha256": ds,
+            "patch": 2.4,
+            "ids": part,
+            "chunk_images": 2,
+        }
         _fake_run(cache, cfg, [True] * 3, hours_per_image=2.0)
     _fake_run(cache, {**cfg, "ids": whole}, [True] * n, n_chunks=2, hours_per_image=2.0)  # PG-Mask-DS: 2 left
     wo4 = shas["cifar10_resnet20_sin1_r20_wo4"]  # shipped, but no notebook uses it
@@ -307,6 +385,7 @@ def test_paper_plan_prices_the_whole_split_counterpart_of_every_subset_run(cache
     assert peers.loc[("DS", 2.4), ["shared", "cpu_hours_left"]].tolist() == [False, 12.0]
     assert peers.loc[("PG-Mask-DS", 2.4), ["images_left", "shared", "cpu_hours_left"]].tolist() == [2, True, 0.0]
     from scalecert import cli
+
     assert cli.cache(["--dir", str(cache), "--plan"]) == 0
     out = capsys.readouterr().out
     assert '{"configurations": 5, "left": 4, "cpu_hours_left": 14.5}' in out  # 1 + 1.5 + 12 + 0 + 0
@@ -315,6 +394,7 @@ def test_paper_plan_prices_the_whole_split_counterpart_of_every_subset_run(cache
 def test_patchcleanser_on_either_model_is_05_s_row_without_a_paper_number_and_is_planned(cache, monkeypatch):
     from scalecert import data as D
     from scalecert.baselines import harness as H
+
     n = 6
     monkeypatch.setattr(D, "load_dataset", lambda name, split=None, root=None: range(n))
     occl = E.occlusion_model_name("cifar10")
@@ -323,48 +403,95 @@ def test_patchcleanser_on_either_model_is_05_s_row_without_a_paper_number_and_is
     shas = {name: sha for sha, name in E._checkpoint_names().items()}
     whole, part = R.config_key({"ids": list(range(n))}), R.config_key({"ids": [0, 2, 4]})
     version = H.peer("PatchCleanser").version
-    pc = {"peer": "PatchCleanser", "version": version, "dataset": "cifar10", "patch": 2.4, "ids": whole,
-          "chunk_images": 2, "checkpoint_sha256": shas["cifar10_resnet20_vanilla"]}
+    pc = {
+        "peer": "PatchCleanser",
+        "version": version,
+        "dataset": "cifar10",
+        "patch": 2.4,
+        "ids": whole,
+        "chunk_images": 2,
+        "checkpoint_sha256": shas["cifar10_resnet20_vanilla"],
+    }
     cert = [True, False, True, True, False, False]
     _fake_run(cache, pc, cert)
     _fake_run(cache, {**pc, "checkpoint_sha256": "f" * 64, "patch": 5.0}, [True] * n)
     _fake_run(cache, {**pc, "checkpoint_sha256": shas[CKPT]}, cert)  # on the SIN model: listed, not one of 05's rows
     _fake_run(cache, {**pc, "version": version - 1, "patch": 0.4}, cert)  # an older certificate: left out
-    base = {"dataset": "cifar10", "checkpoint_sha256": shas[CKPT], "patch": 2.4, "mode": "sound", "rule": "strict",
-            "tau": None, "r": 3, "layer": 1, "rate": 0.2, "ids": whole, "chunk_images": 2, "early_stop": True}
+    base = {
+        "dataset": "cifar10",
+        "checkpoint_sha256": shas[CKPT],
+        "patch": 2.4,
+        "mode": "sound",
+        "rule": "strict",
+        "tau": None,
+        "r": 3,
+        "layer": 1,
+        "rate": 0.2,
+        "ids": whole,
+        "chunk_images": 2,
+        "early_stop": True,
+    }
     _fake_run(cache, base, cert)
 
     every = E.whole_split_results().set_index(["defense", "patch_pct"])
     assert sorted(every.index) == [("PatchCleanser", 2.4), (E.PC_OCCL, 5.0), (E.PC_VANILLA, 2.4), ("ScaleCert", 2.4)]
     assert every.loc[(E.PC_VANILLA, 2.4), ["model", "in_05", "guarantee", "certified"]].tolist() == [
-        "cifar10_resnet20_vanilla", True, "recovery", 50.0]
+        "cifar10_resnet20_vanilla",
+        True,
+        "recovery",
+        50.0,
+    ]
     assert every.loc[(E.PC_OCCL, 5.0), ["model", "in_05", "guarantee", "certified"]].tolist() == [
-        occl, True, "recovery", 100.0]
+        occl,
+        True,
+        "recovery",
+        100.0,
+    ]
     assert not every.loc[("PatchCleanser", 2.4), "in_05"]
     assert every.loc[[(E.PC_VANILLA, 2.4), (E.PC_OCCL, 5.0)], ["paper_certified", "paper_table"]].isna().all().all()
     assert every.loc[("ScaleCert", 2.4), ["guarantee", "paper_table"]].tolist() == ["detection", "2"]
 
     # the quick profile's subset runs of both rows are priced for their whole splits, each on its own model
     _fake_run(cache, {**pc, "ids": part}, [True] * 3, hours_per_image=1.0)  # its whole split is done above
-    _fake_run(cache, {**pc, "checkpoint_sha256": "f" * 64, "patch": 8.0, "ids": part}, [True] * 3,
-              hours_per_image=2.0)
+    _fake_run(cache, {**pc, "checkpoint_sha256": "f" * 64, "patch": 8.0, "ids": part}, [True] * 3, hours_per_image=2.0)
     plan = E.paper_plan().set_index(["defense", "patch"])
     assert sorted(plan.index) == [(E.PC_OCCL, 8.0), (E.PC_VANILLA, 2.4)]
     assert plan.loc[(E.PC_VANILLA, 2.4), ["model", "status", "cpu_hours_left"]].tolist() == [
-        "cifar10_resnet20_vanilla", "done", 0.0]
+        "cifar10_resnet20_vanilla",
+        "done",
+        0.0,
+    ]
     assert plan.loc[(E.PC_OCCL, 8.0), ["model", "status", "images_left", "shared", "cpu_hours_left"]].tolist() == [
-        occl, "missing", n, False, 12.0]
+        occl,
+        "missing",
+        n,
+        False,
+        12.0,
+    ]
 
 
 def test_paper_plan_prices_the_r_values_only_the_paper_profile_sweeps(cache, monkeypatch):
     # 11 sweeps r = 1, 3 in the quick profile and r = 1, 2, 3 in the paper's: r = 2 has no subset run to price it from
     from scalecert import data as D
+
     n = 6
     monkeypatch.setattr(D, "load_dataset", lambda name, split=None, root=None: range(n))
     sha = E.load_model(CKPT).card["sha256"]
     part = R.config_key({"ids": [0, 2, 4]})
-    base = {"dataset": "cifar10", "checkpoint_sha256": sha, "patch": 2.4, "mode": "sound", "rule": "strict",
-            "tau": None, "r": 3, "layer": 1, "rate": 0.2, "ids": part, "chunk_images": 2, "early_stop": True}
+    base = {
+        "dataset": "cifar10",
+        "checkpoint_sha256": sha,
+        "patch": 2.4,
+        "mode": "sound",
+        "rule": "strict",
+        "tau": None,
+        "r": 3,
+        "layer": 1,
+        "rate": 0.2,
+        "ids": part,
+        "chunk_images": 2,
+        "early_stop": True,
+    }
     _fake_run(cache, base, [True] * 3, hours_per_image=1.0)
     _fake_run(cache, {**base, "patch": 0.4}, [True] * 3, hours_per_image=1.0)  # r = 3 only: not a sweep over r
     _fake_run(cache, {**base, "r": 1}, [True] * 3, hours_per_image=2.0)
@@ -407,6 +534,7 @@ def test_fig1c_paper_numbers_are_keyed_by_the_statistics_of_the_analysis():
 def test_predictions_cached_give_the_evaluated_accuracies_and_are_read_back(cache, setup, monkeypatch):
     from scalecert.data import load_dataset
     from scalecert.train import evaluate
+
     model, x, y, ids, *_ = setup
     preds = E.predictions_cached("cifar10", CKPT, **KW)
     assert list(preds.id) == ids and list(preds.label) == y.tolist()
@@ -417,8 +545,11 @@ def test_predictions_cached_give_the_evaluated_accuracies_and_are_read_back(cach
     with torch.no_grad():
         top = model(x).topk(2, dim=1)
     assert list(preds.pred_with_sin) == top.indices[:, 0].tolist()
-    assert torch.allclose(torch.tensor(preds.margin_with_sin.to_numpy(), dtype=torch.float32),
-                          top.values[:, 0] - top.values[:, 1], atol=1e-5)
+    assert torch.allclose(
+        torch.tensor(preds.margin_with_sin.to_numpy(), dtype=torch.float32),
+        top.values[:, 0] - top.values[:, 1],
+        atol=1e-5,
+    )
     assert (preds.margin_without_sin >= 0).all()
     stamps = _stamps(cache)
     assert len(stamps) == 3
@@ -433,6 +564,6 @@ def test_predictions_of_a_model_without_sin_have_no_accuracy_with_sin(cache):
     assert (preds.pred_with_sin == -1).all()
     acc = E.prediction_accuracies(preds)
     assert acc["acc_with_sin"] is None and 0 <= acc["acc_without_sin"] <= 100
-    assert E.prediction_accuracies(pd.DataFrame({"label": [1, 2], "pred_without_sin": [1, 0],
-                                                 "pred_with_sin": [1, 2]})) == {"acc_without_sin": 50.0,
-                                                                                "acc_with_sin": 100.0}
+    assert E.prediction_accuracies(
+        pd.DataFrame({"label": [1, 2], "pred_without_sin": [1, 0], "pred_with_sin": [1, 2]})
+    ) == {"acc_without_sin": 50.0, "acc_with_sin": 100.0}

@@ -4,8 +4,16 @@ from conftest import spread_model
 
 from scalecert.geometry import Geometry, feature_boxes, footprint, module_geometry, rect_masks, region
 
-CASES = [("resnet20", 1, 32), ("resnet20", 2, 32), ("resnet20", 3, 32), ("resnet20", 5, 32),
-         ("resnet18w16", 1, 64), ("resnet18w16", 2, 64), ("resnet18w16", 3, 64), ("cifar_resnet18", 2, 32)]
+CASES = [
+    ("resnet20", 1, 32),
+    ("resnet20", 2, 32),
+    ("resnet20", 3, 32),
+    ("resnet20", 5, 32),
+    ("resnet18w16", 1, 64),
+    ("resnet18w16", 2, 64),
+    ("resnet18w16", 3, 64),
+    ("cifar_resnet18", 2, 32),
+]
 
 
 def test_known_geometries():
@@ -26,7 +34,7 @@ def test_geometry_matches_gradient_support(arch, layer, n):
     _, h, w = m.feature_shape(n)
     boxes = feature_boxes(geo, h, w, n)
     torch.manual_seed(0)
-    for (i, j) in [(0, 0), (h // 2, w // 3), (h - 1, w - 1), (1, w - 2)]:
+    for i, j in [(0, 0), (h // 2, w // 3), (h - 1, w - 1), (1, w - 2)]:
         support = torch.zeros(n, n, dtype=torch.bool)
         for _ in range(3):
             x = torch.rand(1, 3, n, n, dtype=torch.float64, requires_grad=True)
@@ -36,7 +44,7 @@ def test_geometry_matches_gradient_support(arch, layer, n):
         m.float()
         r0, c0, r1, c1 = boxes[i, j].tolist()
         box = torch.zeros(n, n, dtype=torch.bool)
-        box[r0:r1 + 1, c0:c1 + 1] = True
+        box[r0 : r1 + 1, c0 : c1 + 1] = True
         assert not (support & ~box).any(), "a pixel outside the computed receptive field moves the feature"
         rows, cols = support.nonzero().unbind(1)
         assert (rows.min(), cols.min(), rows.max(), cols.max()) == (r0, c0, r1, c1)
@@ -56,7 +64,7 @@ def test_pixels_inside_window_change_nothing_outside_footprint(arch, layer, n):
                 r0, c0 = torch.randint(0, n - side + 1, (2,), generator=g).tolist()
                 box = torch.tensor([[r0, c0, r0 + side - 1, c0 + side - 1]])
                 x2 = x.clone()
-                x2[..., r0:r0 + side, c0:c0 + side] = torch.rand(3, side, side, generator=g)
+                x2[..., r0 : r0 + side, c0 : c0 + side] = torch.rand(3, side, side, generator=g)
                 out = ~rect_masks(footprint(geo, box, h, w), h, w)[0]
                 assert torch.equal(m.stem(x2)[0][:, out], f[0][:, out])
 

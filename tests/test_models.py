@@ -44,6 +44,7 @@ def test_fp16_roundtrip_keeps_predictions(tmp_path):
 
 def test_a_model_rounded_to_storage_is_exactly_the_model_that_loads(tmp_path):
     from conftest import randomise_bn
+
     torch.manual_seed(0)
     m = rest_channels_last(randomise_bn(build("resnet20", 10, 1, 0.2)).eval())
     x = torch.rand(16, 3, 32, 32, generator=torch.Generator().manual_seed(1))
@@ -58,16 +59,26 @@ def test_a_model_rounded_to_storage_is_exactly_the_model_that_loads(tmp_path):
         state = loaded.state_dict()
         assert all(torch.equal(v, state[k]) for k, v in m.state_dict().items())
     # rounding again changes nothing, so the sha256 of what ships does not depend on how often it was rounded
-    assert save_checkpoint(round_to_storage(m), tmp_path / "again.pt", {})["sha256"] == \
-        json.loads((tmp_path / "m.json").read_text())["sha256"]
+    assert (
+        save_checkpoint(round_to_storage(m), tmp_path / "again.pt", {})["sha256"]
+        == json.loads((tmp_path / "m.json").read_text())["sha256"]
+    )
 
 
-@pytest.mark.parametrize("loader", ["scalecert.models.load_model", "scalecert.baselines.bagnet.load_bagnet",
-                                    "scalecert.baselines.smoothing.load_ds", "scalecert.baselines.ibp.load_ibp"])
+@pytest.mark.parametrize(
+    "loader",
+    [
+        "scalecert.models.load_model",
+        "scalecert.baselines.bagnet.load_bagnet",
+        "scalecert.baselines.smoothing.load_ds",
+        "scalecert.baselines.ibp.load_ibp",
+    ],
+)
 def test_a_checkpoint_with_non_finite_weights_is_refused_by_every_loader(tmp_path, loader):
     import hashlib
     import importlib
     import io
+
     module, fn = loader.rsplit(".", 1)
     load = getattr(importlib.import_module(module), fn)
     m = build("resnet20", 10, 1, 0.1)
@@ -100,6 +111,7 @@ def test_remeasure_rewrites_the_card_with_the_stored_weights_accuracy(tmp_path, 
     from conftest import randomise_bn
 
     from scalecert import train
+
     ds = D.load_dataset("cifar10", "test")
     small = D.ImageSet(ds.images[ds.subset(5)], ds.labels[ds.subset(5)], ds.classes, "cifar10", "test")
     monkeypatch.setattr(D, "load_dataset", lambda name, split: small)
@@ -122,6 +134,7 @@ def test_remeasure_rewrites_the_card_with_the_stored_weights_accuracy(tmp_path, 
 def test_remeasure_command_reports_each_name_it_cannot_remeasure_and_goes_on(tmp_path, monkeypatch, capsys):
     from scalecert import train
     from scalecert.__main__ import main
+
     ds = D.load_dataset("cifar10", "test")
     small = D.ImageSet(ds.images[ds.subset(2)], ds.labels[ds.subset(2)], ds.classes, "cifar10", "test")
     monkeypatch.setattr(D, "load_dataset", lambda name, split: small)
@@ -130,8 +143,15 @@ def test_remeasure_command_reports_each_name_it_cannot_remeasure_and_goes_on(tmp
     save_checkpoint(build("resnet20", 10), tmp_path / "peer.pt", {"dataset_key": "cifar10", "clean_accuracy": 50.0})
     save_checkpoint(build("resnet20", 10, 1, 0.2), tmp_path / "good.pt", dict(common, eval_images=len(small)))
     before = (tmp_path / "other_split.json").read_text()
-    rc = main(["remeasure", str(tmp_path / "other_split.pt"), "no_such_model", str(tmp_path / "peer.pt"),
-               str(tmp_path / "good.pt")])
+    rc = main(
+        [
+            "remeasure",
+            str(tmp_path / "other_split.pt"),
+            "no_such_model",
+            str(tmp_path / "peer.pt"),
+            str(tmp_path / "good.pt"),
+        ]
+    )
     out, err = capsys.readouterr()
     assert rc == 1
     assert "counts 999 evaluation images" in err and "unknown model 'no_such_model'" in err
@@ -179,6 +199,7 @@ def test_training_steps_lower_the_loss():
 
 def test_worst_of_k_occlusion_picks_the_highest_loss_window_and_keeps_bn_statistics():
     from conftest import calibration_images, spread_model
+
     m = spread_model(rate=0.2).train()
     x = calibration_images(6, 32, 9)
     y = torch.arange(6) % 10
@@ -205,6 +226,7 @@ def test_feature_shape_probe_leaves_batchnorm_statistics_alone():
 
 class _Images:
     """A stand-in for data.ImageSet: fixed random images."""
+
     def __init__(self, n, seed=0):
         self.x = torch.rand(n, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
 
@@ -218,6 +240,7 @@ class _Images:
 
 def test_recalibrated_statistics_are_the_exact_batch_moments_and_forget_the_old_ones():
     from scalecert.train import recalibrate_bn
+
     torch.manual_seed(0)
     m = build("resnet20", 10, 1, 0.2)
     ds = _Images(96)
@@ -234,14 +257,16 @@ def test_recalibrated_statistics_are_the_exact_batch_moments_and_forget_the_old_
     assert torch.allclose(bn.running_var, z.var((0, 2, 3), unbiased=True), rtol=1e-4)
     assert bn.momentum == 0.1 and int(bn.num_batches_tracked) == 1
     m2 = build("resnet20", 10, 1, 0.2)
-    m2.load_state_dict({k: v for k, v in m.state_dict().items() if "running" not in k and "tracked" not in k},
-                       strict=False)
+    m2.load_state_dict(
+        {k: v for k, v in m.state_dict().items() if "running" not in k and "tracked" not in k}, strict=False
+    )
     recalibrate_bn(m2, ds, 96, batch=96)
     assert all(torch.equal(a, b) for a, b in zip(m.state_dict().values(), m2.state_dict().values()))
 
 
 def test_recalibrate_command_rewrites_checkpoint_and_card_once(tmp_path, capsys):
     from scalecert.train import recalibrate_main
+
     torch.manual_seed(0)
     path = tmp_path / "m.pt"
     card = {"name": "m", "dataset_key": "cifar10", "accuracy_with_sin": 1.0, "accuracy_without_sin": 2.0}
@@ -292,8 +317,9 @@ def test_unknown_architecture_and_model_name():
 
 
 # the ScaleCert models (peer defences' checkpoints have their own architectures and loaders)
-CHECKPOINTS = sorted(p.stem for p in CHECKPOINT_DIR.glob("*.pt")
-                     if json.loads(p.with_suffix(".json").read_text())["arch"] in ARCHS)
+CHECKPOINTS = sorted(
+    p.stem for p in CHECKPOINT_DIR.glob("*.pt") if json.loads(p.with_suffix(".json").read_text())["arch"] in ARCHS
+)
 
 
 @pytest.mark.parametrize("name", CHECKPOINTS)
@@ -312,33 +338,69 @@ def test_finished_training_job_is_not_redone(tmp_path, monkeypatch):
     import json
 
     from scalecert import train as T
+
     monkeypatch.setattr(T, "RUNS_DIR", tmp_path / "runs")
     a = T.parse(["--name", "m", "--dataset", "cifar10", "--epochs", "4", "--out-dir", str(tmp_path)])
-    assert T.finished_card(a) is None                      # no run yet
+    assert T.finished_card(a) is None  # no run yet
     (tmp_path / "runs" / "m").mkdir(parents=True)
     (tmp_path / "runs" / "m" / "state.pt").write_bytes(b"x")
     card = {"name": "m", "status": "provisional: snapshot", "epochs_done": 2, "note": "hand-written"}
     (tmp_path / "m.json").write_text(json.dumps(card))
-    assert T.finished_card(a) is None                      # provisional card: training continues
+    assert T.finished_card(a) is None  # provisional card: training continues
     card.update(status="final", epochs_done=4)
     (tmp_path / "m.json").write_text(json.dumps(card))
-    assert T.train(a) == card                              # returns at once, card (and its note) untouched
+    assert T.train(a) == card  # returns at once, card (and its note) untouched
     assert json.loads((tmp_path / "m.json").read_text())["note"] == "hand-written"
-    assert T.finished_card(T.parse(["--name", "m", "--dataset", "cifar10", "--epochs", "8",
-                                    "--out-dir", str(tmp_path)])) is None   # more epochs asked: resume
+    assert (
+        T.finished_card(T.parse(["--name", "m", "--dataset", "cifar10", "--epochs", "8", "--out-dir", str(tmp_path)]))
+        is None
+    )  # more epochs asked: resume
 
 
 def test_models_table_reads_every_card(tmp_path):
     import json
 
     from scalecert.cli import models_table
-    (tmp_path / "a.json").write_text(json.dumps({"name": "a", "status": "final", "sin_layer": 1, "sin_rate": 0.1,
-                                                 "accuracy_with_sin": 70.0, "accuracy_without_sin": 60.0,
-                                                 "epochs_done": 5, "epochs": 5, "train_seconds": 7200}))
-    (tmp_path / "b.json").write_text(json.dumps({"name": "b", "status": "provisional: snapshot", "sin_rate": None,
-                                                 "accuracy_without_sin": 80.0, "epochs_done": 2, "epochs": 9}))
-    (tmp_path / "c.json").write_text(json.dumps({"name": "c", "status": "final", "arch": "ibp_small", "sin_rate": None,
-                                                 "clean_accuracy": 47.6, "certified_accuracy": 13.6}))
+
+    (tmp_path / "a.json").write_text(
+        json.dumps(
+            {
+                "name": "a",
+                "status": "final",
+                "sin_layer": 1,
+                "sin_rate": 0.1,
+                "accuracy_with_sin": 70.0,
+                "accuracy_without_sin": 60.0,
+                "epochs_done": 5,
+                "epochs": 5,
+                "train_seconds": 7200,
+            }
+        )
+    )
+    (tmp_path / "b.json").write_text(
+        json.dumps(
+            {
+                "name": "b",
+                "status": "provisional: snapshot",
+                "sin_rate": None,
+                "accuracy_without_sin": 80.0,
+                "epochs_done": 2,
+                "epochs": 9,
+            }
+        )
+    )
+    (tmp_path / "c.json").write_text(
+        json.dumps(
+            {
+                "name": "c",
+                "status": "final",
+                "arch": "ibp_small",
+                "sin_rate": None,
+                "clean_accuracy": 47.6,
+                "certified_accuracy": 13.6,
+            }
+        )
+    )
     t = models_table(tmp_path)
     assert list(t.checkpoint) == ["a", "b", "c"] and list(t.status) == ["final", "provisional", "final"]
     assert list(t["accuracy_%"]) == [70.0, 80.0, 47.6] and list(t.SIN) == ["layer 1 at 10%", "none", "none"]
@@ -352,8 +414,10 @@ def test_models_table_checks_issue_4_targets(tmp_path):
     from scalecert.cli import models_table
 
     def card(name, **kw):
-        (tmp_path / f"{name}.json").write_text(json.dumps({"name": name, "arch": "resnet20", "dataset_key": "cifar10",
-                                                           "status": "final", **kw}))
+        (tmp_path / f"{name}.json").write_text(
+            json.dumps({"name": name, "arch": "resnet20", "dataset_key": "cifar10", "status": "final", **kw})
+        )
+
     card("cifar10_resnet20_vanilla", sin_rate=None, accuracy_without_sin=88.0)
     card("cifar10_resnet20_sin1_r20", sin_layer=1, sin_rate=0.2, accuracy_with_sin=85.0, accuracy_without_sin=80.0)
     card("cifar10_resnet20_sin1_r10", sin_layer=1, sin_rate=0.1, accuracy_with_sin=84.99, accuracy_without_sin=90.0)
@@ -369,6 +433,7 @@ def test_every_shipped_model_that_misses_its_target_carries_a_runnable_next_comm
 
     from scalecert.cli import models_table
     from scalecert.train import parse
+
     t = models_table()
     assert (t.reached != "").sum() >= 11  # every ScaleCert model has a target
     for name in t[t.reached == "no"].checkpoint:
@@ -388,47 +453,89 @@ def test_interrupted_epoch_resumes_at_its_step_exactly(tmp_path, monkeypatch):
 
     def run(name, stop):
         monkeypatch.setattr(T, "RUNS_DIR", tmp_path / "runs")
-        args = ["--name", name, "--dataset", "cifar10", "--sin-rate", "0.2", "--occlude", "2.4", "--consistency", "1",
-                "--epochs", "2", "--max-train", "48", "--batch-size", "16", "--eval-subset", "10", "--threads", "1",
-                "--out-dir", str(tmp_path), "--stop-after-steps", str(stop)]
+        args = [
+            "--name",
+            name,
+            "--dataset",
+            "cifar10",
+            "--sin-rate",
+            "0.2",
+            "--occlude",
+            "2.4",
+            "--consistency",
+            "1",
+            "--epochs",
+            "2",
+            "--max-train",
+            "48",
+            "--batch-size",
+            "16",
+            "--eval-subset",
+            "10",
+            "--threads",
+            "1",
+            "--out-dir",
+            str(tmp_path),
+            "--stop-after-steps",
+            str(stop),
+        ]
         assert T.train(T.parse(args)) is None
         return torch.load(tmp_path / "runs" / name / "state.pt", weights_only=False)
 
-    whole = run("a", 5)                      # epoch 1 (3 steps) + 2 steps of epoch 2, then stop
-    run("b", 2)                              # stop inside epoch 1 ...
-    resumed = run("b", 3)                    # ... resume: its last step, then 2 steps of epoch 2
+    whole = run("a", 5)  # epoch 1 (3 steps) + 2 steps of epoch 2, then stop
+    run("b", 2)  # stop inside epoch 1 ...
+    resumed = run("b", 3)  # ... resume: its last step, then 2 steps of epoch 2
     assert whole["epoch"] == resumed["epoch"] == 1 and whole["partial"]["step"] == resumed["partial"]["step"] == 2
     for key in ("model", "sched"):
         a, b = whole[key], resumed[key]
         assert a.keys() == b.keys()
         for k in a:
-            assert (torch.equal(a[k], b[k]) if isinstance(a[k], torch.Tensor) else a[k] == b[k]), (key, k)
+            assert torch.equal(a[k], b[k]) if isinstance(a[k], torch.Tensor) else a[k] == b[k], (key, k)
     assert torch.equal(whole["partial"]["gen"], resumed["partial"]["gen"])
     assert whole["partial"]["tot"] == resumed["partial"]["tot"] and whole["partial"]["seen"] == 32
     for s_a, s_b in zip(whole["opt"]["state"].values(), resumed["opt"]["state"].values()):
         assert torch.equal(s_a["momentum_buffer"], s_b["momentum_buffer"])
     logs = [(tmp_path / "runs" / n / "log.jsonl").read_text().splitlines() for n in "ab"]
-    assert [json.loads(x)["epoch"] for x in logs[1]] == [1]   # the interrupted epoch is logged once
+    assert [json.loads(x)["epoch"] for x in logs[1]] == [1]  # the interrupted epoch is logged once
     assert json.loads(logs[0][0])["loss"] == json.loads(logs[1][0])["loss"]
 
 
 @pytest.mark.parametrize("legacy", ["missing", "None"])
 def test_resuming_with_another_configuration_is_refused_but_legacy_states_resume(tmp_path, monkeypatch, legacy):
     from scalecert import train as T
+
     monkeypatch.setattr(T, "RUNS_DIR", tmp_path / "runs")
-    args = ["--name", "c", "--dataset", "cifar10", "--epochs", "2", "--max-train", "48", "--batch-size", "16",
-            "--eval-subset", "10", "--threads", "1", "--out-dir", str(tmp_path), "--stop-after-steps", "2"]
+    args = [
+        "--name",
+        "c",
+        "--dataset",
+        "cifar10",
+        "--epochs",
+        "2",
+        "--max-train",
+        "48",
+        "--batch-size",
+        "16",
+        "--eval-subset",
+        "10",
+        "--threads",
+        "1",
+        "--out-dir",
+        str(tmp_path),
+        "--stop-after-steps",
+        "2",
+    ]
     assert T.train(T.parse(args)) is None
     with pytest.raises(ValueError, match="another configuration"):
         T.train(T.parse(args[:-2] + ["--batch-size", "8", "--stop-after-steps", "1"]))
     state_path = tmp_path / "runs" / "c" / "state.pt"
     st = torch.load(state_path, weights_only=False)
     if legacy == "missing":
-        del st["config"]                                    # as written before runstate existed
+        del st["config"]  # as written before runstate existed
     else:
-        st["config"] = None                                 # as written by runstate before train.py recorded one
+        st["config"] = None  # as written by runstate before train.py recorded one
     torch.save(st, state_path)
-    assert T.train(T.parse(args[:-1] + ["1"])) is None      # resumed at step 2, one more step
+    assert T.train(T.parse(args[:-1] + ["1"])) is None  # resumed at step 2, one more step
     st = torch.load(state_path, weights_only=False)
     assert st["partial"]["step"] == 3 and st["config"]["batch_size"] == 16
     assert st["partial"]["gen"].device.type == "cpu"
@@ -436,6 +543,7 @@ def test_resuming_with_another_configuration_is_refused_but_legacy_states_resume
 
 def test_without_sin_switches_the_layer_off_and_restores_it_after_an_error():
     from scalecert.models import build, without_sin
+
     model = build("resnet20", sin_layer=1, sin_rate=0.2)
     layer = model.sin
     assert layer is not None
@@ -449,6 +557,7 @@ def test_without_sin_switches_the_layer_off_and_restores_it_after_an_error():
 def test_footprint_and_pixel_occlusion_runs_differ_only_in_the_occlusion(tmp_path, monkeypatch):
     """The ablation twin's trainer: same batches, same windows, same schedule; only how a window is occluded."""
     from scalecert import train as T
+
     monkeypatch.setattr(T, "RUNS_DIR", tmp_path / "runs")
     seen = {}
     real = T.occlude
@@ -459,14 +568,32 @@ def test_footprint_and_pixel_occlusion_runs_differ_only_in_the_occlusion(tmp_pat
         return xo, excl
 
     monkeypatch.setattr(T, "occlude", spy)
-    common = ["--dataset", "cifar10", "--occlude", "2.4", "--consistency", "1", "--epochs", "1", "--max-train", "48",
-              "--batch-size", "16", "--eval-subset", "10", "--threads", "1", "--out-dir", str(tmp_path)]
+    common = [
+        "--dataset",
+        "cifar10",
+        "--occlude",
+        "2.4",
+        "--consistency",
+        "1",
+        "--epochs",
+        "1",
+        "--max-train",
+        "48",
+        "--batch-size",
+        "16",
+        "--eval-subset",
+        "10",
+        "--threads",
+        "1",
+        "--out-dir",
+        str(tmp_path),
+    ]
     sin = T.train(T.parse(["--name", "s", "--sin-rate", "0.2"] + common))
     occl = T.train(T.parse(["--name", "o", "--occlusion", "pixels", "--twin", "s"] + common))
     fp, px = seen["footprint"], seen["pixels"]
     assert len(fp) == len(px) == 3
     for (x1, b1, xo1, e1), (x2, b2, xo2, e2) in zip(fp, px):
-        assert torch.equal(x1, x2) and torch.equal(b1, b2)          # same images, augmentation and windows
+        assert torch.equal(x1, x2) and torch.equal(b1, b2)  # same images, augmentation and windows
         assert torch.equal(xo1, x1) and e1 is not None and e1.any()  # footprint: image kept, features excluded
         inside = rect_masks(b2, 32, 32).unsqueeze(1).expand_as(x2)
         assert e2 is None and torch.equal(xo2[~inside], x2[~inside]) and (xo2[inside] == T.PIXEL_FILL).all()
@@ -478,9 +605,22 @@ def test_footprint_and_pixel_occlusion_runs_differ_only_in_the_occlusion(tmp_pat
 
 def test_occlusion_switch_refuses_the_wrong_model(tmp_path, monkeypatch):
     from scalecert import train as T
+
     monkeypatch.setattr(T, "RUNS_DIR", tmp_path / "runs")
-    common = ["--dataset", "cifar10", "--occlude", "2.4", "--epochs", "1", "--max-train", "16", "--threads", "1",
-              "--out-dir", str(tmp_path)]
+    common = [
+        "--dataset",
+        "cifar10",
+        "--occlude",
+        "2.4",
+        "--epochs",
+        "1",
+        "--max-train",
+        "16",
+        "--threads",
+        "1",
+        "--out-dir",
+        str(tmp_path),
+    ]
     with pytest.raises(ValueError, match="needs a SIN layer"):
         T.train(T.parse(["--name", "a"] + common))
     with pytest.raises(ValueError, match="without a SIN layer"):

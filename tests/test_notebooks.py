@@ -1,4 +1,5 @@
 """Every notebook has a tiny-profile reference copy checked by nbval, and bad parameters fail fast."""
+
 import subprocess
 import sys
 from pathlib import Path
@@ -12,8 +13,9 @@ SOURCES = sorted((ROOT / "notebooks").glob("[0-9]*.ipynb"))
 
 
 def code_cells(nb):
-    return [c.source for c in nb.cells
-            if c.cell_type == "code" and "injected-parameters" not in c.metadata.get("tags", [])]
+    return [
+        c.source for c in nb.cells if c.cell_type == "code" and "injected-parameters" not in c.metadata.get("tags", [])
+    ]
 
 
 def test_there_are_notebooks():
@@ -31,24 +33,37 @@ def test_every_notebook_is_covered_by_an_up_to_date_reference(src):
     assert any("parameters" in t for t in tags), f"{src.name} has no papermill parameters cell"
 
 
-@pytest.mark.parametrize("notebook,params,match", [
-    ("00_data", {"datasets": "mnist"}, "unknown dataset"),
-    ("00_data", {"profile": "huge"}, "unknown profile"),
-    ("02_sin_localization", {"patch_pct": "150"}, "not smaller than the 32x32 images"),
-    ("09_empirical_recovery", {"patch_pct": "100", "datasets": "imagenette"}, "not smaller than the 224x224"),
-    ("04_adaptive_attack", {"patch_pct": "-2"}, "patch_pct must be a positive number"),
-    ("04_adaptive_attack", {"alphas": "[0, -1]"}, "alphas must be a list of numbers >= 0"),
-    ("05_certification", {"large_n_per_class": "0"}, "large_n_per_class must be a whole number >= 1"),
-    ("05_certification", {"peer_n_per_class": "2.5"}, "peer_n_per_class must be a whole number >= 1"),
-    ("11_window_family", {"rs": "[1, 0]"}, "rs must be a list of whole numbers >= 1"),
-])
+@pytest.mark.parametrize(
+    "notebook,params,match",
+    [
+        ("00_data", {"datasets": "mnist"}, "unknown dataset"),
+        ("00_data", {"profile": "huge"}, "unknown profile"),
+        ("02_sin_localization", {"patch_pct": "150"}, "not smaller than the 32x32 images"),
+        ("09_empirical_recovery", {"patch_pct": "100", "datasets": "imagenette"}, "not smaller than the 224x224"),
+        ("04_adaptive_attack", {"patch_pct": "-2"}, "patch_pct must be a positive number"),
+        ("04_adaptive_attack", {"alphas": "[0, -1]"}, "alphas must be a list of numbers >= 0"),
+        ("05_certification", {"large_n_per_class": "0"}, "large_n_per_class must be a whole number >= 1"),
+        ("05_certification", {"peer_n_per_class": "2.5"}, "peer_n_per_class must be a whole number >= 1"),
+        ("11_window_family", {"rs": "[1, 0]"}, "rs must be a list of whole numbers >= 1"),
+    ],
+)
 def test_bad_parameter_stops_at_the_first_cell(tmp_path, notebook, params, match):
-    args = [sys.executable, "-m", "papermill", "--log-level", "ERROR", "-k", "python3",
-            str(ROOT / "notebooks" / f"{notebook}.ipynb"), str(tmp_path / "out.ipynb")]
+    args = [
+        sys.executable,
+        "-m",
+        "papermill",
+        "--log-level",
+        "ERROR",
+        "-k",
+        "python3",
+        str(ROOT / "notebooks" / f"{notebook}.ipynb"),
+        str(tmp_path / "out.ipynb"),
+    ]
     for k, v in params.items():
         args += ["-p", k, v]
-    run = subprocess.run(args, capture_output=True, text=True, env={"SCALECERT_FIG_DIR": str(tmp_path),
-                                                                     "PATH": "/usr/bin:/bin"})
+    run = subprocess.run(
+        args, capture_output=True, text=True, env={"SCALECERT_FIG_DIR": str(tmp_path), "PATH": "/usr/bin:/bin"}
+    )
     assert run.returncode != 0
     assert match in run.stderr + run.stdout
     nb = nbformat.read(tmp_path / "out.ipynb", 4)
@@ -58,6 +73,7 @@ def test_bad_parameter_stops_at_the_first_cell(tmp_path, notebook, params, match
 
 def test_per_class_takes_the_explicit_value_then_the_notebook_size_then_the_profile_default():
     from scalecert import notebook as N
+
     assert N.per_class("quick") == 5 and N.per_class("paper") is None
     assert N.per_class("quick", quick=3) == 3 and N.per_class("tiny", quick=3) == 1
     assert N.per_class("paper", 5, paper=10) == 5
@@ -71,6 +87,7 @@ def test_per_class_takes_the_explicit_value_then_the_notebook_size_then_the_prof
 
 def test_patch_steps_by_profile_and_explicit():
     from scalecert import notebook as N
+
     assert N.patch_steps("tiny") == 10 and N.patch_steps("quick", 7) == 7
     with pytest.raises(ValueError, match=">= 1"):
         N.patch_steps("quick", 0)
@@ -78,6 +95,7 @@ def test_patch_steps_by_profile_and_explicit():
 
 def test_alphas_by_profile_and_explicit():
     from scalecert import notebook as N
+
     assert N.alphas("quick") == [0.0, 0.01, 1.0] and N.alphas("paper")[-1] == 10.0
     assert N.alphas("paper", [0, 2]) == [0.0, 2.0] and N.alphas("quick", np.array([0.5])) == [0.5]
     assert N.alphas("quick", "[0, 0.5]") == [0.0, 0.5] and N.alphas("quick", 0.1) == [0.1]  # papermill -p
@@ -88,6 +106,7 @@ def test_alphas_by_profile_and_explicit():
 
 def test_window_rs_by_profile_and_explicit():
     from scalecert import notebook as N
+
     assert N.window_rs("quick") == [1, 3] and N.window_rs("paper") == [1, 2, 3]
     assert N.window_rs("quick", None, N.AUDIT_RS) == [3] and N.window_rs("tiny", None, N.AUDIT_RS) == [1, 3]
     assert N.window_rs("quick", [1], N.AUDIT_RS) == [1]  # an explicit list wins over the defaults
@@ -100,6 +119,7 @@ def test_window_rs_by_profile_and_explicit():
 
 def test_check_patch_accepts_patches_smaller_than_every_image_and_names_the_offender():
     from scalecert import notebook as N
+
     assert N.check_patch(None, ["cifar10"]) is None
     assert N.check_patch(2, ["cifar10", "imagenette"]) == 2.0
     assert N.check_patch(99.0, "imagenette") == 99.0  # 223 px of 224
@@ -117,6 +137,7 @@ def test_check_patch_accepts_patches_smaller_than_every_image_and_names_the_offe
 
 def test_by_profile_takes_the_explicit_value_else_the_profile_size():
     from scalecert import notebook as N
+
     assert N.by_profile("quick", None, "steps", tiny=1, quick=3, paper=10) == 3
     assert N.by_profile("paper", 7, "steps", tiny=1, quick=3, paper=10) == 7
     with pytest.raises(ValueError, match="steps must be a whole number >= 1"):

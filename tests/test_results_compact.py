@@ -1,6 +1,7 @@
 """The compact form of a finished run (one records.parquet beside config.json and size.json): every reader gives the
 same tables as from its chunks; compacted runs are read, not recomputed; partial, busy or inconsistent runs are left
 alone; INDEX.csv lists every run."""
+
 import json
 from pathlib import Path
 
@@ -21,17 +22,19 @@ def records(rg):
     int and str)."""
     ids = list(rg)
     first = rg.start == 0
-    return pd.DataFrame({
-        "id": ids,
-        "pred": [i % 3 for i in ids],
-        "margin": [np.nan if i % 4 == 1 else -0.0 if i == 0 else i / 7 for i in ids],
-        "certified": [i % 2 == 0 for i in ids],
-        "alert": [True] * len(ids) if first else [None if i % 3 == 0 else i % 2 == 0 for i in ids],
-        "box": [None] * len(ids) if first else [json.dumps([i, i + 1, 2, 2]) for i in ids],
-        "mixed": ids if first else [f"x{i}" for i in ids],
-        "label": ["cat" if i % 2 else None for i in ids],
-        "big": [2 ** 62 + i for i in ids],
-    })
+    return pd.DataFrame(
+        {
+            "id": ids,
+            "pred": [i % 3 for i in ids],
+            "margin": [np.nan if i % 4 == 1 else -0.0 if i == 0 else i / 7 for i in ids],
+            "certified": [i % 2 == 0 for i in ids],
+            "alert": [True] * len(ids) if first else [None if i % 3 == 0 else i % 2 == 0 for i in ids],
+            "box": [None] * len(ids) if first else [json.dumps([i, i + 1, 2, 2]) for i in ids],
+            "mixed": ids if first else [f"x{i}" for i in ids],
+            "label": ["cat" if i % 2 else None for i in ids],
+            "big": [2**62 + i for i in ids],
+        }
+    )
 
 
 def never(rg):
@@ -42,8 +45,13 @@ def render(cache, config):
     """Every reader's output for a cache holding the run of config."""
     run = R.open_run(config, cache)
     read = R.cached(config, IDS, CHUNK, never, progress=False, cache_dir=cache)
-    return {"merge": R.merge(run, N, CHUNK, IDS), "merge_no_ids": R.merge(run, N, CHUNK), "timings": R.timings(run),
-            "status": R.status(cache), "cached": read}
+    return {
+        "merge": R.merge(run, N, CHUNK, IDS),
+        "merge_no_ids": R.merge(run, N, CHUNK),
+        "timings": R.timings(run),
+        "status": R.status(cache),
+        "cached": read,
+    }
 
 
 def cell_types(df):
@@ -69,7 +77,12 @@ def test_every_reader_gives_the_same_tables_from_the_chunks_and_from_the_compact
     before = render(tmp_path, config)
     df = before["merge"]
     assert {c: str(df[c].dtype) for c in ("alert", "box", "mixed", "label", "margin")} == {
-        "alert": "object", "box": "object", "mixed": "object", "label": "str", "margin": "float64"}
+        "alert": "object",
+        "box": "object",
+        "mixed": "object",
+        "label": "str",
+        "margin": "float64",
+    }
     assert {type(v) for v in df.mixed} == {int, str} and np.signbit(df.margin[0])
     assert set(before["cached"].attrs) == {"seconds_per_image", "cache"} and len(before["timings"]) == 3
 
@@ -84,22 +97,39 @@ def test_every_reader_gives_the_same_tables_from_the_chunks_and_from_the_compact
 def test_experiment_tables_read_the_same_from_compacted_runs(tmp_path, monkeypatch):
     from scalecert import data as D
     from scalecert import experiments as E
+
     cache = tmp_path / "cache"
     monkeypatch.setattr(R, "CACHE_DIR", cache)
     n = 6
     monkeypatch.setattr(D, "load_dataset", lambda name, split=None, root=None: range(n))
     shas = {name: sha for sha, name in E._checkpoint_names().items()}
     whole, part = R.config_key({"ids": list(range(n))}), R.config_key({"ids": [0, 2, 4]})
-    base = {"dataset": "cifar10", "checkpoint_sha256": shas["cifar10_resnet20_sin1_r20"], "patch": 2.4, "mode": "sound",
-            "rule": "strict", "tau": None, "r": 3, "layer": 1, "rate": 0.2, "ids": whole, "chunk_images": 2,
-            "early_stop": True}
+    base = {
+        "dataset": "cifar10",
+        "checkpoint_sha256": shas["cifar10_resnet20_sin1_r20"],
+        "patch": 2.4,
+        "mode": "sound",
+        "rule": "strict",
+        "tau": None,
+        "r": 3,
+        "layer": 1,
+        "rate": 0.2,
+        "ids": whole,
+        "chunk_images": 2,
+        "early_stop": True,
+    }
 
     def certificates(rg):
-        return pd.DataFrame({"id": list(rg), "certified": [i % 3 == 0 for i in rg],
-                             "clean_correct": [i % 2 == 0 for i in rg]})
+        return pd.DataFrame(
+            {"id": list(rg), "certified": [i % 3 == 0 for i in rg], "clean_correct": [i % 2 == 0 for i in rg]}
+        )
 
-    runs = ((base, n, None), ({**base, "ids": part}, 3, None), ({**base, "patch": 0.4, "ids": part}, 3, None),
-            ({**base, "patch": 0.4}, n, 1))  # a whole split, two subsets, a partial whole split
+    runs = (
+        (base, n, None),
+        ({**base, "ids": part}, 3, None),
+        ({**base, "patch": 0.4, "ids": part}, 3, None),
+        ({**base, "patch": 0.4}, n, 1),
+    )  # a whole split, two subsets, a partial whole split
     for config, size, stop in runs:
         run = R.open_run(config, cache)
         if stop:
@@ -109,8 +139,12 @@ def test_experiment_tables_read_the_same_from_compacted_runs(tmp_path, monkeypat
             R.compute(run, size, 2, certificates, progress=False)
 
     def tables():
-        return {"whole": E.whole_split_results(), "plan": E.paper_plan(), "cards": E.card_accuracy_check(),
-                "status": R.status()}
+        return {
+            "whole": E.whole_split_results(),
+            "plan": E.paper_plan(),
+            "cards": E.card_accuracy_check(),
+            "status": R.status(),
+        }
 
     before = tables()
     assert len(before["whole"]) == 1 and sorted(before["plan"].status) == ["done", "partial"]
@@ -220,13 +254,24 @@ def test_index_names_each_run_its_settings_checkpoint_and_state(tmp_path):
     cards, cache = tmp_path / "cards", tmp_path / "cache"
     cards.mkdir()
     (cards / "cifar10_model.json").write_text(json.dumps({"name": "cifar10_model", "sha256": "a" * 64}))
-    ours = {"dataset": "cifar10", "checkpoint_sha256": "a" * 64, "patch": 2.4, "mode": "sound", "rule": "strict",
-            "tau": 0.3, "r": 3, "layer": 1, "rate": 0.2}
+    ours = {
+        "dataset": "cifar10",
+        "checkpoint_sha256": "a" * 64,
+        "patch": 2.4,
+        "mode": "sound",
+        "rule": "strict",
+        "tau": 0.3,
+        "r": 3,
+        "layer": 1,
+        "rate": 0.2,
+    }
     mr = {**ours, "tau": None, "rate": None}
     peer = {"peer": "DS", "version": 1, "dataset": "cifar10", "checkpoint_sha256": "b" * 64, "patch": 2.4}
     stats = {"kind": "sin_statistics", "dataset": "imagenette", "checkpoint_sha256": "a" * 64, "patch_pct": 2.0}
-    runs = {name: R.open_run(config, cache) for name, config in (("ours", ours), ("mr", mr), ("peer", peer),
-                                                                 ("stats", stats))}
+    runs = {
+        name: R.open_run(config, cache)
+        for name, config in (("ours", ours), ("mr", mr), ("peer", peer), ("stats", stats))
+    }
     for name, run in runs.items():
         if name == "mr":
             with pytest.raises(KeyboardInterrupt):
@@ -240,13 +285,32 @@ def test_index_names_each_run_its_settings_checkpoint_and_state(tmp_path):
     assert index.key.tolist() == sorted(run.name for run in runs.values())
     rows = index.set_index("key").astype(object).where(index.set_index("key").notna(), None)
     assert rows.loc[runs["ours"].name].to_dict() == {
-        "kind": "certify", "defense": "ScaleCert", "dataset": "cifar10", "checkpoint": "cifar10_model", "patch": 2.4,
-        "mode": "sound", "tau": 0.3, "r": 3, "images": N, "state": "complete", "form": "chunks"}
+        "kind": "certify",
+        "defense": "ScaleCert",
+        "dataset": "cifar10",
+        "checkpoint": "cifar10_model",
+        "patch": 2.4,
+        "mode": "sound",
+        "tau": 0.3,
+        "r": 3,
+        "images": N,
+        "state": "complete",
+        "form": "chunks",
+    }
     assert rows.loc[runs["mr"].name, ["defense", "tau", "state", "form"]].tolist() == ["MR", None, "partial", "chunks"]
     assert rows.loc[runs["peer"].name, ["defense", "checkpoint", "mode", "state", "form"]].tolist() == [
-        "DS", "sha256:" + "b" * 16, None, "complete", "parquet"]
+        "DS",
+        "sha256:" + "b" * 16,
+        None,
+        "complete",
+        "parquet",
+    ]
     assert rows.loc[runs["stats"].name, ["kind", "defense", "dataset", "patch"]].tolist() == [
-        "sin_statistics", None, "imagenette", 2.0]
+        "sin_statistics",
+        None,
+        "imagenette",
+        2.0,
+    ]
     out = R.compact_all(cache, checkpoint_dir=cards).set_index("key")
     assert out.loc[runs["ours"].name, "outcome"] == "compacted"
     assert pd.read_csv(cache / R.INDEX, dtype={"key": str}).set_index("key").loc[runs["ours"].name, "form"] == "parquet"
@@ -254,6 +318,7 @@ def test_index_names_each_run_its_settings_checkpoint_and_state(tmp_path):
 
 def test_cache_compact_command(tmp_path, capsys):
     from scalecert import cli
+
     complete, partial = R.open_run({"x": 1}, tmp_path), R.open_run({"x": 2}, tmp_path)
     R.compute(complete, N, CHUNK, records, progress=False)
     with pytest.raises(KeyboardInterrupt):

@@ -39,6 +39,7 @@ def test_reranking_from_order_equals_fresh_topk():
 
 def test_bad_rate_is_rejected():
     import pytest
+
     for bad in (0, -0.1, 1.5):
         with pytest.raises(ValueError, match="rate"):
             SINLayer(bad)

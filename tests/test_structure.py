@@ -4,6 +4,7 @@ Every ``import``/``from ... import`` inside ``scalecert/`` counts, at module lev
 function: a deferred import still makes one module depend on the other, it only hides the circle from the
 interpreter until that function runs.
 """
+
 from __future__ import annotations
 
 import ast
@@ -48,7 +49,7 @@ def imports_of(module: str, path: Path, modules: dict[str, Path]) -> set[str]:
         elif isinstance(node, ast.ImportFrom):
             if node.level:
                 anchor = package.split(".")
-                anchor = anchor[:len(anchor) - (node.level - 1)]
+                anchor = anchor[: len(anchor) - (node.level - 1)]
                 base = ".".join(anchor + ([node.module] if node.module else []))
             else:
                 base = node.module or ""
@@ -144,11 +145,17 @@ def test_graph_sees_relative_absolute_and_deferred_imports(tmp_path):
     (pkg / "sub" / "__init__.py").write_text("X = 1\n")
     (pkg / "sub" / "c.py").write_text("from .. import a\nfrom . import X\nfrom ..sub import c\n")
     graph = import_graph(pkg)
-    assert graph == {"scalecert": {"scalecert.a"}, "scalecert.a": {"scalecert.b"},
-                     "scalecert.b": {"scalecert.a", "scalecert.sub.c"}, "scalecert.sub": set(),
-                     "scalecert.sub.c": {"scalecert.a", "scalecert.sub"}}
-    assert circles(graph) == [["scalecert.a", "scalecert.b", "scalecert.a"],
-                              ["scalecert.a", "scalecert.b", "scalecert.sub.c", "scalecert.a"]]
+    assert graph == {
+        "scalecert": {"scalecert.a"},
+        "scalecert.a": {"scalecert.b"},
+        "scalecert.b": {"scalecert.a", "scalecert.sub.c"},
+        "scalecert.sub": set(),
+        "scalecert.sub.c": {"scalecert.a", "scalecert.sub"},
+    }
+    assert circles(graph) == [
+        ["scalecert.a", "scalecert.b", "scalecert.a"],
+        ["scalecert.a", "scalecert.b", "scalecert.sub.c", "scalecert.a"],
+    ]
     assert circles({"x": {"y"}, "y": {"z"}, "z": set()}) == []
 
 
@@ -159,27 +166,40 @@ def test_no_import_circle():
 
 def test_paths_come_from_paths_module():
     """Only scalecert/paths.py locates the repository from ``__file__``; every other module imports its folders."""
-    users = [m for m, p in module_files().items() if m != f"{PACKAGE}.paths"
-             and any(isinstance(n, ast.Name) and n.id == "__file__" for n in ast.walk(ast.parse(p.read_text())))]
+    users = [
+        m
+        for m, p in module_files().items()
+        if m != f"{PACKAGE}.paths"
+        and any(isinstance(n, ast.Name) and n.id == "__file__" for n in ast.walk(ast.parse(p.read_text())))
+    ]
     assert not users, f"modules that rebuild paths from __file__ instead of importing scalecert.paths: {users}"
 
 
 def test_paths_honour_the_environment(tmp_path):
     import subprocess
     import sys
-    env = {"SCALECERT_CACHE_DIR": str(tmp_path / "c"), "SCALECERT_FIG_DIR": str(tmp_path / "f"),
-           "SCALECERT_DATA_DIR": str(tmp_path / "d"), "PATH": "/usr/bin:/bin"}
-    code = ("import importlib.util as u\n"  # paths.py alone: the package's __init__ would load torch
-            f"s = u.spec_from_file_location('paths', {str(ROOT / 'paths.py')!r}); P = u.module_from_spec(s)\n"
-            "s.loader.exec_module(P); print(P.CACHE_DIR, P.FIG_DIR, P.DATA_DIR, P.ROOT, sep='\\n')")
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True,
-                         cwd=ROOT.parent).stdout.split("\n")
+
+    env = {
+        "SCALECERT_CACHE_DIR": str(tmp_path / "c"),
+        "SCALECERT_FIG_DIR": str(tmp_path / "f"),
+        "SCALECERT_DATA_DIR": str(tmp_path / "d"),
+        "PATH": "/usr/bin:/bin",
+    }
+    code = (
+        "import importlib.util as u\n"  # paths.py alone: the package's __init__ would load torch
+        f"s = u.spec_from_file_location('paths', {str(ROOT / 'paths.py')!r}); P = u.module_from_spec(s)\n"
+        "s.loader.exec_module(P); print(P.CACHE_DIR, P.FIG_DIR, P.DATA_DIR, P.ROOT, sep='\\n')"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True, cwd=ROOT.parent
+    ).stdout.split("\n")
     assert out[:4] == [str(tmp_path / "c"), str(tmp_path / "f"), str(tmp_path / "d"), str(ROOT.parent)]
 
 
 def test_relative_names_a_path_inside_the_repository_from_its_root(tmp_path):
     from scalecert.paths import ROOT as REPO
     from scalecert.paths import relative
+
     assert relative(REPO / "data" / "runs" / "m" / "log.jsonl") == "data/runs/m/log.jsonl"
     assert relative(tmp_path / "log.jsonl") == str(tmp_path / "log.jsonl")
     assert relative(tmp_path / "a" / "log.jsonl", tmp_path) == "a/log.jsonl"

@@ -38,8 +38,7 @@ def test_base_family_has_r_squared_covering_windows():
     fam = candidate_windows(32, 5, 3)
     assert fam.side == 7 and len(fam) == 26 * 26
     a, b = 10, 17  # a patch at (10, 17)
-    inside = ((fam.boxes[:, 0] <= a) & (fam.boxes[:, 1] <= b) & (fam.boxes[:, 2] >= a + 4)
-              & (fam.boxes[:, 3] >= b + 4))
+    inside = (fam.boxes[:, 0] <= a) & (fam.boxes[:, 1] <= b) & (fam.boxes[:, 2] >= a + 4) & (fam.boxes[:, 3] >= b + 4)
     assert inside.sum() == 9
 
 

@@ -13,6 +13,7 @@ Every peer returns the same per-image records (one dict per image, a pandas row 
 ``kind`` is "recovery" (the certificate guarantees the right label) or "detection" (the right
 label or an alert), as in the paper's tables; ``records_frame`` also writes it as ``guarantee``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -51,10 +52,15 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
     """Add the options every peer's ``train`` command shares (seed, threads, resumable state, device, folders)."""
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0)
-    p.add_argument("--save-every", type=float, default=600.0,
-                   help="save a mid-epoch state every N seconds (an interrupted epoch resumes at its step)")
-    p.add_argument("--max-train", type=int, default=0,
-                   help="use only N training images per epoch (a provisional checkpoint)")
+    p.add_argument(
+        "--save-every",
+        type=float,
+        default=600.0,
+        help="save a mid-epoch state every N seconds (an interrupted epoch resumes at its step)",
+    )
+    p.add_argument(
+        "--max-train", type=int, default=0, help="use only N training images per epoch (a provisional checkpoint)"
+    )
     p.add_argument("--device", default="cpu")
     p.add_argument("--out-dir", default=None, help="checkpoint folder (default data/checkpoints)")
     p.add_argument("--runs-dir", default=None, help="per-epoch state and log go to RUNS_DIR/NAME (default data/runs)")
@@ -75,7 +81,13 @@ def records_frame(records: list[dict], defense: str, kind: str) -> pd.DataFrame:
 
 def summarise_records(df: pd.DataFrame, **labels) -> dict:
     """Return one table row: clean and certified accuracy (%), forwards and seconds per image."""
-    return {**labels, "defense": df.defense.iloc[0], "kind": df.kind.iloc[0], "images": len(df),
-            "clean": round(100 * df.clean_correct.mean(), 1), "certified": round(100 * df.certified.mean(), 1),
-            "forwards_per_image": round(float(df.forwards.mean()), 1),
-            "images_per_second": round(1.0 / max(1e-12, float(df.seconds.mean())), 2)}
+    return {
+        **labels,
+        "defense": df.defense.iloc[0],
+        "kind": df.kind.iloc[0],
+        "images": len(df),
+        "clean": round(100 * df.clean_correct.mean(), 1),
+        "certified": round(100 * df.certified.mean(), 1),
+        "forwards_per_image": round(float(df.forwards.mean()), 1),
+        "images_per_second": round(1.0 / max(1e-12, float(df.seconds.mean())), 2),
+    }

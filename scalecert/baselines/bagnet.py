@@ -53,6 +53,7 @@ Simplifications (say so beside any number made with this module)
 * No clipping or masking is used during training (PatchGuard trains the plain BagNet too; CBN
   fine-tunes with clipping, which we do not).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -90,8 +91,11 @@ ARCHS = {
     "bagnet_tiny": ((8, 3, 1), ((1, 16, 2, 1), (1, 16, 1, 0)), CIFAR_MEAN, CIFAR_STD),
 }
 #: The receptive-field geometry of each architecture's local-logit map, as stated in the docstring.
-STATED_GEOMETRY = {"bagnet11_cifar": Geometry(2, 11, 5), "bagnet17_w16": Geometry(8, 17, 8),
-                   "bagnet_tiny": Geometry(2, 5, 2)}
+STATED_GEOMETRY = {
+    "bagnet11_cifar": Geometry(2, 11, 5),
+    "bagnet17_w16": Geometry(8, 17, 8),
+    "bagnet_tiny": Geometry(2, 5, 2),
+}
 DEFAULT_ARCH = {"cifar10": "bagnet11_cifar", "imagenette": "bagnet17_w16", "imagenet": "bagnet17_w16"}
 
 
@@ -133,9 +137,10 @@ class BagNet(nn.Module):
 
     ``local_logits(x)`` is (B, classes, h, w); ``forward(x)`` is their spatial mean (B, classes).
     """
+
     sin_layer = None  # no SIN layer: present so scalecert.models.save_checkpoint can write the card
     sin_rate = None
-    sin = None        # lets scalecert.train.evaluate run on a BagNet
+    sin = None  # lets scalecert.train.evaluate run on a BagNet
 
     def __init__(self, arch: str, num_classes: int = 10):
         super().__init__()
@@ -144,8 +149,9 @@ class BagNet(nn.Module):
         (c, k, s), stages, mean, std = ARCHS[arch]
         self.arch, self.num_classes = arch, int(num_classes)
         self.normalize = Normalize(mean, std)
-        units: list[nn.Module] = [nn.Sequential(nn.Conv2d(3, c, k, s, (k - 1) // 2, bias=False), nn.BatchNorm2d(c),
-                                                nn.ReLU(inplace=True))]
+        units: list[nn.Module] = [
+            nn.Sequential(nn.Conv2d(3, c, k, s, (k - 1) // 2, bias=False), nn.BatchNorm2d(c), nn.ReLU(inplace=True))
+        ]
         for blocks, out, stride, n3 in stages:
             for b in range(blocks):
                 units.append(BagBlock(c, out, 3 if b < n3 else 1, stride if b == 0 else 1))
@@ -202,11 +208,27 @@ def train_step(model: BagNet, opt: torch.optim.Optimizer, x: torch.Tensor, y: to
     return loss.item(), int((out.argmax(1) == y).sum())
 
 
-def train_bagnet(name: str, dataset: str = "cifar10", arch: str | None = None, epochs: int = 30,
-                 batch_size: int = 128, lr: float = 0.1, wd: float = 5e-4, seed: int = 0, threads: int = 0,
-                 max_train: int = 0, eval_subset: int = 1000, device="cpu", runs_dir=None, out_dir=None,
-                 train_set=None, eval_set=None, command: str = "",
-                 save_every: float = 600.0, stop_after: int = 0) -> dict:
+def train_bagnet(
+    name: str,
+    dataset: str = "cifar10",
+    arch: str | None = None,
+    epochs: int = 30,
+    batch_size: int = 128,
+    lr: float = 0.1,
+    wd: float = 5e-4,
+    seed: int = 0,
+    threads: int = 0,
+    max_train: int = 0,
+    eval_subset: int = 1000,
+    device="cpu",
+    runs_dir=None,
+    out_dir=None,
+    train_set=None,
+    eval_set=None,
+    command: str = "",
+    save_every: float = 600.0,
+    stop_after: int = 0,
+) -> dict:
     """Train (or resume) a BagNet; write runs_dir/NAME/{state.pt,log.jsonl} and out_dir/NAME.{pt,json}; return the card.
 
     One JSON line per epoch in log.jsonl (loss, train accuracy, accuracy on ``eval_subset``
@@ -216,6 +238,7 @@ def train_bagnet(name: str, dataset: str = "cifar10", arch: str | None = None, e
     """
     from .. import data as D
     from ..train import evaluate
+
     train_set, eval_set, n = prepare(seed, threads, dataset, train_set, eval_set)
     arch = arch or DEFAULT_ARCH.get(train_set.name, "bagnet11_cifar" if n <= 64 else "bagnet17_w16")
     model = BagNet(arch, len(train_set.classes)).to(device)
@@ -223,8 +246,15 @@ def train_bagnet(name: str, dataset: str = "cifar10", arch: str | None = None, e
     steps = math.ceil(n_train / batch_size)
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=wd, nesterov=True)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, lr, total_steps=max(1, epochs * steps), pct_start=0.15)
-    config = {"arch": arch, "epochs": epochs, "batch_size": batch_size, "lr": lr, "wd": wd, "seed": seed,
-              "max_train": max_train}
+    config = {
+        "arch": arch,
+        "epochs": epochs,
+        "batch_size": batch_size,
+        "lr": lr,
+        "wd": wd,
+        "seed": seed,
+        "max_train": max_train,
+    }
     run_dir = Path(runs_dir or RUNS_DIR) / name
     log_path = run_dir / "log.jsonl"
     done = finished_card(Path(out_dir or CHECKPOINT_DIR) / f"{name}.json", config, epochs)
@@ -241,22 +271,39 @@ def train_bagnet(name: str, dataset: str = "cifar10", arch: str | None = None, e
             sched.step()
             t["tot"], t["correct"], t["seen"] = t["tot"] + loss * len(y), t["correct"] + right, t["seen"] + len(y)
         dt = run.epoch_seconds()
-        run.end_epoch({"epoch": epoch + 1, "loss": t["tot"] / t["seen"], "train_acc": 100 * t["correct"] / t["seen"],
-                       "test_acc": evaluate(model, eval_set, eval_idx, device=device), "lr": sched.get_last_lr()[0],
-                       "seconds": round(dt, 1)}, seconds=dt)
+        run.end_epoch(
+            {
+                "epoch": epoch + 1,
+                "loss": t["tot"] / t["seen"],
+                "train_acc": 100 * t["correct"] / t["seen"],
+                "test_acc": evaluate(model, eval_set, eval_idx, device=device),
+                "lr": sched.get_last_lr()[0],
+                "seconds": round(dt, 1),
+            },
+            seconds=dt,
+        )
     elapsed = run.elapsed
     round_to_storage(model.eval())  # measure the weights that ship
     geo = model.geometry()
-    card = {"name": name, "model": "BagNet", **config, "status": "final" if not max_train else
-            f"provisional: trained on {n_train} images per epoch only",
-            "dataset": D.DATASET_LABELS.get(eval_set.name, eval_set.name), "dataset_key": eval_set.name,
-            "image_side": n, "geometry": {"stride": geo.stride, "rf": geo.rf, "pad": geo.pad},
-            "logit_map": list(model.logit_shape(n)), "epochs_done": epochs,
-            "eval_split": eval_set.split, "eval_images": len(eval_set),
-            "clean_accuracy": evaluate(model, eval_set, device=device), "accuracy_measured_on": MEASURED_ON,
-            "train_seconds": round(elapsed, 1),
-            "command": command or "python -m scalecert.baselines.bagnet " + shlex.join(sys.argv[1:]),
-            "log": relative(log_path)}
+    card = {
+        "name": name,
+        "model": "BagNet",
+        **config,
+        "status": "final" if not max_train else f"provisional: trained on {n_train} images per epoch only",
+        "dataset": D.DATASET_LABELS.get(eval_set.name, eval_set.name),
+        "dataset_key": eval_set.name,
+        "image_side": n,
+        "geometry": {"stride": geo.stride, "rf": geo.rf, "pad": geo.pad},
+        "logit_map": list(model.logit_shape(n)),
+        "epochs_done": epochs,
+        "eval_split": eval_set.split,
+        "eval_images": len(eval_set),
+        "clean_accuracy": evaluate(model, eval_set, device=device),
+        "accuracy_measured_on": MEASURED_ON,
+        "train_seconds": round(elapsed, 1),
+        "command": command or "python -m scalecert.baselines.bagnet " + shlex.join(sys.argv[1:]),
+        "log": relative(log_path),
+    }
     return save_checkpoint(model, Path(out_dir or CHECKPOINT_DIR) / f"{name}.pt", card)
 
 
@@ -264,8 +311,10 @@ def train_bagnet(name: str, dataset: str = "cifar10", arch: str | None = None, e
 def main(argv=None) -> int:
     """``python -m scalecert.baselines.bagnet {train,geometry} ...``."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    p = argparse.ArgumentParser(prog="python -m scalecert.baselines.bagnet",
-                                description="Train BagNet-style models for CBN / PatchGuard, or print their geometry.")
+    p = argparse.ArgumentParser(
+        prog="python -m scalecert.baselines.bagnet",
+        description="Train BagNet-style models for CBN / PatchGuard, or print their geometry.",
+    )
     sub = p.add_subparsers(dest="cmd", required=True)
     t = sub.add_parser("train", help="train (or resume) a BagNet; writes data/checkpoints/NAME.{pt,json}")
     t.add_argument("--name", required=True)
@@ -288,9 +337,24 @@ def main(argv=None) -> int:
                 row["logit_map"] = list(m.logit_shape(a.size))
             print(json.dumps(row))
         return 0
-    card = train_bagnet(a.name, a.dataset, a.arch, a.epochs, a.batch_size, a.lr, a.wd, a.seed, a.threads,
-                        a.max_train, a.eval_subset, a.device, runs_dir=a.runs_dir, out_dir=a.out_dir,
-                        command="python -m scalecert.baselines.bagnet " + shlex.join(argv), save_every=a.save_every)
+    card = train_bagnet(
+        a.name,
+        a.dataset,
+        a.arch,
+        a.epochs,
+        a.batch_size,
+        a.lr,
+        a.wd,
+        a.seed,
+        a.threads,
+        a.max_train,
+        a.eval_subset,
+        a.device,
+        runs_dir=a.runs_dir,
+        out_dir=a.out_dir,
+        command="python -m scalecert.baselines.bagnet " + shlex.join(argv),
+        save_every=a.save_every,
+    )
     print(json.dumps({k: card[k] for k in ("name", "clean_accuracy", "sha256")}))
     return 0
 

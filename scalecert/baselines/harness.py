@@ -12,6 +12,7 @@ declare it as ``shared``: it runs once per checkpoint and chunk of images in a p
 reused; a configuration that reuses it is still charged its measured seconds, so every row's time
 is what that configuration would cost alone.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -34,6 +35,7 @@ class Peer:
     ``shared(model, images, device) -> dict`` of keyword arguments for ``certify`` that other configurations reuse
     (it must compute what ``certify`` would with its defaults: peers share an entry only if they share the function),
     and the ``version`` of its certificate (cached records of another version are not reused)."""
+
     name: str
     kind: str
     loader: Callable
@@ -62,21 +64,30 @@ def _peers() -> dict[str, Peer]:
 
     def local(model, x, device):
         return {"logits": bagnet_logits(model, x, device=device)}
+
     bag = {"cifar10": "cifar10_bagnet11", "imagenette": "imagenette_bagnet17w16"}
     ds = {"cifar10": "cifar10_ds_resnet20", "imagenette": "imagenette_ds_resnet18w16"}
-    return {p.name: p for p in (
-        Peer("CBN", "recovery", load_bagnet, certify_cbn, bag, local),
-        Peer("PG-Mask-BN", "recovery", load_bagnet, certify_pg_mask_bn, bag, local),
-        Peer("PatchGuard++", "detection", load_bagnet, certify_pgpp, bag, local),
-        # version 2: float-noise vote bounds (smoothing.VOTE_EPS)
-        Peer("DS", "recovery", load_ds, certify_ds, ds, votes, version=2),
-        Peer("PG-Mask-DS", "recovery", load_ds, certify_pg_mask_ds, ds, votes, version=2),
-        # one IBP model trained on 5 px (2.4%) patches certifies every patch size (CIFAR only, as in the paper)
-        Peer("IBP", "recovery", load_ibp, certify_ibp, {"cifar10": "cifar10_ibp_small"}),
-        # not in the paper's tables (issue #36): double masking on an undefended model; any project checkpoint works
-        Peer("PatchCleanser", "recovery", load_model, certify_patchcleanser,
-             {"cifar10": "cifar10_resnet20_vanilla", "imagenette": "imagenette_resnet18w16_vanilla"}),
-    )}
+    return {
+        p.name: p
+        for p in (
+            Peer("CBN", "recovery", load_bagnet, certify_cbn, bag, local),
+            Peer("PG-Mask-BN", "recovery", load_bagnet, certify_pg_mask_bn, bag, local),
+            Peer("PatchGuard++", "detection", load_bagnet, certify_pgpp, bag, local),
+            # version 2: float-noise vote bounds (smoothing.VOTE_EPS)
+            Peer("DS", "recovery", load_ds, certify_ds, ds, votes, version=2),
+            Peer("PG-Mask-DS", "recovery", load_ds, certify_pg_mask_ds, ds, votes, version=2),
+            # one IBP model trained on 5 px (2.4%) patches certifies every patch size (CIFAR only, as in the paper)
+            Peer("IBP", "recovery", load_ibp, certify_ibp, {"cifar10": "cifar10_ibp_small"}),
+            # not in the paper's tables (issue #36): double masking on an undefended model; any project checkpoint works
+            Peer(
+                "PatchCleanser",
+                "recovery",
+                load_model,
+                certify_patchcleanser,
+                {"cifar10": "cifar10_resnet20_vanilla", "imagenette": "imagenette_resnet18w16_vanilla"},
+            ),
+        )
+    }
 
 
 PEER_NAMES = ("IBP", "CBN", "DS", "PG-Mask-DS", "PG-Mask-BN", "PatchGuard++")
@@ -132,9 +143,19 @@ def peer_available(name: str, dataset: str) -> bool:
     return ck is not None and (CHECKPOINT_DIR / f"{ck}.pt").is_file()
 
 
-def peer_cached(name: str, dataset: str, patch: float, *, per_class: int | None, seed: int = 0,
-                force: bool = False, device: str = "cpu", chunk_images: int = 50, progress: bool = True,
-                checkpoint: str | None = None) -> pd.DataFrame:
+def peer_cached(
+    name: str,
+    dataset: str,
+    patch: float,
+    *,
+    per_class: int | None,
+    seed: int = 0,
+    force: bool = False,
+    device: str = "cpu",
+    chunk_images: int = 50,
+    progress: bool = True,
+    checkpoint: str | None = None,
+) -> pd.DataFrame:
     """Return the common per-image records of one peer configuration, from the cache or computed (and cached);
     ``checkpoint``: run the peer on that shipped model instead of its own (e.g. PatchCleanser on any classifier)."""
     dataset = D.check_dataset(dataset)
@@ -145,13 +166,20 @@ def peer_cached(name: str, dataset: str, patch: float, *, per_class: int | None,
     model = pr.loader(ck, device=device)
     ds = D.load_dataset(dataset, "eval")
     ids = eval_ids(ds, per_class, seed)
-    config = {"peer": name, "version": pr.version, "dataset": dataset, "checkpoint_sha256": model.card["sha256"],
-              "patch": patch, "ids": R.config_key({"ids": ids}), "chunk_images": chunk_images}
+    config = {
+        "peer": name,
+        "version": pr.version,
+        "dataset": dataset,
+        "checkpoint_sha256": model.card["sha256"],
+        "patch": patch,
+        "ids": R.config_key({"ids": ids}),
+        "chunk_images": chunk_images,
+    }
 
     def one(rg):
-        x, y = ds.tensors(ids[rg.start:rg.stop])
-        kw, secs, reused = shared_work(pr, model, x, ids[rg.start:rg.stop], device)
-        df = pr.certify(model, x, y, patch, device=device, ids=ids[rg.start:rg.stop], **kw)
+        x, y = ds.tensors(ids[rg.start : rg.stop])
+        kw, secs, reused = shared_work(pr, model, x, ids[rg.start : rg.stop], device)
+        df = pr.certify(model, x, y, patch, device=device, ids=ids[rg.start : rg.stop], **kw)
         if pr.shared is not None:  # certify timed only its own part: every row carries its share of the shared work
             df["seconds"] = df["seconds"] + secs / len(df)
         if reused:  # the chunk's wall time did not include it: charge it as if this configuration had done it
@@ -164,7 +192,11 @@ def peer_cached(name: str, dataset: str, patch: float, *, per_class: int | None,
 def summarise_peer(df: pd.DataFrame, **labels) -> dict:
     """Return one table row in the columns of ``experiments.summarise`` (clean, certified, forwards, seconds per
     image)."""
-    return {**labels, "images": len(df),
-            "clean": round(100 * df.clean_correct.mean(), 1), "certified": round(100 * df.certified.mean(), 1),
-            "forwards_per_image": round(float(df.forwards.mean()), 1),
-            "seconds_per_image": round(df.attrs.get("seconds_per_image", float("nan")), 4)}
+    return {
+        **labels,
+        "images": len(df),
+        "clean": round(100 * df.clean_correct.mean(), 1),
+        "certified": round(100 * df.certified.mean(), 1),
+        "forwards_per_image": round(float(df.forwards.mean()), 1),
+        "seconds_per_image": round(df.attrs.get("seconds_per_image", float("nan")), 4),
+    }

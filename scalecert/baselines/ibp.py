@@ -57,6 +57,7 @@ Simplifications (say so beside any number made with this module)
 * Bounds are computed in float32 without directed rounding: a certificate with a margin of the
   order of 1e-6 could in principle be a rounding artefact (``margin`` raises the threshold).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -106,11 +107,13 @@ class IBPNet(nn.Module):
     ``body`` may hold Conv2d (zero padding), Linear, ReLU, Flatten and Sequential modules only:
     those are the ones interval propagation knows.
     """
+
     sin_layer = None  # no SIN layer; present so scalecert.models.save_checkpoint can write the card
     sin_rate = None
 
-    def __init__(self, layers: list[nn.Module], n: int, num_classes: int, arch: str = "custom",
-                 mean=CIFAR_MEAN, std=CIFAR_STD):
+    def __init__(
+        self, layers: list[nn.Module], n: int, num_classes: int, arch: str = "custom", mean=CIFAR_MEAN, std=CIFAR_STD
+    ):
         super().__init__()
         if not layers or not isinstance(layers[-1], nn.Linear) or layers[-1].out_features != num_classes:
             raise ValueError(f"the last layer must be nn.Linear(..., {num_classes})")
@@ -243,8 +246,9 @@ def _setup(model: IBPNet, images, labels, device):
 
 
 @torch.no_grad()
-def margin_bounds(model: IBPNet, x: torch.Tensor, y, positions="all", p=2, eps: float = 1.0,
-                  chunk: int | None = None, device=None) -> torch.Tensor:
+def margin_bounds(
+    model: IBPNet, x: torch.Tensor, y, positions="all", p=2, eps: float = 1.0, chunk: int | None = None, device=None
+) -> torch.Tensor:
     """Return lower bounds (B, K, C) of logit[y] - logit[j] for each image, patch position and class.
 
     INPUT: images x (B, 3, n, n) in [0, 1]; labels y (B,); positions "all" or corners (K, 2) shared by
@@ -273,9 +277,19 @@ def margin_bounds(model: IBPNet, x: torch.Tensor, y, positions="all", p=2, eps: 
 
 # --------------------------------------------------------------------------- certification
 @torch.no_grad()
-def certify_ibp(model: IBPNet, images: torch.Tensor, labels, patch, positions="all", chunk: int | None = None,
-                device=None, early_stop: bool = True, margin: float = 0.0, batch_size: int = 64,
-                ids=None) -> pd.DataFrame:
+def certify_ibp(
+    model: IBPNet,
+    images: torch.Tensor,
+    labels,
+    patch,
+    positions="all",
+    chunk: int | None = None,
+    device=None,
+    early_stop: bool = True,
+    margin: float = 0.0,
+    batch_size: int = 64,
+    ids=None,
+) -> pd.DataFrame:
     """Return one row per image (the common peer records, defense "IBP", kind "recovery").
 
     INPUT: images (B, 3, n, n) in [0, 1] with n = model.n; labels (B,); patch in pixels (int) or %
@@ -301,7 +315,7 @@ def certify_ibp(model: IBPNet, images: torch.Tensor, labels, patch, positions="a
     recs = []
     for s0 in range(0, b, batch_size):
         t0 = time.perf_counter()
-        xb, yb = x[s0: s0 + batch_size], y[s0: s0 + batch_size]
+        xb, yb = x[s0 : s0 + batch_size], y[s0 : s0 + batch_size]
         m = len(xb)
         pred = model(xb).argmax(1)
         active = pred == yb if early_stop else torch.ones(m, dtype=torch.bool, device=device)
@@ -324,26 +338,39 @@ def certify_ibp(model: IBPNet, images: torch.Tensor, labels, patch, positions="a
         ok = (pred == yb) & (evaluated == k) & (worst > margin)
         seconds = (time.perf_counter() - t0) / m
         for j in range(m):
-            recs.append({"id": ids[s0 + j], "label": int(yb[j]), "pred": int(pred[j]), "alert": False,
-                         "clean_correct": bool(pred[j] == yb[j]), "certified": bool(ok[j]),
-                         "forwards": 1 + 2 * int(evaluated[j]), "seconds": seconds, "patch_px": p,
-                         "positions": k, "evaluated": int(evaluated[j]),
-                         "worst_bound": float(worst[j]) if evaluated[j] > 0 else float("nan")})
+            recs.append(
+                {
+                    "id": ids[s0 + j],
+                    "label": int(yb[j]),
+                    "pred": int(pred[j]),
+                    "alert": False,
+                    "clean_correct": bool(pred[j] == yb[j]),
+                    "certified": bool(ok[j]),
+                    "forwards": 1 + 2 * int(evaluated[j]),
+                    "seconds": seconds,
+                    "patch_px": p,
+                    "positions": k,
+                    "evaluated": int(evaluated[j]),
+                    "worst_bound": float(worst[j]) if evaluated[j] > 0 else float("nan"),
+                }
+            )
     return records_frame(recs, DEFENSE, KIND)
 
 
 # --------------------------------------------------------------------------- training
-def ramp_schedule(step: int, total: int, warmup: float = 0.15, ramp: float = 0.5,
-                  kappa_end: float = 0.5, power: float = 2.0) -> tuple[float, float]:
+def ramp_schedule(
+    step: int, total: int, warmup: float = 0.15, ramp: float = 0.5, kappa_end: float = 0.5, power: float = 2.0
+) -> tuple[float, float]:
     """Return (eps, kappa) at a global step: clean warm-up (fraction ``warmup`` of the steps), then over a
     fraction ``ramp`` eps grows as t ** power from 0 to 1 and kappa falls linearly from 1 to kappa_end."""
     t = (step / max(1, total) - warmup) / max(1e-12, ramp)
     t = min(1.0, max(0.0, t))
-    return t ** power, 1.0 + t * (kappa_end - 1.0)
+    return t**power, 1.0 + t * (kappa_end - 1.0)
 
 
-def ibp_loss(model: IBPNet, x: torch.Tensor, y: torch.Tensor, corners: torch.Tensor, p: int, eps: float,
-             kappa: float) -> tuple[torch.Tensor, dict]:
+def ibp_loss(
+    model: IBPNet, x: torch.Tensor, y: torch.Tensor, corners: torch.Tensor, p: int, eps: float, kappa: float
+) -> tuple[torch.Tensor, dict]:
     """Return (loss, stats): kappa * CE(clean) + (1 - kappa) * mean over images of max over positions of
     CE(worst-case logits), the worst-case logits being -lower_margin; corners (B, K, 2)."""
     logits = model(x)
@@ -360,8 +387,17 @@ def ibp_loss(model: IBPNet, x: torch.Tensor, y: torch.Tensor, corners: torch.Ten
     return kappa * clean + (1 - kappa) * robust, stats
 
 
-def choose_corners(model: IBPNet, x: torch.Tensor, y: torch.Tensor, p: int, eps: float, k: int,
-                   gen: torch.Generator, selection: str = "random", candidates: int = 8) -> torch.Tensor:
+def choose_corners(
+    model: IBPNet,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    p: int,
+    eps: float,
+    k: int,
+    gen: torch.Generator,
+    selection: str = "random",
+    candidates: int = 8,
+) -> torch.Tensor:
     """Return training corners (B, k, 2): k random ones, or the k worst (largest robust CE) of ``candidates``."""
     b, n = x.shape[0], x.shape[-1]
     if selection == "random":
@@ -373,16 +409,28 @@ def choose_corners(model: IBPNet, x: torch.Tensor, y: torch.Tensor, p: int, eps:
         return cand[:, :k]
     with torch.no_grad():
         m = cand.shape[1]
-        lower = ibp_margins(model, *patch_box(x.repeat_interleave(m, 0), cand.reshape(-1, 2), p, eps),
-                            y.repeat_interleave(m))
+        lower = ibp_margins(
+            model, *patch_box(x.repeat_interleave(m, 0), cand.reshape(-1, 2), p, eps), y.repeat_interleave(m)
+        )
         score = F.cross_entropy(-lower, y.repeat_interleave(m), reduction="none").view(b, m)
     idx = score.topk(k, 1).indices
     return cand.gather(1, idx.unsqueeze(-1).expand(-1, -1, 2))
 
 
-def train_step(model: IBPNet, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, p: int,
-               eps: float, kappa: float, gen: torch.Generator, k: int = 4, selection: str = "random",
-               candidates: int = 8, clip: float | None = None) -> dict:
+def train_step(
+    model: IBPNet,
+    opt: torch.optim.Optimizer,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    p: int,
+    eps: float,
+    kappa: float,
+    gen: torch.Generator,
+    k: int = 4,
+    selection: str = "random",
+    candidates: int = 8,
+    clip: float | None = None,
+) -> dict:
     """Run one optimiser step of the IBP patch objective on a batch (gradient norm clipped to ``clip``);
     return its stats (loss before the step)."""
     model.train()
@@ -403,7 +451,7 @@ def clean_accuracy(model: IBPNet, ds, idx=None, batch: int = 500, device="cpu") 
     idx = np.arange(len(ds)) if idx is None else np.asarray(idx)
     correct = 0
     for s in range(0, len(idx), batch):
-        xb, yb = ds.tensors(idx[s: s + batch])
+        xb, yb = ds.tensors(idx[s : s + batch])
         correct += (model(xb.to(device)).argmax(1).cpu() == yb).sum().item()
     return 100.0 * correct / max(1, len(idx))
 
@@ -414,14 +462,37 @@ def certified_accuracy(model: IBPNet, ds, idx, patch, device="cpu") -> float:
     return 100.0 * float(certify_ibp(model, x, y, patch, device=device).certified.mean())
 
 
-def train_ibp(name: str, patch=2.4, epochs: int = 20, dataset: str = "cifar10", arch: str = "ibp_small",
-              batch_size: int = 128, lr: float = 1e-3, k: int = 4, selection: str = "random",
-              candidates: int = 8, warmup: float = 0.15, ramp: float = 0.5, kappa_end: float = 0.5,
-              power: float = 2.0, clip: float | None = 10.0,
-              seed: int = 0, threads: int = 0, max_train: int = 0, eval_subset: int = 1000,
-              cert_eval: int = 50, final_cert: int = 500, device="cpu", runs_dir=None, out_dir=None,
-              train_set=None, eval_set=None, command: str = "",
-              save_every: float = 600.0, stop_after: int = 0) -> dict:
+def train_ibp(
+    name: str,
+    patch=2.4,
+    epochs: int = 20,
+    dataset: str = "cifar10",
+    arch: str = "ibp_small",
+    batch_size: int = 128,
+    lr: float = 1e-3,
+    k: int = 4,
+    selection: str = "random",
+    candidates: int = 8,
+    warmup: float = 0.15,
+    ramp: float = 0.5,
+    kappa_end: float = 0.5,
+    power: float = 2.0,
+    clip: float | None = 10.0,
+    seed: int = 0,
+    threads: int = 0,
+    max_train: int = 0,
+    eval_subset: int = 1000,
+    cert_eval: int = 50,
+    final_cert: int = 500,
+    device="cpu",
+    runs_dir=None,
+    out_dir=None,
+    train_set=None,
+    eval_set=None,
+    command: str = "",
+    save_every: float = 600.0,
+    stop_after: int = 0,
+) -> dict:
     """Train (or resume) an IBP patch model; write data/runs/NAME/{state.pt,log.jsonl} and a checkpoint + card.
 
     One JSON line per epoch in log.jsonl (loss, clean/robust CE, train acc, clean test accuracy on
@@ -431,6 +502,7 @@ def train_ibp(name: str, patch=2.4, epochs: int = 20, dataset: str = "cifar10", 
     images, command). ``train_set``/``eval_set`` (ImageSets) replace the data set (tests).
     """
     from .. import data as D
+
     train_set, eval_set, n = prepare(seed, threads, dataset, train_set, eval_set)
     p = patch_pixels(patch, n)
     model = ibp_cnn(arch, n, len(train_set.classes)).to(device)
@@ -438,10 +510,24 @@ def train_ibp(name: str, patch=2.4, epochs: int = 20, dataset: str = "cifar10", 
     n_train = min(max_train or len(train_set), len(train_set))
     steps_per_epoch = math.ceil(n_train / batch_size)
     total = epochs * steps_per_epoch
-    config = {"patch": patch, "patch_px": p, "arch": arch, "epochs": epochs, "batch_size": batch_size,
-              "lr": lr, "k": k, "selection": selection, "candidates": candidates, "warmup": warmup,
-              "ramp": ramp, "kappa_end": kappa_end, "power": power, "clip": clip, "seed": seed,
-              "max_train": max_train}
+    config = {
+        "patch": patch,
+        "patch_px": p,
+        "arch": arch,
+        "epochs": epochs,
+        "batch_size": batch_size,
+        "lr": lr,
+        "k": k,
+        "selection": selection,
+        "candidates": candidates,
+        "warmup": warmup,
+        "ramp": ramp,
+        "kappa_end": kappa_end,
+        "power": power,
+        "clip": clip,
+        "seed": seed,
+        "max_train": max_train,
+    }
     run_dir = Path(runs_dir or RUNS_DIR) / name
     log_path = run_dir / "log.jsonl"
     done = finished_card(Path(out_dir or CHECKPOINT_DIR) / f"{name}.json", config, epochs)
@@ -467,30 +553,48 @@ def train_ibp(name: str, patch=2.4, epochs: int = 20, dataset: str = "cifar10", 
         dt = run.epoch_seconds()
         eps, kappa = ramp_schedule((epoch + 1) * steps_per_epoch - 1, total, warmup, ramp, kappa_end, power)
         seen, rob_seen = sums.pop("seen"), sums.pop("rob_seen")
-        rec = {"epoch": epoch + 1, **{key: v / max(1, seen) for key, v in sums.items()},
-               "robust_ce": sums["robust_ce"] / rob_seen if rob_seen else None,
-               "eps": eps, "kappa": kappa, "lr": opt.param_groups[0]["lr"],
-               "test_acc": clean_accuracy(model, eval_set, eval_idx, device=device),
-               "cert_acc": certified_accuracy(model, eval_set, balanced_ids(eval_set, cert_eval, seed)[:cert_eval],
-                                              patch, device=device) if cert_eval else None,
-               "cert_images": cert_eval, "seconds": dt}
+        rec = {
+            "epoch": epoch + 1,
+            **{key: v / max(1, seen) for key, v in sums.items()},
+            "robust_ce": sums["robust_ce"] / rob_seen if rob_seen else None,
+            "eps": eps,
+            "kappa": kappa,
+            "lr": opt.param_groups[0]["lr"],
+            "test_acc": clean_accuracy(model, eval_set, eval_idx, device=device),
+            "cert_acc": certified_accuracy(
+                model, eval_set, balanced_ids(eval_set, cert_eval, seed)[:cert_eval], patch, device=device
+            )
+            if cert_eval
+            else None,
+            "cert_images": cert_eval,
+            "seconds": dt,
+        }
         run.end_epoch(rec, seconds=dt)
     elapsed = run.elapsed
     round_to_storage(model.eval())  # measure the weights that ship
     cert_idx = balanced_ids(eval_set, final_cert, seed)[:final_cert] if final_cert else []
     t0 = time.time()
     cert = certified_accuracy(model, eval_set, cert_idx, patch, device=device) if len(cert_idx) else None
-    card = {"name": name, "defense": DEFENSE, "status": "final" if not max_train else
-            f"provisional: trained on {n_train} images only",
-            "dataset": D.DATASET_LABELS.get(eval_set.name, eval_set.name), "dataset_key": eval_set.name,
-            **config, "image_side": n, "epochs_done": epochs,
-            "eval_split": eval_set.split, "eval_images": len(eval_set),
-            "clean_accuracy": clean_accuracy(model, eval_set, device=device), "accuracy_measured_on": MEASURED_ON,
-            "certified_accuracy": cert, "certified_images": len(cert_idx),
-            "certify_seconds_per_image": round((time.time() - t0) / max(1, len(cert_idx)), 3),
-            "train_seconds": round(elapsed, 1),
-            "command": command or "python -m scalecert.baselines.ibp " + shlex.join(sys.argv[1:]),
-            "log": relative(log_path)}
+    card = {
+        "name": name,
+        "defense": DEFENSE,
+        "status": "final" if not max_train else f"provisional: trained on {n_train} images only",
+        "dataset": D.DATASET_LABELS.get(eval_set.name, eval_set.name),
+        "dataset_key": eval_set.name,
+        **config,
+        "image_side": n,
+        "epochs_done": epochs,
+        "eval_split": eval_set.split,
+        "eval_images": len(eval_set),
+        "clean_accuracy": clean_accuracy(model, eval_set, device=device),
+        "accuracy_measured_on": MEASURED_ON,
+        "certified_accuracy": cert,
+        "certified_images": len(cert_idx),
+        "certify_seconds_per_image": round((time.time() - t0) / max(1, len(cert_idx)), 3),
+        "train_seconds": round(elapsed, 1),
+        "command": command or "python -m scalecert.baselines.ibp " + shlex.join(sys.argv[1:]),
+        "log": relative(log_path),
+    }
     return save_checkpoint(model, Path(out_dir or CHECKPOINT_DIR) / f"{name}.pt", card)
 
 
@@ -508,8 +612,16 @@ def load_ibp(name_or_path, device="cpu") -> IBPNet:
 
 
 # --------------------------------------------------------------------------- cost
-def ibp_cost(n: int = 224, patch=2.0, arch: str = "ibp_small", num_classes: int = 10, sample: int = 8,
-             repeats: int = 2, device="cpu", seed: int = 0) -> dict:
+def ibp_cost(
+    n: int = 224,
+    patch=2.0,
+    arch: str = "ibp_small",
+    num_classes: int = 10,
+    sample: int = 8,
+    repeats: int = 2,
+    device="cpu",
+    seed: int = 0,
+) -> dict:
     """Return the measured cost of certifying one n x n image with the IBP CNN scaled to n.
 
     Times ``sample`` interval passes (one chunk, best of ``repeats`` after a warm-up) and one plain
@@ -536,11 +648,20 @@ def ibp_cost(n: int = 224, patch=2.0, arch: str = "ibp_small", num_classes: int 
         per_pass = best(lambda: margin_bounds(model, x, [0], sel, p, chunk=sample)) / len(sel)
         plain = best(lambda: model(x))
     k = len(corners)
-    return {"n": n, "patch_px": p, "arch": arch, "params": sum(q.numel() for q in model.parameters()),
-            "positions": k, "forwards_per_image": 1 + 2 * k, "seconds_per_pass": per_pass,
-            "plain_forward_seconds": plain, "seconds_per_image": plain + k * per_pass,
-            "hours_per_1000_images": (plain + k * per_pass) * 1000 / 3600,
-            "threads": torch.get_num_threads(), "device": str(device)}
+    return {
+        "n": n,
+        "patch_px": p,
+        "arch": arch,
+        "params": sum(q.numel() for q in model.parameters()),
+        "positions": k,
+        "forwards_per_image": 1 + 2 * k,
+        "seconds_per_pass": per_pass,
+        "plain_forward_seconds": plain,
+        "seconds_per_image": plain + k * per_pass,
+        "hours_per_1000_images": (plain + k * per_pass) * 1000 / 3600,
+        "threads": torch.get_num_threads(),
+        "device": str(device),
+    }
 
 
 # --------------------------------------------------------------------------- command line
@@ -588,6 +709,7 @@ def main(argv=None) -> int:
         print(json.dumps({key: card[key] for key in ("name", "clean_accuracy", "certified_accuracy")}))
     elif a.cmd == "certify":
         from .. import data as D
+
         model = load_ibp(a.model, a.device)
         ds = D.load_dataset(model.card.get("dataset_key", "cifar10"), "eval")
         idx = balanced_ids(ds, a.images, a.seed)

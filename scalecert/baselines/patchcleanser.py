@@ -51,6 +51,7 @@ Deviations from the paper (say so beside any number made with this module)
   attack. Records keep ``min_lead``, the smallest lead of a pair prediction's top label over the
   runner-up, so such near ties are visible; the certificate itself is the exact-arithmetic rule.
 """
+
 from __future__ import annotations
 
 import time
@@ -119,9 +120,16 @@ def _setup(model, images, family, chunk, device):
 
 
 @torch.no_grad()
-def masked_predictions(model: nn.Module, x: torch.Tensor, masks: torch.Tensor, img: torch.Tensor,
-                       first: torch.Tensor, second: torch.Tensor, chunk: int,
-                       fill: float = FILL) -> tuple[torch.Tensor, torch.Tensor]:
+def masked_predictions(
+    model: nn.Module,
+    x: torch.Tensor,
+    masks: torch.Tensor,
+    img: torch.Tensor,
+    first: torch.Tensor,
+    second: torch.Tensor,
+    chunk: int,
+    fill: float = FILL,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Return the label (P,) and its lead over the runner-up (P,) of each (image, mask, mask) triple, on the CPU.
 
     INPUT: images x (B, 3, n, n); boolean masks (K, n, n), True where hidden; index tensors ``img``,
@@ -142,8 +150,14 @@ def masked_predictions(model: nn.Module, x: torch.Tensor, masks: torch.Tensor, i
     return torch.cat(labels), torch.cat(leads)
 
 
-def pair_table(model: nn.Module, images: torch.Tensor, family: WindowFamily, chunk: int | None = None,
-               device=None, fill: float = FILL) -> tuple[torch.Tensor, torch.Tensor]:
+def pair_table(
+    model: nn.Module,
+    images: torch.Tensor,
+    family: WindowFamily,
+    chunk: int | None = None,
+    device=None,
+    fill: float = FILL,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Return the two-mask labels (B, K, K) and leads (B, K, K) of images (B, 3, n, n), symmetric, on the CPU.
 
     Entry (i, j) is ``F(x ⊙ m_i ⊙ m_j)``, the diagonal the one-mask predictions; each of the K (K + 1) / 2
@@ -179,10 +193,18 @@ def first_round(one: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _check_table(table) -> torch.Tensor:
-    if not isinstance(table, torch.Tensor) or table.dim() != 3 or table.shape[1] != table.shape[2] \
-            or table.shape[1] < 1 or table.dtype.is_floating_point or table.dtype == torch.bool:
-        raise ValueError(f"table must be an integer tensor (B, K, K), got "
-                         f"{tuple(table.shape) if isinstance(table, torch.Tensor) else type(table).__name__}")
+    if (
+        not isinstance(table, torch.Tensor)
+        or table.dim() != 3
+        or table.shape[1] != table.shape[2]
+        or table.shape[1] < 1
+        or table.dtype.is_floating_point
+        or table.dtype == torch.bool
+    ):
+        raise ValueError(
+            f"table must be an integer tensor (B, K, K), got "
+            f"{tuple(table.shape) if isinstance(table, torch.Tensor) else type(table).__name__}"
+        )
     if (table < 0).any():
         raise ValueError("table labels must be non-negative")
     if not torch.equal(table, table.transpose(1, 2)):
@@ -203,22 +225,32 @@ def double_masking_decision(table: torch.Tensor) -> dict[str, torch.Tensor]:
     majority, dis = first_round(one)
     order = torch.arange(k, device=table.device)
     passes = dis & (table == one[:, :, None]).all(2)
-    first = torch.where(passes, order, k).amin(1)                      # k when no disagreer passes
+    first = torch.where(passes, order, k).amin(1)  # k when no disagreer passes
     found = first < k
     dis_label = one.gather(1, first.clamp(max=k - 1)[:, None])[:, 0]
     # second rounds run in mask order up to the first disagreer that passes (every disagreer in case III)
     examined = (dis & (order[None] <= first[:, None])).sum(1)
     agreed = ~dis.any(1)
-    return {"pred": torch.where(found, dis_label, majority),
-            "case": torch.where(agreed, 1, torch.where(found, 2, 3)),
-            "disagreers": dis.sum(1), "forwards": k + examined * (k - 1)}
+    return {
+        "pred": torch.where(found, dis_label, majority),
+        "case": torch.where(agreed, 1, torch.where(found, 2, 3)),
+        "disagreers": dis.sum(1),
+        "forwards": k + examined * (k - 1),
+    }
 
 
 # --------------------------------------------------------------------------- inference
 @torch.no_grad()
-def double_masking(model: nn.Module, images: torch.Tensor, patch=None, k: int = PAPER_K,
-                   family: WindowFamily | None = None, chunk: int | None = None, device=None,
-                   fill: float = FILL) -> dict[str, torch.Tensor]:
+def double_masking(
+    model: nn.Module,
+    images: torch.Tensor,
+    patch=None,
+    k: int = PAPER_K,
+    family: WindowFamily | None = None,
+    chunk: int | None = None,
+    device=None,
+    fill: float = FILL,
+) -> dict[str, torch.Tensor]:
     """Return double-masking inference of images (B, 3, n, n) run round by round: ``pred``, ``case``, ``disagreers``
     and ``forwards`` (network evaluations actually run per image), each (B,) on the CPU.
 
@@ -238,7 +270,7 @@ def double_masking(model: nn.Module, images: torch.Tensor, patch=None, k: int = 
     majority, dis = first_round(one)
     pred, forwards = majority.clone(), torch.full((b,), k, dtype=torch.long)
     case = torch.where(dis.any(1), 3, 1)
-    rank = dis.long().cumsum(1) * dis                                  # 1-based rank of each disagreer, else 0
+    rank = dis.long().cumsum(1) * dis  # 1-based rank of each disagreer, else 0
     undecided = dis.any(1)
     partners = torch.arange(k)
     for t in range(1, int(dis.sum(1).max()) + 1):
@@ -246,10 +278,11 @@ def double_masking(model: nn.Module, images: torch.Tensor, patch=None, k: int = 
         if len(bi) == 0:
             break
         other = partners[None, :].expand(len(bi), k)
-        other = other[other != di[:, None]].view(len(bi), k - 1)       # the pair (d, d) is the first-round image
+        other = other[other != di[:, None]].view(len(bi), k - 1)  # the pair (d, d) is the first-round image
         bb, dd = bi.repeat_interleave(k - 1), di.repeat_interleave(k - 1)
-        lab = masked_predictions(model, x, masks, bb.to(dev), dd.to(dev), other.flatten().to(dev), chunk,
-                                 fill)[0].view(len(bi), k - 1)
+        lab = masked_predictions(model, x, masks, bb.to(dev), dd.to(dev), other.flatten().to(dev), chunk, fill)[0].view(
+            len(bi), k - 1
+        )
         forwards[bi] += k - 1
         ok = (lab == one[bi, di][:, None]).all(1)
         pred[bi[ok]], case[bi[ok]], undecided[bi[ok]] = one[bi[ok], di[ok]], 2, False
@@ -257,9 +290,18 @@ def double_masking(model: nn.Module, images: torch.Tensor, patch=None, k: int = 
 
 
 # --------------------------------------------------------------------------- certification (harness)
-def certify_patchcleanser(model: nn.Module, images: torch.Tensor, labels, patch, k: int = PAPER_K,
-                          chunk: int | None = None, device=None, batch_size: int = 16, ids=None,
-                          fill: float = FILL) -> pd.DataFrame:
+def certify_patchcleanser(
+    model: nn.Module,
+    images: torch.Tensor,
+    labels,
+    patch,
+    k: int = PAPER_K,
+    chunk: int | None = None,
+    device=None,
+    batch_size: int = 16,
+    ids=None,
+    fill: float = FILL,
+) -> pd.DataFrame:
     """PatchCleanser: one row per image (common peer records, defense "PatchCleanser", kind "recovery").
 
     INPUT: any model on (N, 3, n, n) images in [0, 1] (e.g. :func:`scalecert.models.load_model`, its own
@@ -286,18 +328,33 @@ def certify_patchcleanser(model: nn.Module, images: torch.Tensor, labels, patch,
     recs = []
     for s0 in range(0, b, batch_size):
         t0 = time.perf_counter()
-        table, leads = pair_table(model, x[s0: s0 + batch_size], family, chunk, device, fill)
+        table, leads = pair_table(model, x[s0 : s0 + batch_size], family, chunk, device, fill)
         out = double_masking_decision(table)
-        yb = y[s0: s0 + batch_size]
+        yb = y[s0 : s0 + batch_size]
         wrong = ((table != yb[:, None, None]) & upper).sum((1, 2))
         seconds = (time.perf_counter() - t0) / len(yb)
         cols = {c: v.tolist() for c, v in out.items()}
         for j, (lab, bad) in enumerate(zip(yb.tolist(), wrong.tolist())):
             pr = cols["pred"][j]
-            recs.append({"id": ids[s0 + j], "label": lab, "pred": pr, "alert": False, "clean_correct": pr == lab,
-                         "certified": bad == 0, "forwards": cols["forwards"][j], "seconds": seconds,
-                         "certify_forwards": n_pairs, "patch_px": family.patch, "masks": kk,
-                         "mask_side": family.side, "mask_stride": family.stride, "case": cols["case"][j],
-                         "disagreers": cols["disagreers"][j], "wrong_pairs": bad,
-                         "min_lead": float(leads[j].min())})
+            recs.append(
+                {
+                    "id": ids[s0 + j],
+                    "label": lab,
+                    "pred": pr,
+                    "alert": False,
+                    "clean_correct": pr == lab,
+                    "certified": bad == 0,
+                    "forwards": cols["forwards"][j],
+                    "seconds": seconds,
+                    "certify_forwards": n_pairs,
+                    "patch_px": family.patch,
+                    "masks": kk,
+                    "mask_side": family.side,
+                    "mask_stride": family.stride,
+                    "case": cols["case"][j],
+                    "disagreers": cols["disagreers"][j],
+                    "wrong_pairs": bad,
+                    "min_lead": float(leads[j].min()),
+                }
+            )
     return records_frame(recs, DEFENSE, KIND)

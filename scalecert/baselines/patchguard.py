@@ -73,6 +73,7 @@ Simplifications (say so beside any number made with this module)
   ``rtol * h * w * L * max|z|`` (L: the clipping's Lipschitz constant, a for tanh); ``rtol=0`` gives
   the exact-arithmetic rule. The guard is an engineering margin, not a proof about float rounding.
 """
+
 from __future__ import annotations
 
 import time
@@ -131,13 +132,13 @@ def union_max(v: torch.Tensor, win: int, chunk_elems: int = 1 << 22) -> torch.Te
     v with W0 zeroed; computed for every W0 at once (images chunked to ``chunk_elems`` values).
     """
     b, h, w = v.shape
-    inside = rect_masks(window_rects(h, w, win).to(v.device), h, w)   # (N, h, w)
-    sums = window_sums(v[:, None], win)[:, 0]                       # (B, N)
+    inside = rect_masks(window_rects(h, w, win).to(v.device), h, w)  # (N, h, w)
+    sums = window_sums(v[:, None], win)[:, 0]  # (B, N)
     out = torch.empty_like(sums)
     step = max(1, chunk_elems // inside.numel())
     for s in range(0, b, step):
-        rest = v[s: s + step, None].masked_fill(inside, 0.0)         # (b, N, h, w): v outside W0
-        out[s: s + step] = sums[s: s + step] + window_sums(rest, win).amax(2)
+        rest = v[s : s + step, None].masked_fill(inside, 0.0)  # (b, N, h, w): v outside W0
+        out[s : s + step] = sums[s : s + step] + window_sums(rest, win).amax(2)
     return out
 
 
@@ -179,17 +180,24 @@ def pg_mask_predict(z: torch.Tensor, win: int) -> torch.Tensor:
     return (u.sum((2, 3)) - window_sums(u, win).amax(2)).argmax(1)
 
 
-def cbn_local(z: torch.Tensor, labels: torch.Tensor, win: int, clip: str = "tanh", a: float = 0.05,
-              b: float = -1.0, rtol: float = 1e-5) -> dict:
+def cbn_local(
+    z: torch.Tensor,
+    labels: torch.Tensor,
+    win: int,
+    clip: str = "tanh",
+    a: float = 0.05,
+    b: float = -1.0,
+    rtol: float = 1e-5,
+) -> dict:
     """CBN on local logits z (B, K, h, w): {pred, certified, margin} (margin: the worst-case margin over
     windows and classes; certified iff pred is the label and margin > :func:`float_slack`)."""
     c, lo, hi = clip_logits(z.double(), clip, a, b)
-    total = c.sum((2, 3))                                      # (B, K)
-    pred = total.argmax(1)                                     # = cbn_predict(z, clip, a, b)
-    ws = window_sums(c, win)                                   # (B, K, N)
+    total = c.sum((2, 3))  # (B, K)
+    pred = total.argmax(1)  # = cbn_predict(z, clip, a, b)
+    ws = window_sums(c, win)  # (B, K, N)
     y = labels.view(-1, 1)
-    gap = total.gather(1, y) - total                           # S_y - S_k
-    wgap = ws.gather(1, y[:, :, None].expand(-1, 1, ws.shape[2])) - ws   # W_y - W_k
+    gap = total.gather(1, y) - total  # S_y - S_k
+    wgap = ws.gather(1, y[:, :, None].expand(-1, 1, ws.shape[2])) - ws  # W_y - W_k
     margin = gap[:, :, None] - wgap - win * win * (hi - lo)
     worst = _other(margin, labels, float("inf")).amin((1, 2))
     slack = float_slack(z, rtol, a if clip == "tanh" else 1.0)
@@ -200,12 +208,12 @@ def pg_mask_local(z: torch.Tensor, labels: torch.Tensor, win: int, rtol: float =
     """PatchGuard robust masking on local logits z (B, K, h, w): {pred, certified, margin} (margin: the
     smallest L(W0) - max_k U_k(W0); certified iff pred is the label and margin > :func:`float_slack`)."""
     u = z.double().clamp(min=0)
-    total = u.sum((2, 3))                                      # (B, K)
-    ws = window_sums(u, win)                                   # (B, K, N)
-    pred = (total - ws.amax(2)).argmax(1)                      # = pg_mask_predict(z, win)
-    upper = _other(total[:, :, None] - ws, labels, float("-inf")).amax(1)   # (B, N): max_k U_k(W0)
-    uy = u[torch.arange(len(u), device=u.device), labels]      # (B, h, w)
-    lower = total.gather(1, labels.view(-1, 1)) - union_max(uy, win)       # (B, N): L(W0)
+    total = u.sum((2, 3))  # (B, K)
+    ws = window_sums(u, win)  # (B, K, N)
+    pred = (total - ws.amax(2)).argmax(1)  # = pg_mask_predict(z, win)
+    upper = _other(total[:, :, None] - ws, labels, float("-inf")).amax(1)  # (B, N): max_k U_k(W0)
+    uy = u[torch.arange(len(u), device=u.device), labels]  # (B, h, w)
+    lower = total.gather(1, labels.view(-1, 1)) - union_max(uy, win)  # (B, N): L(W0)
     worst = (lower - upper).amin(1)
     return {"pred": pred, "certified": (pred == labels) & (worst > float_slack(z, rtol)), "margin": worst}
 
@@ -222,18 +230,17 @@ def pgpp_local(z: torch.Tensor, labels: torch.Tensor, win: int, clip: str | None
     if clip == "relu":
         u = u.clamp(min=0)
     _, _, h, w = u.shape
-    flat = u.flatten(2)                                        # (B, K, hw)
-    keep = (~rect_masks(window_rects(h, w, win), h, w)).flatten(1).to(u)   # (N, hw)
+    flat = u.flatten(2)  # (B, K, hw)
+    keep = (~rect_masks(window_rects(h, w, win), h, w)).flatten(1).to(u)  # (N, hw)
     unmasked = flat.sum(2).argmax(1)
-    scores = torch.matmul(flat, keep.T)                        # (B, K, N): class scores outside each window
-    masked = scores.argmax(1)                                  # (B, N): masked prediction per window
+    scores = torch.matmul(flat, keep.T)  # (B, K, N): class scores outside each window
+    masked = scores.argmax(1)  # (B, N): masked prediction per window
     top2 = scores.topk(2, dim=1).values if scores.shape[1] > 1 else torch.cat([scores, scores - float("inf")], 1)
     gap = (top2[:, 0] - top2[:, 1]).amin(1)
     disagree = (masked != unmasked[:, None]).sum(1)
     alert = disagree > 0
     ok = (unmasked == labels) & ~alert & (gap > float_slack(z, rtol))
-    return {"pred": torch.where(alert, -1, unmasked), "alert": alert, "certified": ok, "disagree": disagree,
-            "gap": gap}
+    return {"pred": torch.where(alert, -1, unmasked), "alert": alert, "certified": ok, "disagree": disagree, "gap": gap}
 
 
 # --------------------------------------------------------------------------- harness
@@ -242,12 +249,17 @@ def bagnet_logits(model, images, batch_size: int = 64, device="cpu") -> torch.Te
     x = check_images(images)
     model = model.to(device).eval()
     with torch.no_grad():
-        return torch.cat([model.local_logits(x[s: s + batch_size].to(device)).float().cpu()
-                          for s in range(0, x.shape[0], batch_size)])
+        return torch.cat(
+            [
+                model.local_logits(x[s : s + batch_size].to(device)).float().cpu()
+                for s in range(0, x.shape[0], batch_size)
+            ]
+        )
 
 
-def _run(defense: str, core, model, images, labels, patch, batch_size: int, device, ids,
-         logits: torch.Tensor | None = None) -> pd.DataFrame:
+def _run(
+    defense: str, core, model, images, labels, patch, batch_size: int, device, ids, logits: torch.Tensor | None = None
+) -> pd.DataFrame:
     """Check the inputs, compute local logits batch by batch (or take ``logits``, precomputed by
     :func:`bagnet_logits` for these images), apply ``core`` and return the common records."""
     if not hasattr(model, "local_logits") or not hasattr(model, "geometry"):
@@ -267,25 +279,48 @@ def _run(defense: str, core, model, images, labels, patch, batch_size: int, devi
     recs = []
     for s in range(0, nb, batch_size):
         t0 = time.perf_counter()
-        xb, yb = x[s: s + batch_size].to(device), y[s: s + batch_size].to(device)
+        xb, yb = x[s : s + batch_size].to(device), y[s : s + batch_size].to(device)
         with torch.no_grad():
-            z = model.local_logits(xb) if logits is None else logits[s: s + batch_size].to(device)
+            z = model.local_logits(xb) if logits is None else logits[s : s + batch_size].to(device)
             out = core(z, yb, win)
         seconds = (time.perf_counter() - t0) / len(xb)
         pred = out["pred"].tolist()
         alert = out.get("alert", torch.zeros_like(yb, dtype=torch.bool)).tolist()
         extra = {k: v.tolist() for k, v in out.items() if k not in ("pred", "alert", "certified")}
         for j, (lab, ok) in enumerate(zip(yb.tolist(), out["certified"].tolist())):
-            recs.append({"id": ids[s + j], "label": lab, "pred": pred[j], "alert": alert[j],
-                         "clean_correct": pred[j] == lab and not alert[j], "certified": ok,
-                         "forwards": 1, "seconds": seconds, "patch_px": p, "window": win,
-                         "windows": n_windows, **{k: v[j] for k, v in extra.items()}})
+            recs.append(
+                {
+                    "id": ids[s + j],
+                    "label": lab,
+                    "pred": pred[j],
+                    "alert": alert[j],
+                    "clean_correct": pred[j] == lab and not alert[j],
+                    "certified": ok,
+                    "forwards": 1,
+                    "seconds": seconds,
+                    "patch_px": p,
+                    "window": win,
+                    "windows": n_windows,
+                    **{k: v[j] for k, v in extra.items()},
+                }
+            )
     return records_frame(recs, defense, DEFENSE_KINDS[defense])
 
 
-def certify_cbn(model, images, labels, patch, clip: str = "tanh", a: float = 0.05, b: float = -1.0,
-                rtol: float = 1e-5, batch_size: int = 64, device="cpu", ids=None,
-                logits: torch.Tensor | None = None) -> pd.DataFrame:
+def certify_cbn(
+    model,
+    images,
+    labels,
+    patch,
+    clip: str = "tanh",
+    a: float = 0.05,
+    b: float = -1.0,
+    rtol: float = 1e-5,
+    batch_size: int = 64,
+    device="cpu",
+    ids=None,
+    logits: torch.Tensor | None = None,
+) -> pd.DataFrame:
     """Clipped BagNet: one row per image (common peer records, defense "CBN", kind "recovery").
 
     INPUT: a BagNet; images (B, 3, n, n) in [0, 1]; labels (B,); patch in pixels (int) or % of the
@@ -297,24 +332,63 @@ def certify_cbn(model, images, labels, patch, clip: str = "tanh", a: float = 0.0
     windows (N), margin (the worst-case margin over windows and classes; certified iff > the guard).
     """
     clip_logits(torch.zeros(1), clip, a, b)  # validate the clipping before any work
-    return _run("CBN", lambda z, y, win: cbn_local(z, y, win, clip, a, b, rtol), model, images, labels, patch,
-                batch_size, device, ids, logits)
+    return _run(
+        "CBN",
+        lambda z, y, win: cbn_local(z, y, win, clip, a, b, rtol),
+        model,
+        images,
+        labels,
+        patch,
+        batch_size,
+        device,
+        ids,
+        logits,
+    )
 
 
-def certify_pg_mask_bn(model, images, labels, patch, rtol: float = 1e-5, batch_size: int = 64, device="cpu",
-                       ids=None, logits: torch.Tensor | None = None) -> pd.DataFrame:
+def certify_pg_mask_bn(
+    model,
+    images,
+    labels,
+    patch,
+    rtol: float = 1e-5,
+    batch_size: int = 64,
+    device="cpu",
+    ids=None,
+    logits: torch.Tensor | None = None,
+) -> pd.DataFrame:
     """PatchGuard robust masking on a BagNet: one row per image (defense "PG-Mask-BN", kind "recovery").
 
     INPUT: as :func:`certify_cbn` without the clipping parameters (the evidence is ReLU-clipped).
     OUTPUT: the common records plus patch_px, window, windows and margin (min over W0 of
     L(W0) - max_k U_k(W0); certified iff the prediction is the label and margin > the guard).
     """
-    return _run("PG-Mask-BN", lambda z, y, win: pg_mask_local(z, y, win, rtol), model, images, labels, patch,
-                batch_size, device, ids, logits)
+    return _run(
+        "PG-Mask-BN",
+        lambda z, y, win: pg_mask_local(z, y, win, rtol),
+        model,
+        images,
+        labels,
+        patch,
+        batch_size,
+        device,
+        ids,
+        logits,
+    )
 
 
-def certify_pgpp(model, images, labels, patch, clip: str | None = None, rtol: float = 1e-5, batch_size: int = 64,
-                 device="cpu", ids=None, logits: torch.Tensor | None = None) -> pd.DataFrame:
+def certify_pgpp(
+    model,
+    images,
+    labels,
+    patch,
+    clip: str | None = None,
+    rtol: float = 1e-5,
+    batch_size: int = 64,
+    device="cpu",
+    ids=None,
+    logits: torch.Tensor | None = None,
+) -> pd.DataFrame:
     """PatchGuard++ certified detection on a BagNet: one row per image (defense "PatchGuard++", kind "detection").
 
     INPUT: as :func:`certify_cbn`; ``clip`` None (sum raw local logits) or "relu".
@@ -324,5 +398,15 @@ def certify_pgpp(model, images, labels, patch, clip: str | None = None, rtol: fl
     """
     if clip not in (None, "relu"):
         raise ValueError(f"unknown PatchGuard++ clipping {clip!r}: expected None or 'relu'")
-    return _run("PatchGuard++", lambda z, y, win: pgpp_local(z, y, win, clip, rtol), model, images, labels, patch,
-                batch_size, device, ids, logits)
+    return _run(
+        "PatchGuard++",
+        lambda z, y, win: pgpp_local(z, y, win, clip, rtol),
+        model,
+        images,
+        labels,
+        patch,
+        batch_size,
+        device,
+        ids,
+        logits,
+    )

@@ -92,6 +92,7 @@ Simplifications (say so beside any number made with this module)
   predicts class 0 and "certifies" exactly the images of class 0 (sound but degenerate); DS then
   certifies nothing.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -143,6 +144,7 @@ VOTE_EPS = 1e-5
 class DSVotes:
     """DS votes (B, n, C) bool as computed, with ``low`` ⊆ ``votes`` ⊆ ``high`` under float noise, band and
     threshold."""
+
     votes: torch.Tensor
     low: torch.Tensor
     high: torch.Tensor
@@ -229,7 +231,7 @@ def column_ablate(x: torch.Tensor, start, band: int) -> torch.Tensor:
     if start.dtype.is_floating_point or start.dim() > 1 or (start.dim() == 1 and len(start) != len(x)):
         raise ValueError(f"start must be an int or {len(x)} integers, got {tuple(start.shape)} {start.dtype}")
     start = start.long().reshape(-1, 1)
-    keep = ((torch.arange(w, device=x.device)[None, :] - start) % w) < band      # (B or 1, W)
+    keep = ((torch.arange(w, device=x.device)[None, :] - start) % w) < band  # (B or 1, W)
     return torch.cat([x, 1 - x], 1) * keep[:, None, None, :].to(x.dtype)
 
 
@@ -285,8 +287,9 @@ def _device_of(model: nn.Module, device):
 
 
 @torch.no_grad()
-def band_logits(model: nn.Module, images: torch.Tensor, band: int | None = None, chunk: int | None = None,
-                device=None) -> torch.Tensor:
+def band_logits(
+    model: nn.Module, images: torch.Tensor, band: int | None = None, chunk: int | None = None, device=None
+) -> torch.Tensor:
     """Return the base classifier's logits (B, n, C) at every band position of every image.
 
     INPUT: a model mapping (N, 6, n, n) ablated images to logits (N, C); images (B, 3, n, n) in [0, 1];
@@ -336,8 +339,15 @@ def vote_bounds(logits: torch.Tensor, threshold=None, eps: float = VOTE_EPS) -> 
     return (p >= threshold + eps) & votes, (p + eps >= threshold) | votes
 
 
-def ds_vote_set(model: nn.Module, images: torch.Tensor, band: int | None = None, threshold="paper",
-                chunk: int | None = None, device=None, eps: float = VOTE_EPS) -> DSVotes:
+def ds_vote_set(
+    model: nn.Module,
+    images: torch.Tensor,
+    band: int | None = None,
+    threshold="paper",
+    chunk: int | None = None,
+    device=None,
+    eps: float = VOTE_EPS,
+) -> DSVotes:
     """Return the :class:`DSVotes` of images (B, 3, n, n): votes as :func:`ds_votes`, their float-noise bounds
     (:func:`vote_bounds`), the band and the threshold used."""
     x = check_images(images)
@@ -346,8 +356,14 @@ def ds_vote_set(model: nn.Module, images: torch.Tensor, band: int | None = None,
     return DSVotes.from_logits(band_logits(model, x, band, chunk, device), band, theta, eps)
 
 
-def ds_votes(model: nn.Module, images: torch.Tensor, band: int | None = None, threshold="paper",
-             chunk: int | None = None, device=None) -> torch.Tensor:
+def ds_votes(
+    model: nn.Module,
+    images: torch.Tensor,
+    band: int | None = None,
+    threshold="paper",
+    chunk: int | None = None,
+    device=None,
+) -> torch.Tensor:
     """Return the DS votes (B, n, C) bool of images (B, 3, n, n): position i votes for class c or not.
 
     ``threshold``: "paper" (:func:`default_threshold` of the image side), a float theta in (0, 1]
@@ -368,8 +384,10 @@ def _first_argmax(t: torch.Tensor) -> torch.Tensor:
 
 def _check_votes(votes: torch.Tensor, labels=None):
     if not isinstance(votes, torch.Tensor) or votes.dim() != 3 or votes.shape[1] < 1 or votes.shape[2] < 2:
-        raise ValueError(f"votes must be a (B, n, C) tensor with C >= 2, got "
-                         f"{tuple(votes.shape) if isinstance(votes, torch.Tensor) else type(votes).__name__}")
+        raise ValueError(
+            f"votes must be a (B, n, C) tensor with C >= 2, got "
+            f"{tuple(votes.shape) if isinstance(votes, torch.Tensor) else type(votes).__name__}"
+        )
     if votes.dtype != torch.bool:
         raise ValueError(f"votes must be boolean, got {votes.dtype}")
     if labels is None:
@@ -418,13 +436,13 @@ def window_sums(u: torch.Tensor, d: int) -> torch.Tensor:
     if not 1 <= d <= n:
         raise ValueError(f"window length must lie in [1, {n}], got {d}")
     c = F.pad(torch.cat([u, u[..., : d - 1]], -1).cumsum(-1), (1, 0))
-    return c[..., d: d + n] - c[..., :n]
+    return c[..., d : d + n] - c[..., :n]
 
 
 def pg_mask_counts(votes: torch.Tensor, delta_: int) -> torch.Tensor:
     """Return the masked counts (B, C): total votes of each class minus its largest circular Delta-window."""
     votes = _check_votes(votes)
-    u = votes.long().transpose(1, 2)                                   # (B, C, n)
+    u = votes.long().transpose(1, 2)  # (B, C, n)
     return u.sum(-1) - window_sums(u, min(int(delta_), u.shape[-1])).amax(-1)
 
 
@@ -434,8 +452,9 @@ def pg_mask_predict(votes: torch.Tensor, delta_: int) -> torch.Tensor:
     return _first_argmax(pg_mask_counts(votes, delta_))
 
 
-def pg_mask_certificate(votes: torch.Tensor, labels, delta_: int,
-                        upper: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def pg_mask_certificate(
+    votes: torch.Tensor, labels, delta_: int, upper: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Return (certified (B,) bool, worst margin (B,) long) of PatchGuard robust masking on DS votes.
 
     For every patch window W0 (the n circular windows of d = min(Delta, n) positions):
@@ -453,17 +472,18 @@ def pg_mask_certificate(votes: torch.Tensor, labels, delta_: int,
         raise ValueError(f"Delta must be a positive int, got {delta_!r}")
     b, n, _ = votes.shape
     d = min(int(delta_), n)
-    u = votes.long().transpose(1, 2)                                   # (B, C, n)
+    u = votes.long().transpose(1, 2)  # (B, C, n)
     uh = upper.long().transpose(1, 2)
-    upper = uh.sum(-1)[:, :, None] - window_sums(uh, d)                # (B, C, n): U_c(W0 starting at t)
-    uy = u[torch.arange(b, device=u.device), y]                        # (B, n)
+    upper = uh.sum(-1)[:, :, None] - window_sums(uh, d)  # (B, C, n): U_c(W0 starting at t)
+    uy = u[torch.arange(b, device=u.device), y]  # (B, n)
     inside = (torch.arange(n, device=u.device)[None, :] - torch.arange(n, device=u.device)[:, None]) % n < d
-    zeroed = uy[:, None, :] * (~inside).long()[None]                   # (B, n W0, n): y's evidence outside W0
-    lower = zeroed.sum(-1) - window_sums(zeroed, d).amax(-1)           # (B, n): L(W0)
+    zeroed = uy[:, None, :] * (~inside).long()[None]  # (B, n W0, n): y's evidence outside W0
+    lower = zeroed.sum(-1) - window_sums(zeroed, d).amax(-1)  # (B, n): L(W0)
     ok = _tie_ok(lower[:, None, :], upper, y, 1).all(2).all(1)
     gap = lower[:, None, :] - upper
-    gap = gap.masked_fill(torch.arange(gap.shape[1], device=u.device)[None, :, None] == y[:, None, None],
-                          torch.iinfo(gap.dtype).max)
+    gap = gap.masked_fill(
+        torch.arange(gap.shape[1], device=u.device)[None, :, None] == y[:, None, None], torch.iinfo(gap.dtype).max
+    )
     return ok, gap.amin((1, 2))
 
 
@@ -477,8 +497,10 @@ def _setup(model, images, labels, patch, band, threshold, votes):
     if votes is not None:
         if isinstance(votes, DSVotes):
             if (votes.band, votes.threshold) != (band, theta):
-                raise ValueError(f"votes were made with band {votes.band} and threshold {votes.threshold}, "
-                                 f"not band {band} and threshold {theta}")
+                raise ValueError(
+                    f"votes were made with band {votes.band} and threshold {votes.threshold}, "
+                    f"not band {band} and threshold {theta}"
+                )
             for v in (votes.votes, votes.low, votes.high):
                 _check_votes(v)
         else:  # plain votes: exact arithmetic assumed (no float-noise bounds)
@@ -491,8 +513,9 @@ def _setup(model, images, labels, patch, band, threshold, votes):
     return x, b, n, band, p, theta, votes, y
 
 
-def _certify(defense: str, model, images, labels, patch, band, threshold, chunk, device, batch_size, ids,
-             votes) -> pd.DataFrame:
+def _certify(
+    defense: str, model, images, labels, patch, band, threshold, chunk, device, batch_size, ids, votes
+) -> pd.DataFrame:
     x, b, n, band, p, theta, votes, y_all = _setup(model, images, labels, patch, band, threshold, votes)
     ids = batch_ids(batch_size, ids, b)
     dl = delta(n, p, band)
@@ -502,11 +525,11 @@ def _certify(defense: str, model, images, labels, patch, band, threshold, chunk,
         if votes is not None:
             vs = votes.batch(slice(s0, s0 + batch_size))
         else:
-            vs = DSVotes.from_logits(band_logits(model, x[s0: s0 + batch_size], band, chunk, device), band, theta)
+            vs = DSVotes.from_logits(band_logits(model, x[s0 : s0 + batch_size], band, chunk, device), band, theta)
         vb = vs.votes
         if y_all is None:
             y_all = check_labels(labels, b, vb.shape[2])
-        yb = y_all[s0: s0 + batch_size].to(vb.device)
+        yb = y_all[s0 : s0 + batch_size].to(vb.device)
         counts = vb.long().sum(1)
         if defense == "DS":
             pred = ds_predict(counts)
@@ -523,15 +546,39 @@ def _certify(defense: str, model, images, labels, patch, band, threshold, chunk,
         extra["fragile_bands"] = (vs.low != vs.high).any(-1).sum(1).tolist()
         seconds = (time.perf_counter() - t0) / len(vb)
         for j, (lab, pr, ok_) in enumerate(zip(yb.tolist(), pred.tolist(), cert.tolist())):
-            recs.append({"id": ids[s0 + j], "label": lab, "pred": pr, "alert": False, "clean_correct": pr == lab,
-                         "certified": ok_, "forwards": n, "seconds": seconds, "patch_px": p, "band": band,
-                         "delta": dl, "threshold": theta, **{k: v[j] for k, v in extra.items()}})
+            recs.append(
+                {
+                    "id": ids[s0 + j],
+                    "label": lab,
+                    "pred": pr,
+                    "alert": False,
+                    "clean_correct": pr == lab,
+                    "certified": ok_,
+                    "forwards": n,
+                    "seconds": seconds,
+                    "patch_px": p,
+                    "band": band,
+                    "delta": dl,
+                    "threshold": theta,
+                    **{k: v[j] for k, v in extra.items()},
+                }
+            )
     return records_frame(recs, defense, KIND)
 
 
-def certify_ds(model, images, labels, patch, band: int | None = None, threshold="paper", chunk: int | None = None,
-               device=None, batch_size: int = 64, ids=None,
-               votes: DSVotes | torch.Tensor | None = None) -> pd.DataFrame:
+def certify_ds(
+    model,
+    images,
+    labels,
+    patch,
+    band: int | None = None,
+    threshold="paper",
+    chunk: int | None = None,
+    device=None,
+    batch_size: int = 64,
+    ids=None,
+    votes: DSVotes | torch.Tensor | None = None,
+) -> pd.DataFrame:
     """De-randomized (column) smoothing: one row per image (common peer records, defense "DS", kind "recovery").
 
     INPUT: a base model on 6-channel ablated images (e.g. :func:`ds_model`); images (B, 3, n, n) in
@@ -548,9 +595,19 @@ def certify_ds(model, images, labels, patch, band: int | None = None, threshold=
     return _certify("DS", model, images, labels, patch, band, threshold, chunk, device, batch_size, ids, votes)
 
 
-def certify_pg_mask_ds(model, images, labels, patch, band: int | None = None, threshold="paper",
-                       chunk: int | None = None, device=None, batch_size: int = 64, ids=None,
-                       votes: DSVotes | torch.Tensor | None = None) -> pd.DataFrame:
+def certify_pg_mask_ds(
+    model,
+    images,
+    labels,
+    patch,
+    band: int | None = None,
+    threshold="paper",
+    chunk: int | None = None,
+    device=None,
+    batch_size: int = 64,
+    ids=None,
+    votes: DSVotes | torch.Tensor | None = None,
+) -> pd.DataFrame:
     """PatchGuard robust masking on the DS votes: one row per image (defense "PG-Mask-DS", kind "recovery").
 
     INPUT: as :func:`certify_ds`.
@@ -558,8 +615,7 @@ def certify_pg_mask_ds(model, images, labels, patch, band: int | None = None, th
     and pred == label) plus patch_px, band, delta, threshold, masked_label (M_y) and margin (min over
     patch windows and c != y of L - U_c; certified needs > 0 for c < y, >= 0 for c > y).
     """
-    return _certify("PG-Mask-DS", model, images, labels, patch, band, threshold, chunk, device, batch_size, ids,
-                    votes)
+    return _certify("PG-Mask-DS", model, images, labels, patch, band, threshold, chunk, device, batch_size, ids, votes)
 
 
 # --------------------------------------------------------------------------- training
@@ -569,8 +625,15 @@ def ds_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, starts: torch.Te
     return F.cross_entropy(out, y), out
 
 
-def train_step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, band: int,
-               gen: torch.Generator | None = None, starts: torch.Tensor | None = None) -> tuple[float, int]:
+def train_step(
+    model: nn.Module,
+    opt: torch.optim.Optimizer,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    band: int,
+    gen: torch.Generator | None = None,
+    starts: torch.Tensor | None = None,
+) -> tuple[float, int]:
     """Run one step on ablated images (random band per image from ``gen`` unless ``starts`` is given).
 
     Returns (loss before the step, correct predictions).
@@ -586,8 +649,9 @@ def train_step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y:
 
 
 @torch.no_grad()
-def base_accuracy(model: nn.Module, ds, idx=None, band: int | None = None, batch: int = 500, device="cpu",
-                  seed: int = 0) -> float:
+def base_accuracy(
+    model: nn.Module, ds, idx=None, band: int | None = None, batch: int = 500, device="cpu", seed: int = 0
+) -> float:
     """Return the base classifier's accuracy (%) on ablated images of ds[idx], one seeded random band each."""
     model.eval()
     band = int(model.ds_band) if band is None else band
@@ -595,7 +659,7 @@ def base_accuracy(model: nn.Module, ds, idx=None, band: int | None = None, batch
     gen = torch.Generator().manual_seed(seed)
     correct = 0
     for s in range(0, len(idx), batch):
-        xb, yb = ds.tensors(idx[s: s + batch])
+        xb, yb = ds.tensors(idx[s : s + batch])
         starts = torch.randint(0, xb.shape[-1], (len(xb),), generator=gen)
         correct += (model(column_ablate(xb.to(device), starts.to(device), band)).argmax(1).cpu() == yb).sum().item()
     return 100.0 * correct / max(1, len(idx))
@@ -607,16 +671,40 @@ def smoothed_accuracy(model: nn.Module, ds, idx, patch, threshold="paper", devic
     votes = ds_vote_set(model, x, threshold=threshold, device=device)
     a = certify_ds(model, x, y, patch, threshold=threshold, votes=votes)
     b = certify_pg_mask_ds(model, x, y, patch, threshold=threshold, votes=votes)
-    return {"ds_clean": 100 * float(a.clean_correct.mean()), "ds_certified": 100 * float(a.certified.mean()),
-            "pg_clean": 100 * float(b.clean_correct.mean()), "pg_certified": 100 * float(b.certified.mean())}
+    return {
+        "ds_clean": 100 * float(a.clean_correct.mean()),
+        "ds_certified": 100 * float(a.certified.mean()),
+        "pg_clean": 100 * float(b.clean_correct.mean()),
+        "pg_certified": 100 * float(b.certified.mean()),
+    }
 
 
-def train_ds(name: str, dataset: str = "cifar10", arch: str | None = None, band: int | None = None,
-             epochs: int = 30, batch_size: int = 128, lr: float = 0.1, wd: float = 5e-4, seed: int = 0,
-             threads: int = 0, max_train: int = 0, eval_subset: int = 1000, cert_eval: int = 50,
-             final_cert: int = 500, cert_patch=None, threshold="paper", device="cpu", runs_dir=None,
-             out_dir=None, train_set=None, eval_set=None, command: str = "",
-             save_every: float = 600.0, stop_after: int = 0) -> dict:
+def train_ds(
+    name: str,
+    dataset: str = "cifar10",
+    arch: str | None = None,
+    band: int | None = None,
+    epochs: int = 30,
+    batch_size: int = 128,
+    lr: float = 0.1,
+    wd: float = 5e-4,
+    seed: int = 0,
+    threads: int = 0,
+    max_train: int = 0,
+    eval_subset: int = 1000,
+    cert_eval: int = 50,
+    final_cert: int = 500,
+    cert_patch=None,
+    threshold="paper",
+    device="cpu",
+    runs_dir=None,
+    out_dir=None,
+    train_set=None,
+    eval_set=None,
+    command: str = "",
+    save_every: float = 600.0,
+    stop_after: int = 0,
+) -> dict:
     """Train (or resume) a DS base model; write runs_dir/NAME/{state.pt,log.jsonl} and out_dir/NAME.{pt,json}.
 
     One JSON line per epoch in log.jsonl: loss and train accuracy (ablated), base accuracy on
@@ -627,6 +715,7 @@ def train_ds(name: str, dataset: str = "cifar10", arch: str | None = None, band:
     (tests); ``max_train`` > 0 uses only that many training images per epoch (provisional checkpoint).
     """
     from .. import data as D
+
     train_set, eval_set, n = prepare(seed, threads, dataset, train_set, eval_set)
     arch = arch or ("resnet20" if n <= 64 else "resnet18w16")
     band = _check_band(default_band(n) if band is None else band, n)
@@ -637,12 +726,21 @@ def train_ds(name: str, dataset: str = "cifar10", arch: str | None = None, band:
     steps = math.ceil(n_train / batch_size)
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=wd, nesterov=True)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, lr, total_steps=max(1, epochs * steps), pct_start=0.15)
-    config = {"arch": arch, "band": band, "epochs": epochs, "batch_size": batch_size, "lr": lr, "wd": wd,
-              "seed": seed, "max_train": max_train}
+    config = {
+        "arch": arch,
+        "band": band,
+        "epochs": epochs,
+        "batch_size": batch_size,
+        "lr": lr,
+        "wd": wd,
+        "seed": seed,
+        "max_train": max_train,
+    }
     run_dir = Path(runs_dir or RUNS_DIR) / name
     log_path = run_dir / "log.jsonl"
-    done = finished_card(Path(out_dir or CHECKPOINT_DIR) / f"{name}.json",
-                         {k: v for k, v in config.items() if k != "arch"}, epochs)  # the card says ds_<arch>
+    done = finished_card(
+        Path(out_dir or CHECKPOINT_DIR) / f"{name}.json", {k: v for k, v in config.items() if k != "arch"}, epochs
+    )  # the card says ds_<arch>
     if done is not None:
         return done
     run = ResumableRun(run_dir, config, device, save_every, stop_after, model=model, opt=opt, sched=sched)
@@ -656,29 +754,53 @@ def train_ds(name: str, dataset: str = "cifar10", arch: str | None = None, band:
             sched.step()
             t["tot"], t["correct"], t["seen"] = t["tot"] + loss * len(yb), t["correct"] + right, t["seen"] + len(yb)
         dt = run.epoch_seconds()
-        rec = {"epoch": epoch + 1, "loss": t["tot"] / t["seen"], "train_acc": 100 * t["correct"] / t["seen"],
-               "base_acc": base_accuracy(model, eval_set, eval_idx, device=device, seed=seed),
-               **({f"{k}_{cert_eval}": v for k, v in smoothed_accuracy(
-                   model, eval_set, balanced_ids(eval_set, cert_eval, seed)[:cert_eval], cert_patch, theta,
-                   device).items()} if cert_eval else {}),
-               "lr": sched.get_last_lr()[0], "seconds": round(dt, 1)}
+        rec = {
+            "epoch": epoch + 1,
+            "loss": t["tot"] / t["seen"],
+            "train_acc": 100 * t["correct"] / t["seen"],
+            "base_acc": base_accuracy(model, eval_set, eval_idx, device=device, seed=seed),
+            **(
+                {
+                    f"{k}_{cert_eval}": v
+                    for k, v in smoothed_accuracy(
+                        model, eval_set, balanced_ids(eval_set, cert_eval, seed)[:cert_eval], cert_patch, theta, device
+                    ).items()
+                }
+                if cert_eval
+                else {}
+            ),
+            "lr": sched.get_last_lr()[0],
+            "seconds": round(dt, 1),
+        }
         run.end_epoch(rec, seconds=dt)
     elapsed = run.elapsed
     round_to_storage(model.eval())  # measure the weights that ship
     cert_idx = balanced_ids(eval_set, final_cert, seed)[:final_cert] if final_cert else []
     t0 = time.time()
     smooth = smoothed_accuracy(model, eval_set, cert_idx, cert_patch, theta, device) if len(cert_idx) else {}
-    card = {"name": name, "defense": "DS / PG-Mask-DS base model", **config,
-            "status": "final" if not max_train else f"provisional: trained on {n_train} images per epoch only",
-            "dataset": D.DATASET_LABELS.get(eval_set.name, eval_set.name), "dataset_key": eval_set.name,
-            "image_side": n, "threshold": theta, "epochs_done": epochs, "eval_split": eval_set.split,
-            "eval_images": len(eval_set), "base_accuracy": base_accuracy(model, eval_set, device=device, seed=seed),
-            "accuracy_measured_on": MEASURED_ON,
-            "cert_patch": cert_patch, "cert_patch_px": patch_pixels(cert_patch, n), "cert_images": len(cert_idx),
-            **smooth, "certify_seconds_per_image": round((time.time() - t0) / max(1, len(cert_idx)), 3),
-            "train_seconds": round(elapsed, 1),
-            "command": command or "python -m scalecert.baselines.smoothing " + shlex.join(sys.argv[1:]),
-            "log": relative(log_path)}
+    card = {
+        "name": name,
+        "defense": "DS / PG-Mask-DS base model",
+        **config,
+        "status": "final" if not max_train else f"provisional: trained on {n_train} images per epoch only",
+        "dataset": D.DATASET_LABELS.get(eval_set.name, eval_set.name),
+        "dataset_key": eval_set.name,
+        "image_side": n,
+        "threshold": theta,
+        "epochs_done": epochs,
+        "eval_split": eval_set.split,
+        "eval_images": len(eval_set),
+        "base_accuracy": base_accuracy(model, eval_set, device=device, seed=seed),
+        "accuracy_measured_on": MEASURED_ON,
+        "cert_patch": cert_patch,
+        "cert_patch_px": patch_pixels(cert_patch, n),
+        "cert_images": len(cert_idx),
+        **smooth,
+        "certify_seconds_per_image": round((time.time() - t0) / max(1, len(cert_idx)), 3),
+        "train_seconds": round(elapsed, 1),
+        "command": command or "python -m scalecert.baselines.smoothing " + shlex.join(sys.argv[1:]),
+        "log": relative(log_path),
+    }
     return save_checkpoint(model, Path(out_dir or CHECKPOINT_DIR) / f"{name}.pt", card)
 
 
@@ -696,8 +818,12 @@ def main(argv=None) -> int:
     t.add_argument("--name", required=True)
     t.add_argument("--dataset", default="cifar10")
     t.add_argument("--arch", default=None, help="resnet20 (32 px) / resnet18w16 (224 px) by default")
-    t.add_argument("--band", type=int, default=None,
-                   help="band width (default 4 for 32 px, 19 for 224 px: the DS paper's 25 of 299 px scaled)")
+    t.add_argument(
+        "--band",
+        type=int,
+        default=None,
+        help="band width (default 4 for 32 px, 19 for 224 px: the DS paper's 25 of 299 px scaled)",
+    )
     t.add_argument("--epochs", type=int, default=30)
     t.add_argument("--batch-size", type=int, default=128)
     t.add_argument("--lr", type=float, default=0.1)
@@ -722,6 +848,7 @@ def main(argv=None) -> int:
         print(json.dumps({k: card.get(k) for k in ("name", "base_accuracy", "ds_certified", "sha256")}))
         return 0
     from .. import data as D
+
     model = load_ds(a.model, a.device)
     ds = D.load_dataset(model.card.get("dataset_key", "cifar10"), "eval")
     idx = balanced_ids(ds, a.images, a.seed)
