@@ -29,7 +29,7 @@ KERNEL := scalecert
 # worker), one torch thread per worker
 TEST_JOBS ?= $(NPROC)
 
-.PHONY: help setup data figures test test-fast golden lab audit bench readme models peers paper-background clean distclean
+.PHONY: help setup data figures test test-fast test-browser golden lab audit bench readme models peers paper-background clean distclean
 .DEFAULT_GOAL := help
 
 help: ## list the targets
@@ -75,6 +75,8 @@ figures/REPORT.md: $(EXECUTED)
 	$(PY) -m scalecert.report --profile $(PROFILE) > $@.tmp && mv $@.tmp $@
 
 test: $(STAMP) $(DATA_STAMPS) ## pytest on the package + nbval on the notebooks (tiny profile)
+	$(VENV)/bin/ruff check scalecert tests tools
+	$(VENV)/bin/ruff format --check scalecert tests tools
 	SCALECERT_TEST_THREADS=1 OMP_NUM_THREADS=1 $(PY) -m pytest -q -p no:cacheprovider -n $(TEST_JOBS) --dist loadfile tests
 	rm -rf build/test-cache build/test-figures  # nbval must recompute, not read results cached by a previous run
 	OMP_NUM_THREADS=1 SCALECERT_FIG_DIR=$(CURDIR)/build/test-figures SCALECERT_CACHE_DIR=$(CURDIR)/build/test-cache \
@@ -83,6 +85,12 @@ test: $(STAMP) $(DATA_STAMPS) ## pytest on the package + nbval on the notebooks 
 
 test-fast: $(STAMP) ## pytest only (no notebooks)
 	$(PY) -m pytest -q tests
+
+# installs Debian's Chromium and Playwright (requirements-browser.txt) when missing, then drives JupyterLab on
+# 127.0.0.1 in headless Chromium: 05 (tiny) and 13 run there and show their output; screenshots in build/browser/.
+# The notebooks read nbval's cache (filled by `make test` just before, in CI) and compute what is not there
+test-browser: $(STAMP) $(DATA_STAMPS) ## notebooks in JupyterLab in a real (headless) browser: 05 and the explorer 13
+	$(PY) tests/browser/run_browser.py --cache $(CURDIR)/build/test-cache
 
 golden: $(STAMP) $(DATA_STAMPS) ## regenerate the nbval reference notebooks (tiny profile) after a deliberate change
 	@mkdir -p tests/notebooks
