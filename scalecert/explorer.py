@@ -10,6 +10,7 @@ patch contents (the cached universal patch, a per-image PGD patch, zeros, noise)
 patch re-runs ``detect`` only. :func:`figure` and :func:`verdict_text` draw a panel; the widgets are in
 :mod:`scalecert.explorer_ui`.
 """
+
 from __future__ import annotations
 
 import json
@@ -45,8 +46,10 @@ def check_position(position, n: int, p: int) -> tuple[int, int]:
         if isinstance(v, bool) or not isinstance(v, numbers.Integral):
             raise ValueError(f"position must be two whole numbers, got {position!r}")
     if not (0 <= row <= n - p and 0 <= col <= n - p):
-        raise ValueError(f"position {tuple(position)} puts the {p}x{p} patch outside the {n}x{n} image: "
-                         f"row and col must lie in [0, {n - p}]")
+        raise ValueError(
+            f"position {tuple(position)} puts the {p}x{p} patch outside the {n}x{n} image: "
+            f"row and col must lie in [0, {n - p}]"
+        )
     return int(row), int(col)
 
 
@@ -66,8 +69,10 @@ def check_window_settings(mode: str, tau, r) -> tuple[str, float | None, int]:
 def check_patch_content(patch: torch.Tensor, p: int) -> torch.Tensor:
     """Return a patch content (3, p, p) in [0, 1] as float after checking it."""
     if not isinstance(patch, torch.Tensor) or patch.shape != (3, p, p) or not patch.is_floating_point():
-        raise ValueError(f"patch content must be a float tensor of shape (3, {p}, {p}), got "
-                         f"{tuple(patch.shape) if isinstance(patch, torch.Tensor) else type(patch).__name__}")
+        raise ValueError(
+            f"patch content must be a float tensor of shape (3, {p}, {p}), got "
+            f"{tuple(patch.shape) if isinstance(patch, torch.Tensor) else type(patch).__name__}"
+        )
     if torch.isnan(patch).any() or patch.min() < 0 or patch.max() > 1:
         raise ValueError("patch content must lie in [0, 1] without NaN")
     return patch.float()
@@ -77,11 +82,12 @@ def check_patch_content(patch: torch.Tensor, p: int) -> torch.Tensor:
 @dataclass
 class Trace:
     """One image through ``Engine.run``: its record and every occluded prediction evaluated, in the engine's order."""
+
     record: dict
-    sin: torch.Tensor | None      # (h, w) the engine's SIN mask (top-k superficial features); None without a SIN layer
-    candidates: torch.Tensor      # (K, 4) boxes of the family's candidate windows (footprint meets SIN(x))
-    boxes: torch.Tensor           # (M, 4) windows evaluated (per-image merged ones in paper mode with tau)
-    labels: torch.Tensor          # (M,) their occluded predictions
+    sin: torch.Tensor | None  # (h, w) the engine's SIN mask (top-k superficial features); None without a SIN layer
+    candidates: torch.Tensor  # (K, 4) boxes of the family's candidate windows (footprint meets SIN(x))
+    boxes: torch.Tensor  # (M, 4) windows evaluated (per-image merged ones in paper mode with tau)
+    labels: torch.Tensor  # (M,) their occluded predictions
     seconds: float
 
     @property
@@ -151,8 +157,14 @@ def sin_clusters(model, image: torch.Tensor, n_points: int | None = None) -> dic
     pts, (h, w) = top_sin_points(model, image[None], n_points)
     labels, centres = cluster_points(pts[0], 0.1 * h)
     sizes = np.bincount(labels)
-    return {"points": pts[0], "clusters": labels, "centres": centres, "sizes": sizes.tolist(), "hw": (h, w),
-            "n": n_points}
+    return {
+        "points": pts[0],
+        "clusters": labels,
+        "centres": centres,
+        "sizes": sizes.tolist(),
+        "hw": (h, w),
+        "n": n_points,
+    }
 
 
 def engine_for(model, n: int, patch, mode: str = "sound", tau=None, r: int = 3) -> Engine:
@@ -174,12 +186,23 @@ def certify_clean(engine: Engine, image: torch.Tensor, label: int) -> dict:
         why = f"not certified: window {brk['box']} predicts {brk['label']}"
     else:
         why = "not certified"
-    return {"record": rec, "first_break": brk, "forwards": t.forwards, "seconds": t.seconds, "reason": why,
-            "trace": t}
+    return {"record": rec, "first_break": brk, "forwards": t.forwards, "seconds": t.seconds, "reason": why, "trace": t}
 
 
-def panel(model, image: torch.Tensor, label: int, patch_content: torch.Tensor, position, patch, *,
-          mode: str = "sound", tau=None, r: int = 3, clean: dict | None = None, engine: Engine | None = None) -> dict:
+def panel(
+    model,
+    image: torch.Tensor,
+    label: int,
+    patch_content: torch.Tensor,
+    position,
+    patch,
+    *,
+    mode: str = "sound",
+    tau=None,
+    r: int = 3,
+    clean: dict | None = None,
+    engine: Engine | None = None,
+) -> dict:
     """Return the explorer's data for one setting.
 
     ``image`` (3, n, n) in [0, 1] with its true ``label``; ``patch_content`` (3, p, p) pasted with its top-left
@@ -190,6 +213,7 @@ def panel(model, image: torch.Tensor, label: int, patch_content: torch.Tensor, p
     (pass ``clean`` to reuse one: it does not depend on the patch); ``seconds`` in all.
     """
     from .attacks import apply_patch
+
     t0 = time.perf_counter()
     x = check_images(image)
     if x.shape[0] != 1:
@@ -208,31 +232,61 @@ def panel(model, image: torch.Tensor, label: int, patch_content: torch.Tensor, p
         clean = certify_clean(eng, x, y)
     t1 = time.perf_counter()
     sins = sin_clusters(eng.model, xp[0])
-    return {"n": n, "p": p, "position": (row, col), "patch_box": (row, col, row + p - 1, col + p - 1),
-            "label": y, "image": x[0], "patched": xp[0],
-            "settings": {"mode": eng.mode, "rule": eng.rule, "tau": eng.tau, "r": eng.r, "patch": patch,
-                         "windows": len(eng.family), "window_side": eng.family.side,
-                         "sin_rate": eng.model.sin_rate, "sin_layer": eng.model.sin_layer},
-            "sin": dict(sins, engine_mask=det.sin, seconds=time.perf_counter() - t1),
-            "detect": {"record": det.record, "candidates": det.candidates, "windows": det.boxes,
-                       "labels": det.labels, "disagree": det.disagree, "forwards": det.forwards,
-                       "seconds": det.seconds},
-            "certify": clean, "seconds": time.perf_counter() - t0}
+    return {
+        "n": n,
+        "p": p,
+        "position": (row, col),
+        "patch_box": (row, col, row + p - 1, col + p - 1),
+        "label": y,
+        "image": x[0],
+        "patched": xp[0],
+        "settings": {
+            "mode": eng.mode,
+            "rule": eng.rule,
+            "tau": eng.tau,
+            "r": eng.r,
+            "patch": patch,
+            "windows": len(eng.family),
+            "window_side": eng.family.side,
+            "sin_rate": eng.model.sin_rate,
+            "sin_layer": eng.model.sin_layer,
+        },
+        "sin": dict(sins, engine_mask=det.sin, seconds=time.perf_counter() - t1),
+        "detect": {
+            "record": det.record,
+            "candidates": det.candidates,
+            "windows": det.boxes,
+            "labels": det.labels,
+            "disagree": det.disagree,
+            "forwards": det.forwards,
+            "seconds": det.seconds,
+        },
+        "certify": clean,
+        "seconds": time.perf_counter() - t0,
+    }
 
 
 def summary(pan: dict, classes=None) -> dict:
     """Return one flat row of a panel (for tables): verdicts, counts, forwards."""
     name = (lambda k: classes[k]) if classes is not None else str
     det, cert = pan["detect"]["record"], pan["certify"]["record"]
-    return {"label": name(pan["label"]), "patch_px": pan["p"], "position": pan["position"],
-            "pred_patched": name(det["pred"]),
-            "detect": "alert" if det["alert"] else name(det["output"]),
-            "suspected_box": det["suspected_box"], "candidates": det["n_candidates"],
-            "disagreeing": det["n_disagree"], "disagree_labels": [name(k) for k in det["disagree_labels"]],
-            "detect_forwards": pan["detect"]["forwards"], "clean_pred": name(cert["pred"]),
-            "certified": cert["certified"],
-            "first_break": None if pan["certify"]["first_break"] is None else pan["certify"]["first_break"]["box"],
-            "certify_forwards": pan["certify"]["forwards"], "sin_clusters": len(pan["sin"]["sizes"])}
+    return {
+        "label": name(pan["label"]),
+        "patch_px": pan["p"],
+        "position": pan["position"],
+        "pred_patched": name(det["pred"]),
+        "detect": "alert" if det["alert"] else name(det["output"]),
+        "suspected_box": det["suspected_box"],
+        "candidates": det["n_candidates"],
+        "disagreeing": det["n_disagree"],
+        "disagree_labels": [name(k) for k in det["disagree_labels"]],
+        "detect_forwards": pan["detect"]["forwards"],
+        "clean_pred": name(cert["pred"]),
+        "certified": cert["certified"],
+        "first_break": None if pan["certify"]["first_break"] is None else pan["certify"]["first_break"]["box"],
+        "certify_forwards": pan["certify"]["forwards"],
+        "sin_clusters": len(pan["sin"]["sizes"]),
+    }
 
 
 def verdict_text(pan: dict, classes=None) -> str:
@@ -240,8 +294,10 @@ def verdict_text(pan: dict, classes=None) -> str:
     name = (lambda k: f"{classes[k]} ({k})") if classes is not None else str
     det, cert = pan["detect"]["record"], pan["certify"]
     if det["alert"]:
-        d = (f"detect: ALERT, {det['n_disagree']} of {det['n_evaluated']} windows disagree "
-             f"(labels {', '.join(name(k) for k in det['disagree_labels'])}), suspected box {det['suspected_box']}")
+        d = (
+            f"detect: ALERT, {det['n_disagree']} of {det['n_evaluated']} windows disagree "
+            f"(labels {', '.join(name(k) for k in det['disagree_labels'])}), suspected box {det['suspected_box']}"
+        )
     else:
         d = f"detect: {name(det['output'])}, all {det['n_evaluated']} candidate windows agree"
     d += f"; {pan['detect']['forwards']} forwards, {pan['detect']['seconds']:.2f} s"
@@ -249,8 +305,10 @@ def verdict_text(pan: dict, classes=None) -> str:
     if c["certified"]:
         v = f"certify (clean image): CERTIFIED {name(c['label'])}"
     elif c["pred"] != c["label"]:
-        v = (f"certify (clean image): NOT CERTIFIED, clean prediction {name(c['pred'])} is not the label "
-             f"{name(c['label'])}")
+        v = (
+            f"certify (clean image): NOT CERTIFIED, clean prediction {name(c['pred'])} is not the label "
+            f"{name(c['label'])}"
+        )
     elif cert["first_break"] is not None:
         b = cert["first_break"]
         v = f"certify (clean image): NOT CERTIFIED, window {b['box']} predicts {name(b['label'])}"
@@ -270,6 +328,7 @@ def figure(pan: dict, classes=None, title: str | None = None, fig=None):
     from matplotlib.patches import Rectangle
 
     from .plots import to_hwc
+
     if fig is None:  # not through pyplot: a notebook shows the figure only where it is displayed
         fig = Figure(figsize=(12.5, 3.4))
     fig.clear()
@@ -287,8 +346,10 @@ def figure(pan: dict, classes=None, title: str | None = None, fig=None):
     ax.add_patch(rect(pan["patch_box"], edgecolor="yellow", linewidth=1.5))
     if det["record"]["suspected_box"] is not None:
         ax.add_patch(rect(det["record"]["suspected_box"], edgecolor="red", linewidth=1.2, linestyle="--"))
-    ax.set_title(f"patched: predicted {name(det['record']['pred'])}\n(label {name(pan['label'])}; red: suspected box)",
-                 fontsize=8)
+    ax.set_title(
+        f"patched: predicted {name(det['record']['pred'])}\n(label {name(pan['label'])}; red: suspected box)",
+        fontsize=8,
+    )
 
     ax = axes[1]
     s = pan["sin"]
@@ -296,34 +357,64 @@ def figure(pan: dict, classes=None, title: str | None = None, fig=None):
     h, w = s["hw"]
     if s.get("engine_mask") is not None:  # the engine's top-k SINs, drawn per feature at its stride
         m = s["engine_mask"].float().numpy()
-        ax.imshow(np.ma.masked_where(m == 0, m), cmap="Greys", alpha=0.25, vmin=0, vmax=1,
-                  extent=(-0.5, n - 0.5, n - 0.5, -0.5), interpolation="nearest")
+        ax.imshow(
+            np.ma.masked_where(m == 0, m),
+            cmap="Greys",
+            alpha=0.25,
+            vmin=0,
+            vmax=1,
+            extent=(-0.5, n - 0.5, n - 0.5, -0.5),
+            interpolation="nearest",
+        )
     sy, sx = n / h, n / w
     pts = s["points"]
-    ax.scatter((pts[:, 1] + 0.5) * sx - 0.5, (pts[:, 0] + 0.5) * sy - 0.5, c=s["clusters"] % 10, cmap="tab10",
-               vmin=0, vmax=9, s=10, edgecolors="black", linewidths=0.3)
-    ax.set_title(f"top-{s['n']} SINs: {len(s['sizes'])} MeanShift cluster{'s' * (len(s['sizes']) != 1)}"
-                 + ("\n(shade: the engine's top-k SINs)" if s.get("engine_mask") is not None else ""), fontsize=8)
+    ax.scatter(
+        (pts[:, 1] + 0.5) * sx - 0.5,
+        (pts[:, 0] + 0.5) * sy - 0.5,
+        c=s["clusters"] % 10,
+        cmap="tab10",
+        vmin=0,
+        vmax=9,
+        s=10,
+        edgecolors="black",
+        linewidths=0.3,
+    )
+    ax.set_title(
+        f"top-{s['n']} SINs: {len(s['sizes'])} MeanShift cluster{'s' * (len(s['sizes']) != 1)}"
+        + ("\n(shade: the engine's top-k SINs)" if s.get("engine_mask") is not None else ""),
+        fontsize=8,
+    )
 
     ax = axes[2]
     ax.imshow(img, interpolation="nearest", alpha=0.5)
     cover = torch.zeros(n, n)
     for r0, c0, r1, c1 in det["candidates"].tolist():
-        cover[r0: r1 + 1, c0: c1 + 1] += 1
+        cover[r0 : r1 + 1, c0 : c1 + 1] += 1
     if len(det["candidates"]):
-        ax.imshow(np.ma.masked_where(cover.numpy() == 0, cover.numpy()), cmap="Greys", alpha=0.35,
-                  interpolation="nearest")
+        ax.imshow(
+            np.ma.masked_where(cover.numpy() == 0, cover.numpy()), cmap="Greys", alpha=0.35, interpolation="nearest"
+        )
     bad = det["disagree"]
     if bad.any():
         boxes, labs = det["windows"][bad], det["labels"][bad]
-        ax.add_collection(PatchCollection([rect(b) for b in boxes.tolist()], match_original=False, facecolor="none",
-                                          edgecolor=[plt.cm.tab10(int(k) % 10) for k in labs.tolist()],
-                                          linewidth=0.6, alpha=0.8))
+        ax.add_collection(
+            PatchCollection(
+                [rect(b) for b in boxes.tolist()],
+                match_original=False,
+                facecolor="none",
+                edgecolor=[plt.cm.tab10(int(k) % 10) for k in labs.tolist()],
+                linewidth=0.6,
+                alpha=0.8,
+            )
+        )
         for k in sorted(set(labs.tolist())):
             ax.plot([], [], color=plt.cm.tab10(k % 10), label=name(k))
         ax.legend(fontsize=6, loc="lower left", frameon=True, framealpha=0.7)
-    ax.set_title(f"{det['record']['n_candidates']} of {pan['settings']['windows']} windows candidates (shade),\n"
-                 f"{int(bad.sum())} disagree (by label)", fontsize=8)
+    ax.set_title(
+        f"{det['record']['n_candidates']} of {pan['settings']['windows']} windows candidates (shade),\n"
+        f"{int(bad.sum())} disagree (by label)",
+        fontsize=8,
+    )
     for ax in axes[:3]:
         ax.set_xlim(-0.5, n - 0.5)
         ax.set_ylim(n - 0.5, -0.5)
@@ -333,11 +424,15 @@ def figure(pan: dict, classes=None, title: str | None = None, fig=None):
     ax.axis("off")
     st = pan["settings"]
     lines = verdict_text(pan, classes).replace("; ", "\n").replace(", suspected", "\nsuspected").split("\n")
-    lines += ["", f"mode {st['mode']} (rule {st['rule']}), r = {st['r']}, tau = {st['tau']}",
-              f"{st['windows']} windows of {st['window_side']} px",
-              f"SIN layer {st['sin_layer']}, rate {st['sin_rate']}" if st["sin_rate"] else
-              "no SIN layer: Minority Reports (pixels filled)",
-              f"update: {pan['seconds']:.2f} s"]
+    lines += [
+        "",
+        f"mode {st['mode']} (rule {st['rule']}), r = {st['r']}, tau = {st['tau']}",
+        f"{st['windows']} windows of {st['window_side']} px",
+        f"SIN layer {st['sin_layer']}, rate {st['sin_rate']}"
+        if st["sin_rate"]
+        else "no SIN layer: Minority Reports (pixels filled)",
+        f"update: {pan['seconds']:.2f} s",
+    ]
     text = "\n".join(textwrap.fill(t, 52, subsequent_indent="   ") for t in lines)
     ax.text(0, 1, text, va="top", ha="left", fontsize=7, family="monospace", transform=ax.transAxes)
     if title:
@@ -352,6 +447,7 @@ def shipped_models(dataset: str) -> list[str]:
     """Return the shipped checkpoints of a data set that the engine runs (ScaleCert's SIN models and the vanilla
     ones; the peers' architectures are not split networks), SIN models first."""
     from .models import ARCHS, CHECKPOINT_DIR
+
     dataset = D.check_dataset(dataset)
     names = []
     for card in sorted(CHECKPOINT_DIR.glob("*.json")):
@@ -364,11 +460,12 @@ def shipped_models(dataset: str) -> list[str]:
 @dataclass(frozen=True)
 class Setting:
     """One explorer setting (what the widgets choose)."""
+
     dataset: str = "cifar10"
-    model: str | None = None       # None: the data set's default ScaleCert model (notebook 05's)
-    image: int = 0                 # index in the evaluation split
-    patch_pct: float = 5.0         # patch size in % of the image
-    position: tuple = (0, 0)       # top-left pixel (row, col)
+    model: str | None = None  # None: the data set's default ScaleCert model (notebook 05's)
+    image: int = 0  # index in the evaluation split
+    patch_pct: float = 5.0  # patch size in % of the image
+    position: tuple = (0, 0)  # top-left pixel (row, col)
     content: str = "universal"
     mode: str = "sound"
     tau: float | str | None = "default"  # "default": the data set's (notebook 05's: none at 32x32, 0.3 at 224x224)
@@ -384,6 +481,7 @@ class Explorer:
 
     def __init__(self, profile: str = "quick", device: str = "cpu", seed: int = 0, force: bool = False):
         from . import notebook as N
+
         self.profile = N.check_profile(profile)
         self.device, self.seed, self.force = device, seed, bool(force)
         self._data, self._models, self._engines, self._patches, self._clean = {}, {}, {}, {}, {}
@@ -398,6 +496,7 @@ class Explorer:
     def model(self, dataset: str, name: str | None):
         from . import experiments as E
         from .models import load_model
+
         name = name or E.model_name(dataset, 1, E.DEFAULT_RATE[dataset])
         if name not in shipped_models(dataset):
             raise ValueError(f"unknown model {name!r} for {dataset}: expected one of {shipped_models(dataset)}")
@@ -409,12 +508,14 @@ class Explorer:
         """Return the setting with defaults filled in (model, tau) after checking every field."""
         from . import experiments as E
         from . import notebook as N
+
         dataset = D.check_dataset(s.dataset)
         model, _ = self.model(dataset, s.model)
         ds = self.dataset(dataset)
         if isinstance(s.image, bool) or not isinstance(s.image, numbers.Integral) or not 0 <= s.image < len(ds):
-            raise ValueError(f"image must be an index in [0, {len(ds) - 1}] of the {dataset} evaluation split, "
-                             f"got {s.image!r}")
+            raise ValueError(
+                f"image must be an index in [0, {len(ds) - 1}] of the {dataset} evaluation split, got {s.image!r}"
+            )
         pct = N.check_patch(s.patch_pct, dataset)
         n = D.image_size(dataset)
         p = patch_pixels(pct, n)
@@ -443,6 +544,7 @@ class Explorer:
         from . import attacks as T
         from . import experiments as E
         from . import notebook as N
+
         n = D.image_size(s.dataset)
         p = patch_pixels(s.patch_pct, n)
         if s.content == "zeros":
@@ -453,17 +555,32 @@ class Explorer:
             key = ("universal", s.dataset, s.patch_pct)
             if key not in self._patches:
                 self._patches[key] = E.cached_universal_patch(
-                    s.dataset, E.model_name(s.dataset), s.patch_pct, T.UNIVERSAL_TARGET[s.dataset],
-                    steps=N.patch_steps(self.profile), seed=self.seed, force=self.force, device=self.device).cpu()
+                    s.dataset,
+                    E.model_name(s.dataset),
+                    s.patch_pct,
+                    T.UNIVERSAL_TARGET[s.dataset],
+                    steps=N.patch_steps(self.profile),
+                    seed=self.seed,
+                    force=self.force,
+                    device=self.device,
+                ).cpu()
             return self._patches[key]
         key = ("pgd", s.model, s.image, s.patch_pct, s.position)  # per image, model and position
         if key not in self._patches:
             _, m = self.model(s.dataset, s.model)
             x, y = self.dataset(s.dataset).tensors([s.image])
-            xp, _ = T.pgd_patch(m, x.to(self.device), y, p, corners=torch.tensor([s.position]),
-                                steps=PGD_STEPS[self.profile], step_size=0.1, seed=self.seed)
+            xp, _ = T.pgd_patch(
+                m,
+                x.to(self.device),
+                y,
+                p,
+                corners=torch.tensor([s.position]),
+                steps=PGD_STEPS[self.profile],
+                step_size=0.1,
+                seed=self.seed,
+            )
             r0, c0 = s.position
-            self._patches[key] = xp[0, :, r0: r0 + p, c0: c0 + p].detach().cpu().clamp(0, 1)
+            self._patches[key] = xp[0, :, r0 : r0 + p, c0 : c0 + p].detach().cpu().clamp(0, 1)
         return self._patches[key]
 
     def update(self, setting: Setting) -> dict:
@@ -476,8 +593,19 @@ class Explorer:
         eng = self.engine(s)
         content = self.content(s)
         ckey = (s.model, s.image, s.patch_pct, s.mode, s.tau, s.r)
-        pan = panel(m, x[0], int(y[0]), content, s.position, s.patch_pct, mode=s.mode, tau=s.tau, r=s.r,
-                    clean=self._clean.get(ckey), engine=eng)
+        pan = panel(
+            m,
+            x[0],
+            int(y[0]),
+            content,
+            s.position,
+            s.patch_pct,
+            mode=s.mode,
+            tau=s.tau,
+            r=s.r,
+            clean=self._clean.get(ckey),
+            engine=eng,
+        )
         self._clean[ckey] = pan["certify"]
         pan["setting"] = s
         pan["seconds"] = time.perf_counter() - t0  # the whole update, patch content included
@@ -491,9 +619,16 @@ def demo_settings(dataset: str, image: int, patch_pct: float = 5.0) -> list[Sett
     """Return notebook 13's fixed sequence on one image: the universal patch in the top-left corner, then on the
     object (the centre), then zeros and noise there, then the paper's mode and r = 1 (the data set's default tau)."""
     from dataclasses import replace
+
     n = D.image_size(dataset)
     c = (n - patch_pixels(float(patch_pct), n)) // 2
     base = Setting(dataset, None, image, patch_pct, (0, 0), "universal", "sound", "default", 3)
     centre = replace(base, position=(c, c))
-    return [base, centre, replace(centre, content="zeros"), replace(centre, content="noise"),
-            replace(centre, mode="paper"), replace(centre, r=1)]
+    return [
+        base,
+        centre,
+        replace(centre, content="zeros"),
+        replace(centre, content="noise"),
+        replace(centre, mode="paper"),
+        replace(centre, r=1),
+    ]

@@ -5,6 +5,7 @@ explorer for its panel and shows the panel's figure (as a PNG) and verdicts. The
 (``scalecert-row``, ``scalecert-col``, ``scalecert-verdict``, ``scalecert-figure``, ``scalecert-status``) for the
 browser test (``tests/browser/run_browser.py``).
 """
+
 from __future__ import annotations
 
 import html
@@ -26,48 +27,83 @@ class ExplorerUI:
 
     def __init__(self, explorer: X.Explorer, setting: X.Setting | None = None, dpi: int = 90):
         import ipywidgets as W
+
         self.ex, self.dpi = explorer, dpi
         s = explorer.check(setting or X.Setting())
         self._quiet = True  # no refresh while the widgets are being set
         style = {"description_width": "70px"}
         lay = W.Layout(width="260px")
-        self.w_dataset = W.Dropdown(options=[(D.DATASET_LABELS[k], k) for k in E.PATCHES], value=s.dataset,
-                                    description="data set", style=style, layout=lay)
+        self.w_dataset = W.Dropdown(
+            options=[(D.DATASET_LABELS[k], k) for k in E.PATCHES],
+            value=s.dataset,
+            description="data set",
+            style=style,
+            layout=lay,
+        )
         self.w_model = W.Dropdown(description="model", style=style, layout=W.Layout(width="340px"))
         self.w_image = W.BoundedIntText(description="image", min=0, style=style, layout=W.Layout(width="170px"))
         self.w_class = W.Dropdown(description="class", style=style, layout=lay)
         self.w_patch = W.Dropdown(description="patch %", style=style, layout=W.Layout(width="170px"))
-        self.w_row = W.IntSlider(description="patch row", continuous_update=False, style=style,
-                                 layout=W.Layout(width="340px"))
-        self.w_col = W.IntSlider(description="patch col", continuous_update=False, style=style,
-                                 layout=W.Layout(width="340px"))
-        self.w_content = W.Dropdown(options=list(X.CONTENTS), value=s.content, description="content", style=style,
-                                    layout=lay)
+        self.w_row = W.IntSlider(
+            description="patch row", continuous_update=False, style=style, layout=W.Layout(width="340px")
+        )
+        self.w_col = W.IntSlider(
+            description="patch col", continuous_update=False, style=style, layout=W.Layout(width="340px")
+        )
+        self.w_content = W.Dropdown(
+            options=list(X.CONTENTS), value=s.content, description="content", style=style, layout=lay
+        )
         self.w_mode = W.ToggleButtons(options=list(X.MODES), value=s.mode, description="mode", style=style)
-        self.w_tau = W.FloatSlider(min=0.1, max=1.0, step=0.05, continuous_update=False, description="tau",
-                                   style=style, layout=W.Layout(width="340px"),
-                                   tooltip="window merging; 1 = none")
-        self.w_r = W.IntSlider(min=1, max=5, continuous_update=False, description="r", style=style,
-                               layout=W.Layout(width="340px"))
+        self.w_tau = W.FloatSlider(
+            min=0.1,
+            max=1.0,
+            step=0.05,
+            continuous_update=False,
+            description="tau",
+            style=style,
+            layout=W.Layout(width="340px"),
+            tooltip="window merging; 1 = none",
+        )
+        self.w_r = W.IntSlider(
+            min=1, max=5, continuous_update=False, description="r", style=style, layout=W.Layout(width="340px")
+        )
         self.w_status = W.HTML()
         self.w_verdict = W.HTML()
         self.w_figure = W.Image(format="png", layout=W.Layout(max_width="100%"))
-        for w, cls in ((self.w_row, "scalecert-row"), (self.w_col, "scalecert-col"),
-                       (self.w_verdict, "scalecert-verdict"), (self.w_figure, "scalecert-figure"),
-                       (self.w_status, "scalecert-status"), (self.w_image, "scalecert-image"),
-                       (self.w_content, "scalecert-content")):
+        for w, cls in (
+            (self.w_row, "scalecert-row"),
+            (self.w_col, "scalecert-col"),
+            (self.w_verdict, "scalecert-verdict"),
+            (self.w_figure, "scalecert-figure"),
+            (self.w_status, "scalecert-status"),
+            (self.w_image, "scalecert-image"),
+            (self.w_content, "scalecert-content"),
+        ):
             w.add_class(cls)
         self._set_dataset_options(s)
-        self.widget = W.VBox([
-            W.HBox([self.w_dataset, self.w_model, self.w_image, self.w_class]),
-            W.HBox([self.w_patch, self.w_content, self.w_row, self.w_col]),
-            W.HBox([self.w_mode, self.w_tau, self.w_r]),
-            self.w_status, self.w_verdict, self.w_figure])
+        self.widget = W.VBox(
+            [
+                W.HBox([self.w_dataset, self.w_model, self.w_image, self.w_class]),
+                W.HBox([self.w_patch, self.w_content, self.w_row, self.w_col]),
+                W.HBox([self.w_mode, self.w_tau, self.w_r]),
+                self.w_status,
+                self.w_verdict,
+                self.w_figure,
+            ]
+        )
         self.w_dataset.observe(self._on_dataset, "value")
         self.w_class.observe(self._on_class, "value")
         self.w_patch.observe(self._on_patch, "value")
-        for w in (self.w_model, self.w_image, self.w_row, self.w_col, self.w_content, self.w_mode, self.w_tau,
-                  self.w_r):
+        for w in (
+            self.w_model,
+            self.w_image,
+            self.w_row,
+            self.w_col,
+            self.w_content,
+            self.w_mode,
+            self.w_tau,
+            self.w_r,
+        ):
             w.observe(self._on_change, "value")
         self._quiet = False
         self.panel = None
@@ -96,9 +132,17 @@ class ExplorerUI:
 
     @property
     def setting(self) -> X.Setting:
-        return X.Setting(self.w_dataset.value, self.w_model.value, int(self.w_image.value), float(self.w_patch.value),
-                         (int(self.w_row.value), int(self.w_col.value)), self.w_content.value, self.w_mode.value,
-                         None if self.w_tau.value >= 1 else round(float(self.w_tau.value), 4), int(self.w_r.value))
+        return X.Setting(
+            self.w_dataset.value,
+            self.w_model.value,
+            int(self.w_image.value),
+            float(self.w_patch.value),
+            (int(self.w_row.value), int(self.w_col.value)),
+            self.w_content.value,
+            self.w_mode.value,
+            None if self.w_tau.value >= 1 else round(float(self.w_tau.value), 4),
+            int(self.w_r.value),
+        )
 
     def set(self, setting: X.Setting) -> dict:
         """Set every widget from a setting and show its panel (what the headless demo drives)."""
@@ -120,8 +164,11 @@ class ExplorerUI:
         n = D.image_size(name)
         pct = PATCH_SIZES[name][-3] if len(PATCH_SIZES[name]) >= 3 else PATCH_SIZES[name][0]
         c = (n - patch_pixels(pct, n)) // 2
-        self.set(X.Setting(name, None, 0, pct, (c, c), self.w_content.value, self.w_mode.value, "default",
-                           int(self.w_r.value)))
+        self.set(
+            X.Setting(
+                name, None, 0, pct, (c, c), self.w_content.value, self.w_mode.value, "default", int(self.w_r.value)
+            )
+        )
 
     def _on_class(self, change) -> None:
         if self._quiet:
@@ -164,15 +211,21 @@ class ExplorerUI:
             self.w_status.value = f"<b>error:</b> {html.escape(str(e))}"
             return None
         classes = self.ex.classes(s.dataset)
-        fig = X.figure(pan, classes, title=f"{D.DATASET_LABELS[s.dataset]} image {s.image}, {pan['setting'].model}, "
-                                           f"{s.patch_pct:g}% patch ({pan['p']} px) at {pan['position']}, {s.content}")
+        fig = X.figure(
+            pan,
+            classes,
+            title=f"{D.DATASET_LABELS[s.dataset]} image {s.image}, {pan['setting'].model}, "
+            f"{s.patch_pct:g}% patch ({pan['p']} px) at {pan['position']}, {s.content}",
+        )
         buf = io.BytesIO()
         fig.savefig(buf, format="png", dpi=self.dpi)
         self.w_figure.value = buf.getvalue()
         self.w_verdict.value = "<pre style='margin:0'>" + html.escape(X.verdict_text(pan, classes)) + "</pre>"
         pan["seconds_shown"] = time.perf_counter() - t0
-        self.w_status.value = (f"updated in {pan['seconds_shown']:.2f} s, patch at {pan['position']} (panel "
-                               f"{pan['seconds']:.2f} s: detect {pan['detect']['seconds']:.2f} s, SIN clusters "
-                               f"{pan['sin']['seconds']:.2f} s)")
+        self.w_status.value = (
+            f"updated in {pan['seconds_shown']:.2f} s, patch at {pan['position']} (panel "
+            f"{pan['seconds']:.2f} s: detect {pan['detect']['seconds']:.2f} s, SIN clusters "
+            f"{pan['sin']['seconds']:.2f} s)"
+        )
         self.panel = pan
         return pan

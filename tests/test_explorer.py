@@ -1,5 +1,6 @@
 """The explorer's panel (notebook 13) shows what the engine computes: its verdicts are detect's and certify's, its
 windows are the ones they evaluate, and each window's occluded prediction is the model's with that window removed."""
+
 import numpy as np
 import pytest
 import torch
@@ -11,8 +12,17 @@ from scalecert.defense import Engine, certify, detect
 from scalecert.geometry import footprint
 
 #: record fields compared with detect's and certify's rows (``seconds`` is a time, ``id`` a position in a batch)
-FIELDS = ("pred", "alert", "output", "n_windows", "n_candidates", "n_evaluated", "n_disagree", "disagree_labels",
-          "suspected_box")
+FIELDS = (
+    "pred",
+    "alert",
+    "output",
+    "n_windows",
+    "n_candidates",
+    "n_evaluated",
+    "n_disagree",
+    "disagree_labels",
+    "suspected_box",
+)
 CERT_FIELDS = FIELDS + ("label", "certified", "clean_correct")
 
 
@@ -43,9 +53,9 @@ def _check_panel(m, x, label, content, position, patch, mode, tau, r):
     row0, col0 = position
     p = pan["p"]
     # the patch is where it was asked, and nowhere else
-    assert torch.equal(xp[:, row0: row0 + p, col0: col0 + p], content)
+    assert torch.equal(xp[:, row0 : row0 + p, col0 : col0 + p], content)
     outside = torch.ones(32, 32, dtype=torch.bool)
-    outside[row0: row0 + p, col0: col0 + p] = False
+    outside[row0 : row0 + p, col0 : col0 + p] = False
     assert torch.equal(xp[:, outside], x[:, outside])
     rule = X.MODES[mode]
     det = detect(m, xp[None], patch, mode=mode, rule=rule, tau=tau, r=r).iloc[0]
@@ -67,11 +77,14 @@ def _check_panel(m, x, label, content, position, patch, mode, tau, r):
 
 # few windows, to keep the test short: the base family once with a 24 px patch (49 windows), merged families
 # (tau = 0.3: 25 to 36 windows; paper mode merges each image's candidates) for the rest
-@pytest.mark.parametrize("mode,tau,r,p,cases", [
-    ("sound", None, 3, 24, [(0, (4, 4))]),
-    ("sound", 0.3, 2, 5, [(1, (0, 0)), (2, (27, 4))]),
-    ("paper", 0.3, 3, 5, [(1, (13, 13)), (2, (27, 4))]),
-])
+@pytest.mark.parametrize(
+    "mode,tau,r,p,cases",
+    [
+        ("sound", None, 3, 24, [(0, (4, 4))]),
+        ("sound", 0.3, 2, 5, [(1, (0, 0)), (2, (27, 4))]),
+        ("paper", 0.3, 3, 5, [(1, (13, 13)), (2, (27, 4))]),
+    ],
+)
 def test_panel_verdicts_and_windows_are_detect_and_certify(model, images, mode, tau, r, p, cases):
     labels = model(images).argmax(1)
     patch = torch.rand(3, p, p, generator=torch.Generator().manual_seed(1))
@@ -114,7 +127,7 @@ def test_first_break_is_the_first_disagreeing_window_certify_meets(model, images
         assert not t.disagree[: brk["index"]].any()  # every window before it agrees
         eng = Engine(model, 32, 5)
         rect = footprint(eng.geo, torch.tensor([brk["box"]]), eng.h, eng.w)
-        assert int(predict_without(model, images[i: i + 1], rect)[0]) == brk["label"]
+        assert int(predict_without(model, images[i : i + 1], rect)[0]) == brk["label"]
         assert str(brk["box"]) in c["reason"]
     wrong = X.certify_clean(Engine(model, 32, 5, tau=0.3), images[0], (int(labels[0]) + 1) % 10)
     assert not wrong["record"]["certified"] and wrong["forwards"] == 1
@@ -131,42 +144,63 @@ def test_trace_leaves_the_engine_as_it_was(model, images):
 
 def test_verdict_text_and_figure(model, images):
     import matplotlib
+
     matplotlib.use("agg")
     y = int(model(images[1:2]).argmax(1))
     pan = X.panel(model, images[1], y, torch.ones(3, 5, 5), (13, 13), 5, tau=0.3)
     text = X.verdict_text(pan, [f"c{k}" for k in range(10)])
     first = text.splitlines()[0]
     assert ("ALERT" in first) == bool(pan["detect"]["record"]["alert"])
-    assert ("CERTIFIED" in text.splitlines()[1])
+    assert "CERTIFIED" in text.splitlines()[1]
     fig = X.figure(pan, [f"c{k}" for k in range(10)], title="t")
     assert len(fig.axes) == 4
     row = X.summary(pan)
     assert row["detect"] == ("alert" if pan["detect"]["record"]["alert"] else str(pan["detect"]["record"]["output"]))
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    ({"position": (28, 0)}, r"outside the 32x32 image"),
-    ({"position": (-1, 0)}, r"outside"),
-    ({"position": (1.5, 0)}, r"two whole numbers"),
-    ({"position": 3}, r"\(row, col\)"),
-    ({"content": torch.zeros(3, 4, 4)}, r"shape \(3, 5, 5\)"),
-    ({"content": torch.full((3, 5, 5), 2.0)}, r"lie in \[0, 1\]"),
-    ({"mode": "fast"}, r"unknown mode"),
-    ({"tau": 0.0}, r"tau must be None or lie in \(0, 1\]"),
-    ({"tau": 1.5}, r"tau must"),
-    ({"r": 0}, r"r must be a whole number >= 1"),
-    ({"label": 10}, r"labels must lie in \[0, 9\]"),
-    ({"image": torch.rand(2, 3, 32, 32)}, r"one image"),
-    ({"image": torch.rand(3, 32, 32) * 2}, r"\[0, 1\]"),
-    ({"patch": 40}, r"larger than the 32x32 image"),
-])
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"position": (28, 0)}, r"outside the 32x32 image"),
+        ({"position": (-1, 0)}, r"outside"),
+        ({"position": (1.5, 0)}, r"two whole numbers"),
+        ({"position": 3}, r"\(row, col\)"),
+        ({"content": torch.zeros(3, 4, 4)}, r"shape \(3, 5, 5\)"),
+        ({"content": torch.full((3, 5, 5), 2.0)}, r"lie in \[0, 1\]"),
+        ({"mode": "fast"}, r"unknown mode"),
+        ({"tau": 0.0}, r"tau must be None or lie in \(0, 1\]"),
+        ({"tau": 1.5}, r"tau must"),
+        ({"r": 0}, r"r must be a whole number >= 1"),
+        ({"label": 10}, r"labels must lie in \[0, 9\]"),
+        ({"image": torch.rand(2, 3, 32, 32)}, r"one image"),
+        ({"image": torch.rand(3, 32, 32) * 2}, r"\[0, 1\]"),
+        ({"patch": 40}, r"larger than the 32x32 image"),
+    ],
+)
 def test_panel_rejects_bad_input(model, kwargs, match):
-    args = {"image": torch.rand(3, 32, 32), "label": 0, "content": torch.zeros(3, 5, 5), "position": (0, 0),
-            "patch": 5, "mode": "sound", "tau": None, "r": 3}
+    args = {
+        "image": torch.rand(3, 32, 32),
+        "label": 0,
+        "content": torch.zeros(3, 5, 5),
+        "position": (0, 0),
+        "patch": 5,
+        "mode": "sound",
+        "tau": None,
+        "r": 3,
+    }
     args.update(kwargs)
     with pytest.raises(ValueError, match=match):
-        X.panel(model, args["image"], args["label"], args["content"], args["position"], args["patch"],
-                mode=args["mode"], tau=args["tau"], r=args["r"])
+        X.panel(
+            model,
+            args["image"],
+            args["label"],
+            args["content"],
+            args["position"],
+            args["patch"],
+            mode=args["mode"],
+            tau=args["tau"],
+            r=args["r"],
+        )
 
 
 @pytest.fixture(scope="module")
@@ -174,20 +208,24 @@ def explorer():
     return X.Explorer("tiny")
 
 
-@pytest.mark.parametrize("change,match", [
-    ({"dataset": "mnist"}, "unknown dataset"),
-    ({"model": "cifar10_bagnet11"}, "unknown model"),
-    ({"model": "imagenette_resnet18w16_vanilla"}, "unknown model"),
-    ({"image": 10_000}, r"image must be an index in \[0, 9999\]"),
-    ({"image": -1}, "image must be an index"),
-    ({"patch_pct": 150.0}, "not smaller than the 32x32 images"),
-    ({"position": (30, 0)}, "outside the 32x32 image"),
-    ({"content": "sticker"}, "unknown patch content"),
-    ({"mode": "exact"}, "unknown mode"),
-    ({"r": 0}, "r must be"),
-])
+@pytest.mark.parametrize(
+    "change,match",
+    [
+        ({"dataset": "mnist"}, "unknown dataset"),
+        ({"model": "cifar10_bagnet11"}, "unknown model"),
+        ({"model": "imagenette_resnet18w16_vanilla"}, "unknown model"),
+        ({"image": 10_000}, r"image must be an index in \[0, 9999\]"),
+        ({"image": -1}, "image must be an index"),
+        ({"patch_pct": 150.0}, "not smaller than the 32x32 images"),
+        ({"position": (30, 0)}, "outside the 32x32 image"),
+        ({"content": "sticker"}, "unknown patch content"),
+        ({"mode": "exact"}, "unknown mode"),
+        ({"r": 0}, "r must be"),
+    ],
+)
 def test_explorer_rejects_bad_settings(explorer, change, match):
     from dataclasses import replace
+
     with pytest.raises(ValueError, match=match):
         explorer.update(replace(X.Setting("cifar10", image=0, content="zeros"), **change))
 
