@@ -22,6 +22,7 @@ fresh one in build/browser/; `make test-browser` passes nbval's build/test-cache
 filled with the same tiny-profile results, so that 05 reads them instead of computing them again). The last line
 counts the checks: ``browser: N passed, N failed``; the exit code is 1 if any failed.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -42,8 +43,16 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 OUT = ROOT / "build" / "browser"
 CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 KERNEL = "scalecert"  # the Makefile's KERNEL: `make setup` registers it for this venv
 TIMEOUT = {"server": 90, "open": 180, "run_05": 1800, "run_13": 900, "verdict": 300, "install": 1500}
 
@@ -85,8 +94,9 @@ def ensure_chromium() -> str:
     env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
     with open(OUT / "apt-get.log", "w") as out:
         for cmd in (["apt-get", "update", "-qq"], ["apt-get", "install", "-y", "-qq", "chromium"]):
-            r = subprocess.run(cmd, env=env, timeout=TIMEOUT["install"], stdin=subprocess.DEVNULL, stdout=out,
-                               stderr=subprocess.STDOUT)
+            r = subprocess.run(
+                cmd, env=env, timeout=TIMEOUT["install"], stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT
+            )
             if r.returncode:
                 raise Failure(f"{' '.join(cmd)} failed ({r.returncode}); see {OUT / 'apt-get.log'}")
     if not os.access(CHROMIUM, os.X_OK):
@@ -96,6 +106,7 @@ def ensure_chromium() -> str:
 
 def ensure_playwright() -> str:
     from importlib.metadata import PackageNotFoundError, version
+
     req = ROOT / "requirements-browser.txt"
     pins = dict(line.split("==") for line in req.read_text().split("\n") if "==" in line and not line.startswith("#"))
     try:
@@ -103,8 +114,12 @@ def ensure_playwright() -> str:
             return "present"
     except PackageNotFoundError:
         pass
-    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--disable-pip-version-check", "-r", str(req)],
-                   check=True, timeout=TIMEOUT["install"], stdin=subprocess.DEVNULL)
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--quiet", "--disable-pip-version-check", "-r", str(req)],
+        check=True,
+        timeout=TIMEOUT["install"],
+        stdin=subprocess.DEVNULL,
+    )
     return "installed"
 
 
@@ -115,14 +130,24 @@ def prepare_copy(name: str, params: dict, extra_cells: list[str] = ()) -> Path:
     at = next(i for i, c in enumerate(nb["cells"]) if "parameters" in c["metadata"].get("tags", []))
     src = "".join(nb["cells"][at]["source"])
     for k, v in params.items():
-        src, n = re.subn(rf"^{k} = .*?(\s+#.*)?$", lambda m, k=k, v=v: f"{k} = {v!r}" + (m.group(1) or ""), src,
-                         count=1, flags=re.M)
+        src, n = re.subn(
+            rf"^{k} = .*?(\s+#.*)?$", lambda m, k=k, v=v: f"{k} = {v!r}" + (m.group(1) or ""), src, count=1, flags=re.M
+        )
         if n != 1:
             raise Failure(f"{name}: no parameter {k!r} in its parameters cell")
     nb["cells"][at]["source"] = src
     for j, code in enumerate(extra_cells):
-        nb["cells"].insert(at + 1 + j, {"cell_type": "code", "execution_count": None, "metadata": {}, "outputs": [],
-                                        "source": code, "id": f"broken{j}"})
+        nb["cells"].insert(
+            at + 1 + j,
+            {
+                "cell_type": "code",
+                "execution_count": None,
+                "metadata": {},
+                "outputs": [],
+                "source": code,
+                "id": f"broken{j}",
+            },
+        )
     nb["metadata"]["kernelspec"] = {"name": KERNEL, "display_name": "Python (scalecert)", "language": "python"}
     path = OUT / "notebooks" / name
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -175,21 +200,44 @@ class Lab:
 
     def start(self) -> None:
         settings = OUT / "lab-settings"
-        for path, value in ((settings / "@jupyterlab/notebook-extension/tracker.jupyterlab-settings",
-                             {"windowingMode": "none"}),  # every cell in the page, so that its outputs can be checked
-                            (settings / "@jupyterlab/apputils-extension/notification.jupyterlab-settings",
-                             {"checkForUpdates": False, "fetchNews": "false", "doNotDisturbMode": True})):
+        for path, value in (
+            (
+                settings / "@jupyterlab/notebook-extension/tracker.jupyterlab-settings",
+                {"windowingMode": "none"},
+            ),  # every cell in the page, so that its outputs can be checked
+            (
+                settings / "@jupyterlab/apputils-extension/notification.jupyterlab-settings",
+                {"checkForUpdates": False, "fetchNews": "false", "doNotDisturbMode": True},
+            ),
+        ):
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps(value))
         venv_bin = Path(sys.executable).parent
-        cmd = [str(venv_bin / "jupyter"), "lab", "--no-browser", "--ip=127.0.0.1", f"--port={self.port}",
-               "--port-retries=0", f"--IdentityProvider.token={self.token}", f"--ServerApp.root_dir={self.root_dir}",
-               "--LabApp.expose_app_in_browser=True", f"--LabApp.user_settings_dir={settings}",
-               f"--LabApp.workspaces_dir={OUT / 'lab-workspaces'}", "--LabApp.extension_manager=readonly",
-               "--ServerApp.terminals_enabled=False"] + (["--allow-root"] if os.geteuid() == 0 else [])
+        cmd = [
+            str(venv_bin / "jupyter"),
+            "lab",
+            "--no-browser",
+            "--ip=127.0.0.1",
+            f"--port={self.port}",
+            "--port-retries=0",
+            f"--IdentityProvider.token={self.token}",
+            f"--ServerApp.root_dir={self.root_dir}",
+            "--LabApp.expose_app_in_browser=True",
+            f"--LabApp.user_settings_dir={settings}",
+            f"--LabApp.workspaces_dir={OUT / 'lab-workspaces'}",
+            "--LabApp.extension_manager=readonly",
+            "--ServerApp.terminals_enabled=False",
+        ] + (["--allow-root"] if os.geteuid() == 0 else [])
         self.log = open(OUT / "jupyterlab.log", "w")
-        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                     env=self.env, cwd=self.root_dir, process_group=0)
+        self.proc = subprocess.Popen(
+            cmd,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=self.env,
+            cwd=self.root_dir,
+            process_group=0,
+        )
         deadline = time.monotonic() + TIMEOUT["server"]
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -202,8 +250,12 @@ class Lab:
         raise Failure(f"JupyterLab did not answer within {TIMEOUT['server']} s")
 
     def api(self, method: str, path: str, timeout: float = 10):
-        req = urllib.request.Request(self.url + path, method=method, headers={"Authorization": f"token {self.token}"},
-                                     data=b"" if method == "POST" else None)
+        req = urllib.request.Request(
+            self.url + path,
+            method=method,
+            headers={"Authorization": f"token {self.token}"},
+            data=b"" if method == "POST" else None,
+        )
         with urllib.request.urlopen(req, timeout=timeout) as r:
             body = r.read()
         return json.loads(body) if body else None
@@ -283,17 +335,22 @@ def kernel_state(lab: Lab) -> tuple[str, str | None]:
 def open_notebook(page, lab: Lab, name: str) -> dict:
     """Open a notebook, wait for its kernel to be idle and the page to show it; return the page's state and the
     kernel's name."""
-    page.goto(f"{lab.url}/lab/tree/{name}?token={lab.token}", wait_until="domcontentloaded",
-              timeout=TIMEOUT["open"] * 1000)
+    page.goto(
+        f"{lab.url}/lab/tree/{name}?token={lab.token}", wait_until="domcontentloaded", timeout=TIMEOUT["open"] * 1000
+    )
     page.wait_for_function(
         "name => { const a = window.jupyterapp; const w = a && a.shell.currentWidget;"
         " return !!(w && w.context && w.context.path.endsWith(name) && w.content); }",
-        arg=name, timeout=TIMEOUT["open"] * 1000)
+        arg=name,
+        timeout=TIMEOUT["open"] * 1000,
+    )
     page.evaluate("async () => { await window.jupyterapp.shell.currentWidget.context.ready; }")
     page.wait_for_function(  # the notebook's toolbar shows the kernel connected and idle
         "() => { const w = window.jupyterapp.shell.currentWidget;"
         " const e = w.node.querySelector('.jp-Notebook-ExecutionIndicator');"
-        " return !!(e && e.dataset.status === 'idle'); }", timeout=TIMEOUT["open"] * 1000)
+        " return !!(e && e.dataset.status === 'idle'); }",
+        timeout=TIMEOUT["open"] * 1000,
+    )
     deadline = time.monotonic() + TIMEOUT["open"]
     while kernel_state(lab)[0] != "idle" and time.monotonic() < deadline:
         time.sleep(1)
@@ -303,10 +360,13 @@ def open_notebook(page, lab: Lab, name: str) -> dict:
 
 def close_notebook(page, lab: Lab) -> None:
     """Save the open notebook (the executed copy stays in build/browser/notebooks), close it, shut its kernel down."""
-    page.evaluate("async () => { const c = window.jupyterapp.commands;"
-                  " await c.execute('docmanager:save'); await c.execute('application:close-all'); }")
-    page.wait_for_function("() => !window.jupyterapp.shell.currentWidget ||"
-                           " !window.jupyterapp.shell.currentWidget.content", timeout=60000)
+    page.evaluate(
+        "async () => { const c = window.jupyterapp.commands;"
+        " await c.execute('docmanager:save'); await c.execute('application:close-all'); }"
+    )
+    page.wait_for_function(
+        "() => !window.jupyterapp.shell.currentWidget || !window.jupyterapp.shell.currentWidget.content", timeout=60000
+    )
     lab.shutdown_kernels()
 
 
@@ -362,8 +422,11 @@ def check_05(page, lab: Lab, tag: str) -> None:
     with phase(f"05{tag}: run all cells (tiny profile)"):
         st = run_all(page, lab, TIMEOUT["run_05"])
     shown = error_outputs(page)
-    check(f"05{tag}: no cell shows an error", st["errors"] == 0 and not shown,
-          f"{st['errors']} error outputs in the model; shown: {shown[:2]}")
+    check(
+        f"05{tag}: no cell shows an error",
+        st["errors"] == 0 and not shown,
+        f"{st['errors']} error outputs in the model; shown: {shown[:2]}",
+    )
     check(f"05{tag}: every code cell ran", st["executed"] == st["total"], f"{st['executed']}/{st['total']}")
     table = page.locator(".jp-OutputArea-output", has_text="Table 2 (")
     ok = table.count() >= 1
@@ -391,10 +454,12 @@ def expected_verdicts(image_candidates: list[int], patch_pct: float) -> tuple[in
     from scalecert import notebook as N
     from scalecert.defense import detect
     from scalecert.windows import patch_pixels
+
     name = "cifar10"
     model = E.load_model(E.model_name(name, 1, E.DEFAULT_RATE[name]))
-    patch = E.cached_universal_patch(name, E.model_name(name), patch_pct, T.UNIVERSAL_TARGET[name],
-                                     steps=N.patch_steps("tiny"), seed=0)
+    patch = E.cached_universal_patch(
+        name, E.model_name(name), patch_pct, T.UNIVERSAL_TARGET[name], steps=N.patch_steps("tiny"), seed=0
+    )
     ds = D.load_dataset(name, "eval")
     n = D.image_size(name)
     c = (n - patch_pixels(patch_pct, n)) // 2
@@ -432,8 +497,11 @@ def check_13(page, lab: Lab, image: int, words: dict) -> None:
     with phase("13: run all cells (tiny profile, widgets only)"):
         st = run_all(page, lab, TIMEOUT["run_13"])
     shown = error_outputs(page)
-    check("13: no cell shows an error", st["errors"] == 0 and not shown and st["executed"] == st["total"],
-          f"{st['errors']} errors, {st['executed']}/{st['total']} cells; shown: {shown[:2]}")
+    check(
+        "13: no cell shows an error",
+        st["errors"] == 0 and not shown and st["executed"] == st["total"],
+        f"{st['errors']} errors, {st['executed']}/{st['total']} cells; shown: {shown[:2]}",
+    )
     box = page.locator(".scalecert-verdict").first
     try:
         box.wait_for(state="visible", timeout=60000)
@@ -444,8 +512,11 @@ def check_13(page, lab: Lab, image: int, words: dict) -> None:
     panel.scroll_into_view_if_needed(timeout=10000)
     check("13: the explorer's figure is displayed", len(loaded_images(page, "img.scalecert-figure")) == 1)
     first = verdict(page)
-    check("13: corner verdict is detect's", first.startswith(words["corner"] + ","),
-          f"shown {first!r}, detect {words['corner']!r} (image {image})")
+    check(
+        "13: corner verdict is detect's",
+        first.startswith(words["corner"] + ","),
+        f"shown {first!r}, detect {words['corner']!r} (image {image})",
+    )
     panel.screenshot(path=str(OUT / "13_explorer_corner.png"))
     c = words["centre_position"]
     t0 = time.perf_counter()
@@ -459,9 +530,11 @@ def check_13(page, lab: Lab, image: int, words: dict) -> None:
             break
         time.sleep(0.5)
     seconds = time.perf_counter() - t0
-    check("13: moving the patch onto the object changes the verdict as detect says",
-          shown.startswith(words["centre"] + ",") and not shown.startswith(words["corner"] + ","),
-          f"shown {shown!r}, detect {words['centre']!r} at ({c}, {c}); two slider moves re-rendered in {seconds:.1f} s")
+    check(
+        "13: moving the patch onto the object changes the verdict as detect says",
+        shown.startswith(words["centre"] + ",") and not shown.startswith(words["corner"] + ","),
+        f"shown {shown!r}, detect {words['centre']!r} at ({c}, {c}); two slider moves re-rendered in {seconds:.1f} s",
+    )
     PHASES["13: two slider moves until the verdict shows"] = round(seconds, 1)
     panel.screenshot(path=str(OUT / "13_explorer_centre.png"))
     page.screenshot(path=str(OUT / "13_explorer_page.png"))
@@ -471,22 +544,35 @@ def check_13(page, lab: Lab, image: int, words: dict) -> None:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--only", choices=["05", "13"], help="open one notebook only")
-    ap.add_argument("--break", dest="broken", choices=["error", "figure"],
-                    help="run a deliberately broken copy of 05 (its checks must fail)")
+    ap.add_argument(
+        "--break",
+        dest="broken",
+        choices=["error", "figure"],
+        help="run a deliberately broken copy of 05 (its checks must fail)",
+    )
     ap.add_argument("--total-timeout", type=int, default=3600, help="seconds before everything is stopped")
-    ap.add_argument("--cache", type=Path, default=OUT / "cache",
-                    help="SCALECERT_CACHE_DIR of the notebooks (default: a fresh one under build/browser/)")
+    ap.add_argument(
+        "--cache",
+        type=Path,
+        default=OUT / "cache",
+        help="SCALECERT_CACHE_DIR of the notebooks (default: a fresh one under build/browser/)",
+    )
     args = ap.parse_args(argv)
     t_start = time.perf_counter()
     shutil.rmtree(OUT, ignore_errors=True)
     OUT.mkdir(parents=True)
-    env = dict(os.environ, SCALECERT_FIG_DIR=str(OUT / "figures"), SCALECERT_CACHE_DIR=str(args.cache.resolve()),
-               JUPYTER_RUNTIME_DIR=str(OUT / "runtime"))
+    env = dict(
+        os.environ,
+        SCALECERT_FIG_DIR=str(OUT / "figures"),
+        SCALECERT_CACHE_DIR=str(args.cache.resolve()),
+        JUPYTER_RUNTIME_DIR=str(OUT / "runtime"),
+    )
     log(f"results cache: {env['SCALECERT_CACHE_DIR']}")
     os.environ.update({k: env[k] for k in ("SCALECERT_FIG_DIR", "SCALECERT_CACHE_DIR")})  # before scalecert imports
 
     def on_alarm(signum, frame):
         raise Failure(f"the whole run took more than {args.total_timeout} s")
+
     signal.signal(signal.SIGALRM, on_alarm)
     signal.alarm(args.total_timeout)
     lab, left = None, []
@@ -495,8 +581,10 @@ def main(argv=None) -> int:
             log(f"  chromium: {ensure_chromium()}")
         with phase("install Playwright (PyPI) if missing"):
             log(f"  playwright: {ensure_playwright()}")
-        broken = {"error": ['raise RuntimeError("a deliberately broken copy (run_browser.py --break error)")'],
-                  "figure": ["# a deliberately broken copy: figures never render\n%matplotlib agg"]}
+        broken = {
+            "error": ['raise RuntimeError("a deliberately broken copy (run_browser.py --break error)")'],
+            "figure": ["# a deliberately broken copy: figures never render\n%matplotlib agg"],
+        }
         broken = broken.get(args.broken, [])
         todo = ["05"] if args.broken else ([args.only] if args.only else ["05", "13"])
         if "05" in todo:
@@ -508,18 +596,24 @@ def main(argv=None) -> int:
                 params = "".join(cell["source"])
                 default = int(re.search(r'"cifar10": (\d+)', params).group(1))
                 image, words = expected_verdicts([default, 4, 9001, 9002, 9003], 5.0)
-            prepare_copy("13_explorer.ipynb", {"profile": "tiny", "demo": 0, "datasets": ["cifar10"],
-                                               "images": {"cifar10": image}, "patch_pct": 5.0})
+            prepare_copy(
+                "13_explorer.ipynb",
+                {"profile": "tiny", "demo": 0, "datasets": ["cifar10"], "images": {"cifar10": image}, "patch_pct": 5.0},
+            )
         with phase("start JupyterLab"):
             lab = Lab(OUT / "notebooks", env)
             lab.start()
             specs = lab.api("GET", "/api/kernelspecs")["kernelspecs"]
             argv0 = specs.get(KERNEL, {}).get("spec", {}).get("argv", [""])[0]
             ours = bool(argv0) and Path(argv0).resolve() == Path(sys.executable).resolve()
-            if not check("the project's kernel is registered for this venv", ours,
-                         f"{KERNEL}: {argv0 or 'missing'}" + ("" if ours else " (run `make setup`)")):
+            if not check(
+                "the project's kernel is registered for this venv",
+                ours,
+                f"{KERNEL}: {argv0 or 'missing'}" + ("" if ours else " (run `make setup`)"),
+            ):
                 raise Failure("no project kernel")
         from playwright.sync_api import sync_playwright
+
         with sync_playwright() as pw:
             with phase("launch Chromium"):
                 browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS, timeout=60000)
