@@ -53,7 +53,10 @@ CHROMIUM_ARGS = [
     "--disable-component-update",
     "--disable-sync",
 ]
-KERNEL = "scalecert"  # the Makefile's KERNEL: `make setup` registers it for this venv
+#: the Makefile's KERNEL. `make setup` registers it in the user's Jupyter folder, where another checkout's `make setup`
+#: may point it at that checkout's venv; the server started here sees its own copy first (JUPYTER_PATH), bound to
+#: this venv
+KERNEL = "scalecert"
 TIMEOUT = {"server": 90, "open": 180, "run_05": 1800, "run_13": 900, "verdict": 300, "install": 1500}
 
 PHASES: dict[str, float] = {}
@@ -335,8 +338,12 @@ def kernel_state(lab: Lab) -> tuple[str, str | None]:
 def open_notebook(page, lab: Lab, name: str) -> dict:
     """Open a notebook, wait for its kernel to be idle and the page to show it; return the page's state and the
     kernel's name."""
+    # a workspace of its own per notebook: only this notebook is open in the page
+    workspace = re.sub(r"\W", "", name.split("_")[0])
     page.goto(
-        f"{lab.url}/lab/tree/{name}?token={lab.token}", wait_until="domcontentloaded", timeout=TIMEOUT["open"] * 1000
+        f"{lab.url}/lab/workspaces/nb{workspace}/tree/{name}?reset&token={lab.token}",
+        wait_until="domcontentloaded",
+        timeout=TIMEOUT["open"] * 1000,
     )
     page.wait_for_function(
         "name => { const a = window.jupyterapp; const w = a && a.shell.currentWidget;"
@@ -356,18 +363,6 @@ def open_notebook(page, lab: Lab, name: str) -> dict:
         time.sleep(1)
     lab.remember_children()
     return dict(page.evaluate(STATE_JS), kernel_name=kernel_state(lab)[1])
-
-
-def close_notebook(page, lab: Lab) -> None:
-    """Save the open notebook (the executed copy stays in build/browser/notebooks), close it, shut its kernel down."""
-    page.evaluate(
-        "async () => { const c = window.jupyterapp.commands;"
-        " await c.execute('docmanager:save'); await c.execute('application:close-all'); }"
-    )
-    page.wait_for_function(
-        "() => !window.jupyterapp.shell.currentWidget || !window.jupyterapp.shell.currentWidget.content", timeout=60000
-    )
-    lab.shutdown_kernels()
 
 
 def run_all(page, lab: Lab, timeout: float) -> dict:
@@ -566,6 +561,7 @@ def main(argv=None) -> int:
         SCALECERT_FIG_DIR=str(OUT / "figures"),
         SCALECERT_CACHE_DIR=str(args.cache.resolve()),
         JUPYTER_RUNTIME_DIR=str(OUT / "runtime"),
+        JUPYTER_PATH=str(OUT / "kernel" / "share" / "jupyter"),
     )
     log(f"results cache: {env['SCALECERT_CACHE_DIR']}")
     os.environ.update({k: env[k] for k in ("SCALECERT_FIG_DIR", "SCALECERT_CACHE_DIR")})  # before scalecert imports
@@ -601,15 +597,33 @@ def main(argv=None) -> int:
                 {"profile": "tiny", "demo": 0, "datasets": ["cifar10"], "images": {"cifar10": image}, "patch_pct": 5.0},
             )
         with phase("start JupyterLab"):
+            subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "ipykernel",
+                    "install",
+                    "--prefix",
+                    str(OUT / "kernel"),
+                    "--name",
+                    KERNEL,
+                    "--display-name",
+                    "Python (scalecert)",
+                ],
+                check=True,
+                timeout=120,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+            )
             lab = Lab(OUT / "notebooks", env)
             lab.start()
             specs = lab.api("GET", "/api/kernelspecs")["kernelspecs"]
             argv0 = specs.get(KERNEL, {}).get("spec", {}).get("argv", [""])[0]
             ours = bool(argv0) and Path(argv0).resolve() == Path(sys.executable).resolve()
             if not check(
-                "the project's kernel is registered for this venv",
+                "the project's kernel runs this venv's Python",
                 ours,
-                f"{KERNEL}: {argv0 or 'missing'}" + ("" if ours else " (run `make setup`)"),
+                f"{KERNEL}: {argv0 or 'missing'}",
             ):
                 raise Failure("no project kernel")
         from playwright.sync_api import sync_playwright
@@ -617,15 +631,28 @@ def main(argv=None) -> int:
         with sync_playwright() as pw:
             with phase("launch Chromium"):
                 browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS, timeout=60000)
+            page = None
+
+            def new_page():
+                p = browser.new_page(viewport={"width": 1500, "height": 1000})
+                p.set_default_timeout(60000)
+                p.on("pageerror", lambda e: log(f"  page error: {e}"))
+                return p
+
             try:
-                page = browser.new_page(viewport={"width": 1500, "height": 1000})
-                page.set_default_timeout(60000)
-                page.on("pageerror", lambda e: log(f"  page error: {e}"))
                 if "05" in todo:
+                    page = new_page()
                     check_05(page, lab, f"_broken_{args.broken}" if args.broken else "")
-                    close_notebook(page, lab)
+                    page.close()  # then its kernel: one notebook at a time keeps the CPU for it
+                    lab.shutdown_kernels()
                 if "13" in todo:
+                    page = new_page()
                     check_13(page, lab, image, words)
+            except Exception:
+                if page is not None and not page.is_closed():
+                    page.screenshot(path=str(OUT / "failure.png"))
+                    log(f"  the page when it failed: {OUT / 'failure.png'}")
+                raise
             finally:
                 browser.close()
     except Failure as e:
