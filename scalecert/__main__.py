@@ -1,11 +1,11 @@
-"""Command line: python -m scalecert {train,recalibrate,remeasure,certify,bench,audit,data,models,cache}."""
+"""Command line: python -m scalecert {train,recalibrate,remeasure,certify,bench,audit,data,models,cache,ablation}."""
 
 import sys
 
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    cmds = ("train", "recalibrate", "remeasure", "certify", "bench", "audit", "data", "models", "cache")
+    cmds = ("train", "recalibrate", "remeasure", "certify", "bench", "audit", "data", "models", "cache", "ablation")
     usage = f"usage: python -m scalecert {{{','.join(cmds)}}} [options]  (-h after a command for help)"
     if argv and argv[0] in ("-h", "--help"):
         print(usage)

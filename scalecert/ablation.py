@@ -329,3 +329,137 @@ def sentence(dataset_label: str, verdict_rows: pd.DataFrame, frontier: pd.DataFr
         else "no difference between SIN and occlusion training alone is resolved"
     )
     return f"{dataset_label}: {answer}: {same}{cost}."
+
+
+# --- the whole-split runs of the verdict, priced and run cheapest first ---------------------------------------------
+
+#: images per class of the subset run that prices a whole-split run (12's quick profile, whose cached runs these are)
+PRICE_PER_CLASS = 2
+PLAN_COLUMNS = [
+    "dataset",
+    "patch_pct",
+    "family",
+    "defense",
+    "model",
+    "status",
+    "images_left",
+    "seconds_per_image",
+    "cpu_hours_left",
+    "key",
+]
+
+
+def whole_split_jobs(
+    dataset: str,
+    patches=None,
+    *,
+    defences=(SC, MR_OCCL),
+    rs=(3, 1),
+    masks: int = MASKS,
+    taus=TAUS,
+    seed: int = 0,
+    cache_dir=None,
+) -> pd.DataFrame:
+    """Return ``PLAN_COLUMNS``: one row per whole-split run of 12 (``defences`` on every family and patch size; default
+    the verdict's pair), its status in the cache (done, partial, missing), images left and CPU-hours left at the seconds
+    per image measured on its own chunks or else on its ``PRICE_PER_CLASS`` subset run (NaN: not priced yet), and
+    the run's ``certify_cached`` options (``options``)."""
+    from . import results as R
+
+    dataset = D.check_dataset(dataset)
+    cache = R.CACHE_DIR if cache_dir is None else cache_dir
+    status = R.status(cache).set_index("key")
+    rows = []
+    for pct in E.PATCHES[dataset] if patches is None else patches:
+        for fam in families(dataset, pct, rs, masks, taus):
+            for defense, ckpt, kw in defence_runs(dataset, fam):
+                if defense not in defences or not E.available(ckpt):
+                    continue
+                keys = {}
+                for scope, per_class in (("whole", None), ("subset", PRICE_PER_CLASS)):
+                    _, ds, ids, config = E.certify_setup(dataset, ckpt, pct, per_class=per_class, seed=seed, **kw)
+                    keys[scope] = (R.config_key(config), len(ids))
+                (key, n), (sub, _) = keys["whole"], keys["subset"]
+                done = int(status.loc[key, "images_done"]) if key in status.index else 0
+                per_image = float("nan")
+                for k in (key, sub):  # its own chunks first, else the subset run
+                    t = R.timings(cache / k) if k in status.index else None
+                    if t is not None and len(t):
+                        per_image = float(t.seconds.sum() / t.images.sum())
+                        break
+                rows.append(
+                    {
+                        "dataset": dataset,
+                        "patch_pct": float(pct),
+                        "family": fam["family"],
+                        "defense": defense,
+                        "model": ckpt,
+                        "status": "done" if done >= n else ("partial" if done else "missing"),
+                        "images_left": n - done,
+                        "seconds_per_image": round(per_image, 4),
+                        "cpu_hours_left": round((n - done) * per_image / 3600, 2),
+                        "key": key,
+                        "options": kw,
+                    }
+                )
+    out = pd.DataFrame(rows, columns=PLAN_COLUMNS + ["options"])
+    return out
+
+
+def pair_order(jobs: pd.DataFrame) -> pd.DataFrame:
+    """Return the runs left of a plan in the order to run them: the (patch, family) pairs of the verdict whose runs
+    left cost least first, an unpriced pair (NaN) last; within a pair, cheaper first."""
+    left = jobs[jobs.status != "done"].copy()
+    if left.empty:
+        return left
+    pair_cost = left.groupby(["patch_pct", "family"]).cpu_hours_left.transform(lambda s: s.sum(min_count=len(s)))
+    left["_pair_cost"] = pair_cost
+    return left.sort_values(["_pair_cost", "patch_pct", "family", "cpu_hours_left"], na_position="last").drop(
+        columns="_pair_cost"
+    )
+
+
+def run_whole_split(
+    dataset: str,
+    patches=None,
+    *,
+    defences=(SC, MR_OCCL),
+    max_hours: float | None = None,
+    seed: int = 0,
+    device: str = "cpu",
+    log=print,
+    **family_kw,
+) -> pd.DataFrame:
+    """Run 12's missing whole-split runs of a data set cheapest pair first (each priced first by its subset run, which
+    12's quick profile reads) and return the plan after; stop before a run that would pass ``max_hours`` CPU-hours
+    in all (at its price). Every run is cached chunk by chunk, so an interrupted call resumes where it stopped;
+    ``family_kw``: ``rs``, ``masks``, ``taus`` of :func:`whole_split_jobs`."""
+    jobs = whole_split_jobs(dataset, patches, defences=defences, seed=seed, **family_kw)
+    for job in jobs[jobs.cpu_hours_left.isna()].itertuples():
+        log(f"pricing {job.patch_pct:g}% {job.family} {job.defense}: {PRICE_PER_CLASS} images per class")
+        E.certify_cached(
+            dataset,
+            job.model,
+            job.patch_pct,
+            per_class=PRICE_PER_CLASS,
+            seed=seed,
+            device=device,
+            progress=False,
+            **job.options,
+        )
+    jobs = whole_split_jobs(dataset, patches, defences=defences, seed=seed, **family_kw)
+    spent = 0.0
+    for job in pair_order(jobs).itertuples():
+        if max_hours is not None and spent + job.cpu_hours_left > max_hours:
+            log(
+                f"stopping: {job.patch_pct:g}% {job.family} {job.defense} needs {job.cpu_hours_left} CPU-h "
+                f"({spent:.2f} of {max_hours} spent)"
+            )
+            break
+        log(
+            f"running {job.patch_pct:g}% {job.family} {job.defense} on {job.model}: {job.images_left} images, "
+            f"about {job.cpu_hours_left} CPU-h"
+        )
+        E.certify_cached(dataset, job.model, job.patch_pct, per_class=None, seed=seed, device=device, **job.options)
+        spent += job.cpu_hours_left
+    return whole_split_jobs(dataset, patches, defences=defences, seed=seed, **family_kw)

@@ -1,5 +1,5 @@
-"""Commands ``python -m scalecert certify | bench | audit | data | models | cache``; their argument errors are one
-line (``error: …`` on stderr, exit status 2, :mod:`scalecert.args`)."""
+"""Commands ``python -m scalecert certify | bench | audit | data | models | cache | ablation``; their argument errors
+are one line (``error: …`` on stderr, exit status 2, :mod:`scalecert.args`)."""
 
 from __future__ import annotations
 
@@ -592,4 +592,63 @@ def cache(argv=None) -> int:
             }
         )
     )  # no size recorded, or no chunk timed yet
+    return 0
+
+
+def ablation(argv=None) -> int:
+    """``python -m scalecert ablation``: notebook 12's whole-split runs of a data set (ScaleCert on its SIN model and
+    MR on the occlusion-trained twin, every family and patch size), priced and run cheapest pair first; last line is
+    JSON."""
+    import pandas as pd
+
+    from . import ablation as A
+
+    names = {"sc": A.SC, "mr_occl": A.MR_OCCL, "mr_vanilla": A.MR_VANILLA, "paper": A.SC_PAPER}
+    p = Parser(prog="python -m scalecert ablation", description=ablation.__doc__)
+    p.add_argument("--dataset", required=True)
+    p.add_argument("--patch", type=float, action="append", help="patch size in %% (repeat; default: 12's sizes)")
+    p.add_argument(
+        "--defences",
+        default="sc,mr_occl",
+        help=f"comma-separated, of {','.join(names)} (default: the verdict's pair sc,mr_occl)",
+    )
+    p.add_argument("--plan", action="store_true", help="only print the plan (status, CPU-hours left); run nothing")
+    p.add_argument("--max-hours", type=float, default=None, help="stop before a run that would pass this many CPU-h")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", type=device_name, default="cuda" if torch.cuda.is_available() else "cpu")
+    a = p.parse_args(argv)
+    with usage_errors(p):
+        name = D.check_dataset(a.dataset)
+        for pct in a.patch or ():
+            patch_pixels(pct, D.image_size(name))
+        unknown = [d for d in a.defences.split(",") if d not in names]
+        if unknown:
+            raise ValueError(f"unknown defence(s) {','.join(unknown)}: expected some of {','.join(names)}")
+    defences = tuple(names[d] for d in a.defences.split(","))
+    if a.plan:
+        plan = A.whole_split_jobs(name, a.patch, defences=defences, seed=a.seed)
+    else:
+        plan = A.run_whole_split(
+            name,
+            a.patch,
+            defences=defences,
+            max_hours=a.max_hours,
+            seed=a.seed,
+            device=a.device,
+            log=lambda m: print(f"{time.strftime('%FT%TZ', time.gmtime())} {m}", flush=True),
+        )
+    with pd.option_context("display.width", 200, "display.max_columns", None):
+        print(
+            plan.drop(columns=["key", "options"]).to_string(index=False) if len(plan) else "no runs (models missing?)"
+        )
+    print(
+        json.dumps(
+            {
+                "runs": len(plan),
+                "left": int((plan.status != "done").sum()),
+                "cpu_hours_left": round(float(plan.cpu_hours_left.sum()), 2),
+                "unpriced": int(plan.cpu_hours_left.isna().sum()),
+            }
+        )
+    )
     return 0

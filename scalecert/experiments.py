@@ -92,7 +92,7 @@ def paper_table(name: str, dataset: str | None = None) -> pd.DataFrame:
     return df.reset_index(drop=True)
 
 
-def certify_cached(
+def certify_setup(
     dataset: str,
     checkpoint: str,
     patch: float,
@@ -104,15 +104,12 @@ def certify_cached(
     tau: float | None = None,
     r: int = 3,
     sin: bool = True,
-    force: bool = False,
     device: str = "cpu",
     chunk_images: int = 50,
     early_stop: bool | None = None,
-    progress: bool = True,
     masks: int | None = None,
-) -> pd.DataFrame:
-    """Return per-image certification records of one configuration, from the cache or computed (and cached);
-    ``masks=k``: PatchCleanser's k x k mask set as the window family (r and tau unused)."""
+):
+    """Return (model, data set, image ids, cache config) of one certification configuration of ``certify_cached``."""
     dataset = D.check_dataset(dataset)
     model = load_model(checkpoint, device=device)
     if not sin:
@@ -136,6 +133,46 @@ def certify_cached(
     }
     if masks is not None:  # only then: runs cached before this option keep their key
         config["masks"] = masks
+    return model, ds, ids, config
+
+
+def certify_cached(
+    dataset: str,
+    checkpoint: str,
+    patch: float,
+    *,
+    per_class: int | None,
+    seed: int = 0,
+    mode: str = "sound",
+    rule: str = "strict",
+    tau: float | None = None,
+    r: int = 3,
+    sin: bool = True,
+    force: bool = False,
+    device: str = "cpu",
+    chunk_images: int = 50,
+    early_stop: bool | None = None,
+    progress: bool = True,
+    masks: int | None = None,
+) -> pd.DataFrame:
+    """Return per-image certification records of one configuration, from the cache or computed (and cached);
+    ``masks=k``: PatchCleanser's k x k mask set as the window family (r and tau unused)."""
+    model, ds, ids, config = certify_setup(
+        dataset,
+        checkpoint,
+        patch,
+        per_class=per_class,
+        seed=seed,
+        mode=mode,
+        rule=rule,
+        tau=tau,
+        r=r,
+        sin=sin,
+        device=device,
+        chunk_images=chunk_images,
+        early_stop=early_stop,
+        masks=masks,
+    )
 
     def one(rg):
         x, y = ds.tensors(ids[rg.start : rg.stop])
@@ -150,7 +187,7 @@ def certify_cached(
             r=r,
             device=device,
             ids=ids[rg.start : rg.stop],
-            early_stop=early,
+            early_stop=config["early_stop"],
             masks=masks,
         )
 

@@ -302,7 +302,7 @@ def _compact_timings(meta: dict) -> pd.DataFrame:
 
 
 #: configuration fields shown by ``status`` (whichever a run has), in this order
-STATUS_FIELDS = ("dataset", "kind", "peer", "mode", "rule", "patch", "patch_pct", "tau", "layer", "rate")
+STATUS_FIELDS = ("dataset", "kind", "peer", "mode", "rule", "patch", "patch_pct", "tau", "masks", "layer", "rate")
 
 
 def _chunks_done(run: Path) -> list[int]:
@@ -600,6 +600,7 @@ INDEX_COLUMNS = [
     "mode",
     "tau",
     "r",
+    "masks",
     "images",
     "state",
     "form",
@@ -610,7 +611,8 @@ def write_index(cache_dir: Path | None = None, checkpoint_dir: Path | None = Non
     """Write ``INDEX.csv`` in a cache (rewritten only if it changes) and return it: one row per run with its key,
     kind (``certify`` for a certification run), defence (ScaleCert, MR or the peer; certification runs only), data
     set, checkpoint name (by its card's sha256; ``sha256:<first 16 hex>`` if no card has it), patch (%), mode, tau, r,
-    images, state (``complete``: compacted or every chunk on disk; else ``partial``) and form (parquet or chunks)."""
+    masks (PatchCleanser's k of a mask-set family), images, state (``complete``: compacted or every chunk on disk;
+    else ``partial``) and form (parquet or chunks)."""
     cache = Path(cache_dir or CACHE_DIR)
     names, rows = checkpoint_names(checkpoint_dir), []
     for meta in sorted(cache.glob("*/config.json")):
@@ -642,12 +644,13 @@ def write_index(cache_dir: Path | None = None, checkpoint_dir: Path | None = Non
                 "mode": config.get("mode"),
                 "tau": config.get("tau"),
                 "r": config.get("r"),
+                "masks": config.get("masks"),
                 "images": size["images"] if size else None,
                 "state": "complete" if complete else "partial",
                 "form": "parquet" if compacted else "chunks",
             }
         )
-    out = pd.DataFrame(rows, columns=INDEX_COLUMNS).astype({"r": "Int64", "images": "Int64"})
+    out = pd.DataFrame(rows, columns=INDEX_COLUMNS).astype({"r": "Int64", "masks": "Int64", "images": "Int64"})
     text = out.to_csv(index=False)
     path = cache / INDEX
     if not path.is_file() or path.read_text() != text:

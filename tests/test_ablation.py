@@ -180,3 +180,42 @@ def test_run_all_adds_patchcleanser_points_and_keeps_every_other_row(monkeypatch
     assert [c[2] for c in calls] == [0.4, 2.4]
     assert set(recs) >= {(0.4, "k=6 masks", A.PC_VANILLA), (2.4, "k=6 masks", A.PC_VANILLA)}
     assert len(A.verdict("cifar10", recs, n_boot=200)) == 0  # no MR (occlusion-trained) runs here: nothing to pair
+
+
+def test_pair_order_runs_the_cheapest_verdict_pair_first_and_unpriced_pairs_last():
+    jobs = pd.DataFrame(
+        {
+            "patch_pct": [2.0, 2.0, 1.0, 1.0, 3.0, 3.0, 3.0],
+            "family": ["r=3", "r=3", "r=3", "r=3", "r=3", "k=6 masks", "k=6 masks"],
+            "defense": [A.SC, A.MR_OCCL] * 2 + [A.SC, A.SC, A.MR_OCCL],
+            "status": ["missing", "missing", "done", "partial", "missing", "missing", "missing"],
+            "cpu_hours_left": [0.5, 0.1, 0.0, 0.25, np.nan, 0.2, 0.1],
+        }
+    )
+    got = A.pair_order(jobs)
+    assert list(zip(got.patch_pct, got.family, got.defense)) == [
+        (1.0, "r=3", A.MR_OCCL),  # pair cost 0.25 (its ScaleCert run is done)
+        (3.0, "k=6 masks", A.MR_OCCL),  # 0.3, the cheaper run of the pair first
+        (3.0, "k=6 masks", A.SC),
+        (2.0, "r=3", A.MR_OCCL),  # 0.6
+        (2.0, "r=3", A.SC),
+        (3.0, "r=3", A.SC),  # not priced: last
+    ]
+
+
+def test_whole_split_runner_prices_each_run_on_its_subset_and_stops_at_the_budget(monkeypatch, tmp_path):
+    from scalecert import results as R
+
+    monkeypatch.setattr(R, "CACHE_DIR", tmp_path / "cache")
+    kw = dict(defences=(A.MR_VANILLA,), rs=(), taus=())  # the mask set alone: 36 forwards per image
+    before = A.whole_split_jobs("cifar10", [2.4], **kw)
+    assert list(before.family) == ["k=6 masks"] and before.status.tolist() == ["missing"]
+    assert before.cpu_hours_left.isna().all()  # nothing to price it with yet
+    logs = []
+    after = A.run_whole_split("cifar10", [2.4], max_hours=0.0, log=logs.append, **kw)
+    # priced by its subset run (the key certify_cached wrote is the one the plan reads), whole split not started
+    assert after.status.tolist() == ["missing"] and after.images_left.tolist() == [10000]
+    assert after.seconds_per_image.iloc[0] > 0 and after.cpu_hours_left.iloc[0] > 0
+    assert logs[0].startswith("pricing 2.4% k=6 masks") and logs[-1].startswith("stopping:")
+    sub = E.certify_cached("cifar10", "cifar10_resnet20_vanilla", 2.4, per_class=A.PRICE_PER_CLASS, sin=False, masks=6)
+    assert len(sub) == 10 * A.PRICE_PER_CLASS and sub.attrs["cache"].startswith(str(tmp_path))

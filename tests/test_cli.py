@@ -68,6 +68,7 @@ def error_line(capsys, argv) -> str:
         ["audit", "--dataset", "nope"],
         ["train", "--name", "x", "--dataset", "nope"],
         ["data", "cifar10", "nope"],
+        ["ablation", "--dataset", "nope"],
     ],
 )
 def test_unknown_dataset(capsys, argv):
@@ -120,6 +121,12 @@ def test_checkpoint_without_card(capsys, ckpt, tmp_path):
 def test_patch_larger_than_the_image(capsys, ckpt, argv):
     argv = argv + (["--checkpoint", ckpt] if argv[0] != "train" else [])
     assert "more than the whole image" in error_line(capsys, argv)
+
+
+def test_ablation_checks_its_patch_and_defences_before_any_work(capsys):
+    assert "more than the whole image" in error_line(capsys, ["ablation", "--dataset", "cifar10", "--patch", "200"])
+    err = error_line(capsys, ["ablation", "--dataset", "cifar10", "--defences", "sc,nope"])
+    assert "unknown defence(s) nope" in err
 
 
 @pytest.mark.parametrize("patch", ["0", "-3", "nan", "inf"])
