@@ -4,7 +4,9 @@ Three can be moved by the environment, read once at import:
 
 * ``SCALECERT_DATA_DIR``: where the data sets are extracted (default ``data/``);
 * ``SCALECERT_CACHE_DIR``: the result cache (default ``data/cache``);
-* ``SCALECERT_FIG_DIR``: where the notebooks write figures and tables (default ``figures/``).
+* ``SCALECERT_FIG_DIR``: where the notebooks write figures and tables (default ``figures/``);
+* ``SCALECERT_MEASURE_DIR``: where they write wall-time measurements of the machine they ran on (default
+  ``build/measurements/``, not committed: a figure must be what the committed code and cache produce).
 
 The shipped checkpoints, the training runs and the paper's tables always live in the repository.
 """
@@ -28,6 +30,8 @@ RUNS_DIR = ROOT / "data" / "runs"
 PAPER_DIR = ROOT / "data" / "paper"
 #: the figures and tables the notebooks write
 FIG_DIR = Path(os.environ.get("SCALECERT_FIG_DIR", ROOT / "figures"))
+#: wall-time measurements of this machine (not committed figures)
+MEASURE_DIR = Path(os.environ.get("SCALECERT_MEASURE_DIR", ROOT / "build" / "measurements"))
 #: the paper profile's tables, one folder per data set (the README's claims table reads them)
 PAPER_FIG_DIR = ROOT / "figures" / "paper"
 

@@ -8,7 +8,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
-from .paths import FIG_DIR
+from .paths import FIG_DIR, MEASURE_DIR
 
 
 def save(fig, name: str, fig_dir: Path | None = None) -> Path:
@@ -28,6 +28,17 @@ def save_table(df: pd.DataFrame, name: str, fig_dir: Path | None = None) -> Path
     df.to_csv(d / f"{name}.csv", index=False)
     (d / f"{name}.md").write_text(df.to_markdown(index=False) + "\n")
     return d / f"{name}.csv"
+
+
+def save_measurement(df: pd.DataFrame, name: str, measure_dir: Path | None = None) -> Path:
+    """Write a table of wall times measured on this machine as MEASURE_DIR/NAME.csv and .md (not under figures/: the
+    committed figures hold only what the code and the committed cache reproduce), with the UTC date and the host's
+    CPU count; return the CSV path."""
+    import datetime
+    import os
+
+    out = df.assign(measured_utc=datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d"), cpus=os.cpu_count())
+    return save_table(out, name, Path(measure_dir or MEASURE_DIR))
 
 
 def to_hwc(x) -> np.ndarray:

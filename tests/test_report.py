@@ -99,3 +99,14 @@ def test_report_names_the_folder_it_reads(tmp_path, monkeypatch, capsys):
         folder.mkdir(parents=True)
         report.main(["--profile", "paper", "--fig-dir", str(folder)])
         assert shown in capsys.readouterr().out.splitlines()[2]
+
+
+def test_wall_time_measurements_go_to_the_measurement_folder_not_to_the_figures(tmp_path, monkeypatch):
+    from scalecert import plots as P
+
+    monkeypatch.setattr(P, "FIG_DIR", tmp_path / "figures")
+    path = P.save_measurement(pd.DataFrame({"seconds_per_image": [1.5]}), "00_cost", tmp_path / "m")
+    assert path == tmp_path / "m" / "00_cost.csv" and not (tmp_path / "figures").exists()
+    got = pd.read_csv(path)
+    assert list(got.columns) == ["seconds_per_image", "measured_utc", "cpus"] and got.seconds_per_image[0] == 1.5
+    assert (tmp_path / "m" / "00_cost.md").read_text().startswith("|")
