@@ -62,8 +62,9 @@ figures: $(STAMP) $(DATA_STAMPS) ## run every notebook with papermill (PROFILE=q
 $(EXEC_DIR)/%.ipynb: notebooks/%.ipynb $(STAMP) $(DATA_STAMPS) $(wildcard scalecert/*.py scalecert/baselines/*.py)
 	@mkdir -p $(dir $@)
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-$(FIG_THREADS)} \
-	  $(PY) -m papermill --log-level WARNING -k python3 $< $@.tmp -p profile $(PROFILE) -p force $(FORCE)
-	mv $@.tmp $@
+	  $(PY) -m papermill --engine scalecert --log-level WARNING -k python3 $< $(basename $@).tmp.ipynb \
+	  -p profile $(PROFILE) -p force $(FORCE)
+	mv $(basename $@).tmp.ipynb $@
 
 # Notebooks that share cached results (03 and 04 reuse the universal patch that 02 trains; 06 and 08 certify some
 # of the same configurations, and 05 too in the paper profile; 11 reads 05's r = 3 rows) may run side by side:
@@ -96,7 +97,7 @@ golden: $(STAMP) $(DATA_STAMPS) ## regenerate the nbval reference notebooks (tin
 	@mkdir -p tests/notebooks
 	rm -rf build/test-cache build/test-figures
 	for nb in $(NOTEBOOKS); do \
-	  SCALECERT_FIG_DIR=$(CURDIR)/build/test-figures SCALECERT_CACHE_DIR=$(CURDIR)/build/test-cache $(PY) -m papermill --log-level WARNING -k python3 $$nb tests/notebooks/$$(basename $$nb) -p profile tiny || exit 1; \
+	  SCALECERT_FIG_DIR=$(CURDIR)/build/test-figures SCALECERT_CACHE_DIR=$(CURDIR)/build/test-cache $(PY) -m papermill --engine scalecert --log-level WARNING -k python3 $$nb tests/notebooks/$$(basename $$nb) -p profile tiny || exit 1; \
 	done
 
 lab: $(STAMP) $(DATA_STAMPS) ## open JupyterLab on notebooks/

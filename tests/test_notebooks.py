@@ -52,6 +52,8 @@ def test_bad_parameter_stops_at_the_first_cell(tmp_path, notebook, params, match
         sys.executable,
         "-m",
         "papermill",
+        "--engine",
+        "scalecert",
         "--log-level",
         "ERROR",
         "-k",
@@ -66,6 +68,7 @@ def test_bad_parameter_stops_at_the_first_cell(tmp_path, notebook, params, match
     )
     assert run.returncode != 0
     assert match in run.stderr + run.stdout
+    assert "without encryption" not in run.stderr  # the scalecert engine's kernel is on IPC, not TCP: no warning
     nb = nbformat.read(tmp_path / "out.ipynb", 4)
     executed = [c for c in nb.cells if c.cell_type == "code" and c.get("execution_count")]
     assert len(executed) <= 3  # parameters, injected parameters, the checking cell

@@ -30,7 +30,7 @@ main() {
     [[ -f notebooks/$nb.ipynb ]] || { echo "no notebook notebooks/$nb.ipynb" >&2; exit 2; }
     echo "$(date -u +%FT%TZ) start $nb"
     start=$(date +%s)
-    $PY -m papermill --log-level WARNING -k python3 "notebooks/$nb.ipynb" "$out/executed/$nb.ipynb" \
+    $PY -m papermill --engine scalecert --log-level WARNING -k python3 "notebooks/$nb.ipynb" "$out/executed/$nb.ipynb" \
       -p profile paper ${DATASET:+-p datasets "$DATASET"} &
     pm=$!
     while kill -0 "$pm" 2>/dev/null; do lower "$pm"; sleep 10; done
