@@ -545,9 +545,9 @@ def cache(argv=None) -> int:
         )
         return 0
     if a.plan:
-        from . import experiments as E
+        from . import paperprofile as PP
 
-        plan = E.paper_plan(Path(a.dir))
+        plan = PP.paper_plan(Path(a.dir))
         with pd.option_context("display.width", 200, "display.max_columns", None, "display.max_rows", None):
             print(plan.drop(columns=["key"]).to_string(index=False) if len(plan) else f"no subset runs in {a.dir}")
             if len(plan):
@@ -567,9 +567,9 @@ def cache(argv=None) -> int:
         )
         return 0
     if a.whole_splits:
-        from . import experiments as E
+        from . import paperprofile as PP
 
-        whole = E.whole_split_results(Path(a.dir))
+        whole = PP.whole_split_results(Path(a.dir))
         print(whole.to_markdown(index=False) if len(whole) else f"no whole-split certification runs in {a.dir}")
         return 0
     table = R.status(Path(a.dir))

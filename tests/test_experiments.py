@@ -9,6 +9,7 @@ import torch
 from scalecert import analysis as A
 from scalecert import attacks as T
 from scalecert import experiments as E
+from scalecert import paperprofile as PP
 from scalecert import results as R
 from scalecert.defense import Engine
 from scalecert.models import ARCHS, CHECKPOINT_DIR
@@ -235,7 +236,7 @@ def test_whole_split_results_lists_complete_whole_split_certificates_with_the_pa
 
     n = 6  # a stand-in split of 6 images, so that the test needs no 10,000-image run
     monkeypatch.setattr(D, "load_dataset", lambda name, split=None, root=None: range(n))
-    empty = E.whole_split_results()
+    empty = PP.whole_split_results()
     assert len(empty[empty.in_05]) == 0 and "certified" in empty[empty.in_05]  # rows filtered, columns kept
     sha = {name: E.load_model(name).card["sha256"] for name in (CKPT, "cifar10_resnet20_vanilla")}
     whole, part = R.config_key({"ids": list(range(n))}), R.config_key({"ids": [0, 2, 4]})
@@ -257,7 +258,7 @@ def test_whole_split_results_lists_complete_whole_split_certificates_with_the_pa
     _fake_run(cache, base, cert)
     _fake_run(cache, {**base, "mode": "paper", "rule": "paper", "early_stop": False}, [True] * n)
     _fake_run(cache, {**base, "checkpoint_sha256": sha["cifar10_resnet20_vanilla"], "rate": None}, [False] * n)
-    shas = {name: sha for sha, name in E._checkpoint_names().items()}
+    shas = {name: sha for sha, name in PP._checkpoint_names().items()}
     peer = {
         "peer": "DS",
         "dataset": "cifar10",
@@ -290,7 +291,7 @@ def test_whole_split_results_lists_complete_whole_split_certificates_with_the_pa
         cache, {**inet, "tau": 0.5, "rate": 0.1, "checkpoint_sha256": shas["imagenette_resnet18w16_sin1_r10"]}, cert
     )
 
-    every = E.whole_split_results()
+    every = PP.whole_split_results()
     inets = every[every.dataset == "Imagenette-224"].set_index("tau")
     assert not inets.in_05.any() and inets.loc[0.5, ["paper_certified", "paper_table"]].isna().all()
     table36 = E.paper_table("table3_6_topk_rate", "imagenette").set_index(["topk_rate_pct", "patch_pct"])
@@ -298,7 +299,7 @@ def test_whole_split_results_lists_complete_whole_split_certificates_with_the_pa
         inets.loc[0.3, "paper_certified"] == table36.loc[(20, 2), "certified"]
         and inets.loc[0.3, "paper_table"] == "3/6"
     )
-    assert E.whole_split_results(datasets=["imagenette"]).dataset.unique().tolist() == ["Imagenette-224"]
+    assert PP.whole_split_results(datasets=["imagenette"]).dataset.unique().tolist() == ["Imagenette-224"]
     every = every[every.dataset == "CIFAR-10 (JPEG)"]
     other = every[~every.in_05]
     assert sorted(other.tau.fillna(0)) == [0, 0.5, 0.5] and other[other.tau == 0.5].paper_certified.isna().all()
@@ -359,7 +360,7 @@ def test_paper_plan_prices_the_whole_split_counterpart_of_every_subset_run(cache
     _fake_run(cache, {**base, "patch": 0.4, "ids": R.config_key({"ids": [1, 3]})}, [True] * 2, hours_per_image=0.25)
     _fake_run(cache, {**base, "mode": "paper", "rule": "paper"}, [True] * 3, hours_per_image=1.0)
     _fake_run(cache, {**base, "mode": "paper", "rule": "paper", "ids": whole}, [True] * n)  # done
-    shas = {name: sha for sha, name in E._checkpoint_names().items()}
+    shas = {name: sha for sha, name in PP._checkpoint_names().items()}
     ds = shas["cifar10_ds_resnet20"]
     for name in ("DS", "PG-Mask-DS"):  # they share DS's votes: priced once, for the one with the most images left
         cfg = {
@@ -376,7 +377,7 @@ def test_paper_plan_prices_the_whole_split_counterpart_of_every_subset_run(cache
     wo4 = shas["cifar10_resnet20_sin1_r20_wo4"]  # shipped, but no notebook uses it
     _fake_run(cache, {**base, "checkpoint_sha256": wo4}, [True] * 3, hours_per_image=1.0)
 
-    plan = E.paper_plan().set_index(["defense", "patch"])
+    plan = PP.paper_plan().set_index(["defense", "patch"])
     assert len(plan) == 5 and set(plan.model) == {CKPT, "cifar10_ds_resnet20"}
     assert plan.loc[("ScaleCert", 2.4), ["status", "images_left", "cpu_hours_left"]].tolist() == ["partial", 2, 1.0]
     assert plan.loc[("ScaleCert", 0.4), ["status", "cpu_hours_left"]].tolist() == ["missing", 1.5]  # the fastest subset
@@ -398,9 +399,9 @@ def test_patchcleanser_on_either_model_is_05_s_row_without_a_paper_number_and_is
     n = 6
     monkeypatch.setattr(D, "load_dataset", lambda name, split=None, root=None: range(n))
     occl = E.occlusion_model_name("cifar10")
-    names = E._checkpoint_names()
-    monkeypatch.setattr(E, "_checkpoint_names", lambda: {**names, "f" * 64: occl})  # the twin, as if shipped
-    shas = {name: sha for sha, name in E._checkpoint_names().items()}
+    names = PP._checkpoint_names()
+    monkeypatch.setattr(PP, "_checkpoint_names", lambda: {**names, "f" * 64: occl})  # the twin, as if shipped
+    shas = {name: sha for sha, name in PP._checkpoint_names().items()}
     whole, part = R.config_key({"ids": list(range(n))}), R.config_key({"ids": [0, 2, 4]})
     version = H.peer("PatchCleanser").version
     pc = {
@@ -433,7 +434,7 @@ def test_patchcleanser_on_either_model_is_05_s_row_without_a_paper_number_and_is
     }
     _fake_run(cache, base, cert)
 
-    every = E.whole_split_results().set_index(["defense", "patch_pct"])
+    every = PP.whole_split_results().set_index(["defense", "patch_pct"])
     assert sorted(every.index) == [("PatchCleanser", 2.4), (E.PC_OCCL, 5.0), (E.PC_VANILLA, 2.4), ("ScaleCert", 2.4)]
     assert every.loc[(E.PC_VANILLA, 2.4), ["model", "in_05", "guarantee", "certified"]].tolist() == [
         "cifar10_resnet20_vanilla",
@@ -454,7 +455,7 @@ def test_patchcleanser_on_either_model_is_05_s_row_without_a_paper_number_and_is
     # the quick profile's subset runs of both rows are priced for their whole splits, each on its own model
     _fake_run(cache, {**pc, "ids": part}, [True] * 3, hours_per_image=1.0)  # its whole split is done above
     _fake_run(cache, {**pc, "checkpoint_sha256": "f" * 64, "patch": 8.0, "ids": part}, [True] * 3, hours_per_image=2.0)
-    plan = E.paper_plan().set_index(["defense", "patch"])
+    plan = PP.paper_plan().set_index(["defense", "patch"])
     assert sorted(plan.index) == [(E.PC_OCCL, 8.0), (E.PC_VANILLA, 2.4)]
     assert plan.loc[(E.PC_VANILLA, 2.4), ["model", "status", "cpu_hours_left"]].tolist() == [
         "cifar10_resnet20_vanilla",
@@ -495,12 +496,12 @@ def test_paper_plan_prices_the_r_values_only_the_paper_profile_sweeps(cache, mon
     _fake_run(cache, base, [True] * 3, hours_per_image=1.0)
     _fake_run(cache, {**base, "patch": 0.4}, [True] * 3, hours_per_image=1.0)  # r = 3 only: not a sweep over r
     _fake_run(cache, {**base, "r": 1}, [True] * 3, hours_per_image=2.0)
-    plan = E.paper_plan().set_index(["patch", "r"]).sort_index()
+    plan = PP.paper_plan().set_index(["patch", "r"]).sort_index()
     assert plan.index.tolist() == [(0.4, 3), (2.4, 1), (2.4, 2), (2.4, 3)]
     assert plan.loc[(2.4, 2), ["status", "images_left", "cpu_hours_left"]].tolist() == ["missing", n, 12.0]
     whole = R.config_key({"ids": list(range(n))})
     _fake_run(cache, {**base, "r": 2, "ids": whole}, [True] * n)  # the paper profile's own r = 2 run, done
-    assert E.paper_plan().set_index(["patch", "r"]).loc[(2.4, 2), "status"] == "done"
+    assert PP.paper_plan().set_index(["patch", "r"]).loc[(2.4, 2), "status"] == "done"
 
 
 def test_model_accuracy_of_a_run_is_the_plain_models_accuracy(setup):
@@ -514,9 +515,9 @@ def test_model_accuracy_of_a_run_is_the_plain_models_accuracy(setup):
 
 def test_every_shipped_card_counts_the_images_its_committed_whole_split_records_count():
     # until the re-measurement of 2026-12-06 the cards measured fp32 weights; 6 of these 12 disagreed by 1-5 images
-    check = E.card_accuracy_check()
+    check = PP.card_accuracy_check()
     assert len(check) >= 12, check
-    # a card and the records may differ only by images whose two top logits tie (below E.TIE_MARGIN): found on
+    # a card and the records may differ only by images whose two top logits tie (below PP.TIE_MARGIN): found on
     # 2026-12-06, cifar10_resnet20_sin1_r20_wo4 has one image at a margin of 1e-6 that its card counted as correct
     off = (check.card_correct - check.records_correct).abs() > check.near_ties
     assert not off.any(), check[off]

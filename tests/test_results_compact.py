@@ -96,13 +96,13 @@ def test_every_reader_gives_the_same_tables_from_the_chunks_and_from_the_compact
 
 def test_experiment_tables_read_the_same_from_compacted_runs(tmp_path, monkeypatch):
     from scalecert import data as D
-    from scalecert import experiments as E
+    from scalecert import paperprofile as PP
 
     cache = tmp_path / "cache"
     monkeypatch.setattr(R, "CACHE_DIR", cache)
     n = 6
     monkeypatch.setattr(D, "load_dataset", lambda name, split=None, root=None: range(n))
-    shas = {name: sha for sha, name in E._checkpoint_names().items()}
+    shas = {name: sha for sha, name in PP._checkpoint_names().items()}
     whole, part = R.config_key({"ids": list(range(n))}), R.config_key({"ids": [0, 2, 4]})
     base = {
         "dataset": "cifar10",
@@ -140,9 +140,9 @@ def test_experiment_tables_read_the_same_from_compacted_runs(tmp_path, monkeypat
 
     def tables():
         return {
-            "whole": E.whole_split_results(),
-            "plan": E.paper_plan(),
-            "cards": E.card_accuracy_check(),
+            "whole": PP.whole_split_results(),
+            "plan": PP.paper_plan(),
+            "cards": PP.card_accuracy_check(),
             "status": R.status(),
         }
 
@@ -265,7 +265,7 @@ def test_index_names_each_run_its_settings_checkpoint_and_state(tmp_path):
         "layer": 1,
         "rate": 0.2,
     }
-    mr = {**ours, "tau": None, "rate": None}
+    mr = {**ours, "tau": None, "rate": None, "masks": 6}  # on PatchCleanser's 6 x 6 mask set
     peer = {"peer": "DS", "version": 1, "dataset": "cifar10", "checkpoint_sha256": "b" * 64, "patch": 2.4}
     stats = {"kind": "sin_statistics", "dataset": "imagenette", "checkpoint_sha256": "a" * 64, "patch_pct": 2.0}
     runs = {
@@ -293,11 +293,13 @@ def test_index_names_each_run_its_settings_checkpoint_and_state(tmp_path):
         "mode": "sound",
         "tau": 0.3,
         "r": 3,
+        "masks": None,
         "images": N,
         "state": "complete",
         "form": "chunks",
     }
-    assert rows.loc[runs["mr"].name, ["defense", "tau", "state", "form"]].tolist() == ["MR", None, "partial", "chunks"]
+    got = rows.loc[runs["mr"].name, ["defense", "tau", "masks", "state", "form"]].tolist()
+    assert got == ["MR", None, 6, "partial", "chunks"]
     assert rows.loc[runs["peer"].name, ["defense", "checkpoint", "mode", "state", "form"]].tolist() == [
         "DS",
         "sha256:" + "b" * 16,
