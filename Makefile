@@ -29,7 +29,7 @@ KERNEL := scalecert
 # worker), one torch thread per worker
 TEST_JOBS ?= $(NPROC)
 
-.PHONY: help setup data figures test test-fast test-browser golden lab audit bench readme models peers paper-background clean distclean
+.PHONY: help setup data figures check-clean test test-fast test-browser golden lab audit bench readme models peers paper-background clean distclean
 .DEFAULT_GOAL := help
 
 help: ## list the targets
@@ -71,6 +71,12 @@ $(EXEC_DIR)/%.ipynb: notebooks/%.ipynb $(STAMP) $(DATA_STAMPS) $(wildcard scalec
 # the cache computes each chunk and each patch under a lock, once, and the other notebook reads it. There are no
 # make prerequisites between them because GNU make -j left a notebook whose prerequisite had just finished
 # until after every other notebook (seen on 2026-12-02: 03 started 6 minutes after 02 was done).
+
+# after `make figures` on a fresh clone: what is committed is what the committed code and cache produce
+check-clean: ## fail if the working tree differs from the last commit (run it after make figures)
+	@changes=$$(git status --porcelain --untracked-files=all); \
+	if [ -n "$$changes" ]; then echo "$$changes"; echo "the tree differs from the commit: regenerate and commit these, or fix what wrote them" >&2; exit 1; fi; \
+	echo "clean: the committed figures, tables and cache are what the code produces"
 
 figures/REPORT.md: $(EXECUTED)
 	$(PY) -m scalecert.report --profile $(PROFILE) > $@.tmp && mv $@.tmp $@
