@@ -114,37 +114,15 @@ def certify_cached(
     patch: float,
     *,
     per_class: int | None,
-    seed: int = 0,
-    mode: str = "sound",
-    rule: str = "strict",
-    tau: float | None = None,
-    r: int = 3,
-    sin: bool = True,
     force: bool = False,
-    device: str = "cpu",
-    chunk_images: int = 50,
-    early_stop: bool | None = None,
     progress: bool = True,
-    masks: int | None = None,
+    **options,
 ) -> pd.DataFrame:
     """Return per-image certification records of one configuration, from the cache or computed (and cached);
-    ``masks=k``: PatchCleanser's k x k mask set as the window family (r and tau unused)."""
-    model, ds, ids, config = certify_setup(
-        dataset,
-        checkpoint,
-        patch,
-        per_class=per_class,
-        seed=seed,
-        mode=mode,
-        rule=rule,
-        tau=tau,
-        r=r,
-        sin=sin,
-        device=device,
-        chunk_images=chunk_images,
-        early_stop=early_stop,
-        masks=masks,
-    )
+    ``options``: those of ``certify_setup`` (seed, mode, rule, tau, r, sin, device, chunk_images, early_stop, and
+    ``masks=k``: PatchCleanser's k x k mask set as the window family, r and tau unused)."""
+    model, ds, ids, config = certify_setup(dataset, checkpoint, patch, per_class=per_class, **options)
+    device = options.get("device", "cpu")
 
     def one(rg):
         x, y = ds.tensors(ids[rg.start : rg.stop])
@@ -153,17 +131,17 @@ def certify_cached(
             x,
             y,
             patch,
-            mode=mode,
-            rule=rule,
-            tau=tau,
-            r=r,
+            mode=config["mode"],
+            rule=config["rule"],
+            tau=config["tau"],
+            r=config["r"],
             device=device,
             ids=ids[rg.start : rg.stop],
             early_stop=config["early_stop"],
-            masks=masks,
+            masks=config.get("masks"),
         )
 
-    return R.cached(config, ids, chunk_images, one, force, progress)
+    return R.cached(config, ids, config["chunk_images"], one, force, progress)
 
 
 def audit_cached(
