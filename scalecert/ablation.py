@@ -43,6 +43,8 @@ TAUS = (0.3, 0.5, 0.6)
 TAU_PATCH = {"cifar10": 2.4, "imagenette": 2.0}
 #: PatchCleanser's masks per axis (k x k masks), as on the field's leaderboard
 MASKS = 6
+#: the note of a row whose run ``run_all`` was asked not to compute and the cache does not hold complete
+NOT_COMPUTED = "not computed yet (python -m scalecert ablation computes 12's whole-split runs)"
 #: PatchCleanser's images per class on a subset at most (666 forwards per image): 05's quick sizes, whose cached runs
 #: 12 then reads
 PC_MAX_PER_CLASS = {"cifar10": 1, "imagenette": 1}
@@ -143,10 +145,19 @@ def patchcleanser_row(df: pd.DataFrame, **labels) -> dict:
 
 
 def patchcleanser_runs(
-    dataset: str, pct: float, *, per_class: int | None, seed: int = 0, device: str = "cpu", force: bool = False
+    dataset: str,
+    pct: float,
+    *,
+    per_class: int | None,
+    seed: int = 0,
+    device: str = "cpu",
+    force: bool = False,
+    compute_missing: bool = True,
 ) -> tuple[list[dict], dict]:
     """Return (rows, records keyed like ``run_all``'s) of PatchCleanser at one patch size on the vanilla model and on
-    the occlusion-trained twin (``experiments.patchcleanser_runs``; a ``note`` row for a model not trained yet)."""
+    the occlusion-trained twin (``experiments.patchcleanser_runs``; a ``note`` row for a model not trained yet, and
+    with ``compute_missing=False`` for a run not complete in the cache)."""
+    from . import results as R
     from .baselines import harness as H
     from .baselines.patchcleanser import PAPER_K
 
@@ -164,17 +175,22 @@ def patchcleanser_runs(
         if not E.available(ckpt):
             rows.append({**labels, "note": f"{ckpt} not trained yet"})
             continue
-        df = H.peer_cached(
-            "PatchCleanser",
-            dataset,
-            pct,
-            per_class=per_class,
-            seed=seed,
-            force=force,
-            device=device,
-            progress=False,
-            checkpoint=ckpt,
-        )
+        try:
+            df = H.peer_cached(
+                "PatchCleanser",
+                dataset,
+                pct,
+                per_class=per_class,
+                seed=seed,
+                force=force,
+                device=device,
+                progress=False,
+                checkpoint=ckpt,
+                compute_missing=compute_missing,
+            )
+        except R.NotComputed:
+            rows.append({**labels, "note": NOT_COMPUTED})
+            continue
         recs[float(pct), family, defense] = df
         rows.append(patchcleanser_row(df, **labels))
     return rows, recs
@@ -193,6 +209,7 @@ def run_all(
     taus=TAUS,
     patchcleanser: bool = True,
     pc_per_class: int | None | str = "auto",
+    compute_missing: bool = True,
 ) -> tuple[pd.DataFrame, dict]:
     """Return (table, records) of every defence on every family and patch size of a data set: the table has
     ``TABLE_COLUMNS`` (a ``note`` for a model not trained yet; ``certify_forwards`` for PatchCleanser's rows), records
@@ -201,7 +218,11 @@ def run_all(
     With ``patchcleanser``, each patch size also gets PatchCleanser's two rows (:func:`patchcleanser_runs`) after the
     other defences' rows, on ``pc_per_class`` images per class (None: the whole split); "auto": ``per_class`` capped at
     ``PC_MAX_PER_CLASS`` at 07's patch size only (666 forwards per image; 05's quick sizes, so the runs are 05's cached
-    ones), the whole split at every patch size when ``per_class`` is None."""
+    ones), the whole split at every patch size when ``per_class`` is None. ``compute_missing=False``: read the cache
+    only; a run not complete there gives a row with the note ``NOT_COMPUTED`` (the paper profile's 12 renders what
+    ``python -m scalecert ablation`` and 05 have computed)."""
+    from . import results as R
+
     dataset = D.check_dataset(dataset)
     auto = pc_per_class == "auto"
     if auto:
@@ -220,15 +241,34 @@ def run_all(
                 if not E.available(ckpt):
                     rows.append({**labels, "note": f"{ckpt} not trained yet"})
                     continue
-                df = E.certify_cached(
-                    dataset, ckpt, pct, per_class=per_class, seed=seed, force=force, device=device, progress=False, **kw
-                )
+                try:
+                    df = E.certify_cached(
+                        dataset,
+                        ckpt,
+                        pct,
+                        per_class=per_class,
+                        seed=seed,
+                        force=force,
+                        device=device,
+                        progress=False,
+                        compute_missing=compute_missing,
+                        **kw,
+                    )
+                except R.NotComputed:
+                    rows.append({**labels, "note": NOT_COMPUTED})
+                    continue
                 recs[float(pct), fam["family"], defense] = df
                 rows.append(row(df, **labels))
         # "auto" on a subset: only at 07's patch size, where 05's quick profile runs it too (666 forwards per image)
         if patchcleanser and not (auto and pc_per_class is not None and float(pct) != TAU_PATCH[dataset]):
             pc_rows, pc_recs = patchcleanser_runs(
-                dataset, pct, per_class=pc_per_class, seed=seed, device=device, force=force
+                dataset,
+                pct,
+                per_class=pc_per_class,
+                seed=seed,
+                device=device,
+                force=force,
+                compute_missing=compute_missing,
             )
             rows += pc_rows
             recs.update(pc_recs)

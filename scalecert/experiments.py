@@ -116,11 +116,13 @@ def certify_cached(
     per_class: int | None,
     force: bool = False,
     progress: bool = True,
+    compute_missing: bool = True,
     **options,
 ) -> pd.DataFrame:
     """Return per-image certification records of one configuration, from the cache or computed (and cached);
     ``options``: those of ``certify_setup`` (seed, mode, rule, tau, r, sin, device, chunk_images, early_stop, and
-    ``masks=k``: PatchCleanser's k x k mask set as the window family, r and tau unused)."""
+    ``masks=k``: PatchCleanser's k x k mask set as the window family, r and tau unused); ``compute_missing=False``:
+    a run not complete in the cache raises ``results.NotComputed``."""
     model, ds, ids, config = certify_setup(dataset, checkpoint, patch, per_class=per_class, **options)
     device = options.get("device", "cpu")
 
@@ -141,7 +143,7 @@ def certify_cached(
             masks=config.get("masks"),
         )
 
-    return R.cached(config, ids, config["chunk_images"], one, force, progress)
+    return R.cached(config, ids, config["chunk_images"], one, force, progress, compute_missing=compute_missing)
 
 
 def audit_cached(

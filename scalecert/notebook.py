@@ -115,6 +115,18 @@ def by_profile(profile: str, value: int | None, what: str, **sizes: int) -> int:
     return _positive_int(sizes[profile] if value is None else value, what)
 
 
+def flag(profile: str, value, what: str, **defaults: bool) -> bool:
+    """Return a yes/no parameter: ``value`` if given (0, 1, False or True), else the profile's default."""
+    check_profile(profile)
+    if set(defaults) != set(PROFILES):
+        raise ValueError(f"{what} needs one default per profile {sorted(PROFILES)}; got {sorted(defaults)}")
+    if value is None:
+        return bool(defaults[profile])
+    if value not in (0, 1) or isinstance(value, float):
+        raise ValueError(f"{what} must be 0 or 1 (or None: the profile's default), got {value!r}")
+    return bool(value)
+
+
 def check_patch(patch_pct, datasets) -> float | None:
     """Return the patch size in % as a float (None stays None: the notebook's default) after checking
     that it is a positive number giving a patch smaller than every data set's images."""

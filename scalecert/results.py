@@ -253,6 +253,19 @@ def merge(run: Path, n: int, chunk_size: int, ids=None) -> pd.DataFrame:
     return _check_ids(out, run, ids)
 
 
+class NotComputed(LookupError):
+    """A configuration's run is not complete in the cache and the caller asked not to compute it."""
+
+
+def is_complete(config: dict, n: int, chunk_images: int, cache_dir: Path | None = None) -> bool:
+    """Return True iff the cache holds a configuration's run complete (compacted, or every chunk on disk); reads only,
+    creates nothing."""
+    run = Path(cache_dir or CACHE_DIR) / config_key(config)
+    if not (run / "config.json").is_file():
+        return False
+    return is_compact(run) or set(_chunks_done(run)) >= set(range(len(chunks(n, chunk_images))))
+
+
 def cached(
     config: dict,
     ids: list,
@@ -261,10 +274,16 @@ def cached(
     force: bool = False,
     progress: bool = True,
     cache_dir: Path | None = None,
+    compute_missing: bool = True,
 ) -> pd.DataFrame:
     """Return the merged records of a configuration's run, computing its missing chunks (all with ``force``) with
     ``fn(range)`` first; ``attrs`` hold ``seconds_per_image`` and the run folder (``cache``). A compacted run is read,
-    not computed; with ``force`` it is computed again and compacted again."""
+    not computed; with ``force`` it is computed again and compacted again. ``compute_missing=False``: a run not
+    complete raises ``NotComputed`` and nothing is written."""
+    if force and not compute_missing:
+        raise ValueError("force recomputes the run: it cannot go with compute_missing=False")
+    if not compute_missing and not is_complete(config, len(ids), chunk_images, cache_dir):
+        raise NotComputed(f"run {config_key(config)} is not complete in the cache")
     run = open_run(config, cache_dir)
     was_compact = force and is_compact(run)
     compute(run, len(ids), chunk_images, fn, progress=progress, redo=force)

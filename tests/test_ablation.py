@@ -219,3 +219,37 @@ def test_whole_split_runner_prices_each_run_on_its_subset_and_stops_at_the_budge
     assert logs[0].startswith("pricing 2.4% k=6 masks") and logs[-1].startswith("stopping:")
     sub = E.certify_cached("cifar10", "cifar10_resnet20_vanilla", 2.4, per_class=A.PRICE_PER_CLASS, sin=False, masks=6)
     assert len(sub) == 10 * A.PRICE_PER_CLASS and sub.attrs["cache"].startswith(str(tmp_path))
+
+
+def test_run_all_reading_the_cache_only_notes_runs_not_computed_and_writes_nothing(monkeypatch, tmp_path):
+    from scalecert import results as R
+
+    cache = tmp_path / "cache"
+    monkeypatch.setattr(R, "CACHE_DIR", cache)
+    kw = dict(per_class=1, rs=(), taus=(), patchcleanser=False)  # the mask set alone: 36 forwards per image
+    table, recs = A.run_all("cifar10", [2.4], compute_missing=False, **kw)
+    assert not cache.exists() and recs == {}
+    shipped = table[~table.note.fillna("").str.endswith("not trained yet")]
+    assert len(shipped) >= 2 and (shipped.note == A.NOT_COMPUTED).all() and shipped.certified.isna().all()
+    computed, _ = A.run_all("cifar10", [2.4], **kw)  # computes them
+    again, recs = A.run_all("cifar10", [2.4], compute_missing=False, **kw)  # now read, not computed
+    pd.testing.assert_frame_equal(again, computed)
+    assert set(recs) == {(2.4, "k=6 masks", d) for d in shipped.defense}
+
+
+def test_cached_refuses_to_compute_when_asked_not_to(tmp_path):
+    from scalecert import results as R
+
+    config, ids = {"kind": "test", "n": 3}, [0, 1, 2]
+
+    def fn(rg):
+        return pd.DataFrame({"id": list(rg), "v": [1.0] * len(rg)})
+
+    with pytest.raises(R.NotComputed):
+        R.cached(config, ids, 2, fn, progress=False, cache_dir=tmp_path, compute_missing=False)
+    assert list(tmp_path.iterdir()) == []
+    df = R.cached(config, ids, 2, fn, progress=False, cache_dir=tmp_path)
+    assert R.is_complete(config, 3, 2, tmp_path)
+    pd.testing.assert_frame_equal(R.cached(config, ids, 2, fn, cache_dir=tmp_path, compute_missing=False), df)
+    with pytest.raises(ValueError, match="force"):
+        R.cached(config, ids, 2, fn, force=True, cache_dir=tmp_path, compute_missing=False)

@@ -156,3 +156,14 @@ def test_by_profile_takes_the_explicit_value_else_the_profile_size():
     assert N.by_profile("quick", 5.0, "steps", tiny=1, quick=3, paper=10) == 5
     with pytest.raises(ValueError, match="unknown profile"):
         N.by_profile("huge", None, "steps", tiny=1, quick=3, paper=10)
+
+
+def test_flag_parameters_take_0_or_1_or_the_profiles_default():
+    from scalecert import notebook as N
+
+    kw = dict(tiny=True, quick=True, paper=False)
+    assert N.flag("paper", None, "compute", **kw) is False and N.flag("quick", None, "compute", **kw) is True
+    assert N.flag("paper", 1, "compute", **kw) is True and N.flag("tiny", False, "compute", **kw) is False
+    for bad in (2, 0.0, "1", -1):
+        with pytest.raises(ValueError, match="compute must be 0 or 1"):
+            N.flag("quick", bad, "compute", **kw)

@@ -155,9 +155,11 @@ def peer_cached(
     chunk_images: int = 50,
     progress: bool = True,
     checkpoint: str | None = None,
+    compute_missing: bool = True,
 ) -> pd.DataFrame:
     """Return the common per-image records of one peer configuration, from the cache or computed (and cached);
-    ``checkpoint``: run the peer on that shipped model instead of its own (e.g. PatchCleanser on any classifier)."""
+    ``checkpoint``: run the peer on that shipped model instead of its own (e.g. PatchCleanser on any classifier);
+    ``compute_missing=False``: a run not complete in the cache raises ``results.NotComputed``."""
     dataset = D.check_dataset(dataset)
     pr = peer(name)
     ck = checkpoint or pr.checkpoint(dataset)
@@ -186,7 +188,7 @@ def peer_cached(
             df.attrs["extra_seconds"] = secs
         return df
 
-    return R.cached(config, ids, chunk_images, one, force, progress)
+    return R.cached(config, ids, chunk_images, one, force, progress, compute_missing=compute_missing)
 
 
 def summarise_peer(df: pd.DataFrame, **labels) -> dict:
