@@ -18,6 +18,8 @@ FIG_DIR = PAPER_FIG_DIR
 README = ROOT / "README.md"
 START, END = "<!-- claims:start -->", "<!-- claims:end -->"
 _BLOCK = re.escape(START) + r"\n?(.*?)\n?" + re.escape(END)
+ABL_START, ABL_END = "<!-- ablation:start -->", "<!-- ablation:end -->"
+_ABL_BLOCK = re.escape(ABL_START) + r"\n?(.*?)\n?" + re.escape(ABL_END)
 #: tolerance of the verdict rule for numbers in percent or percentage points
 TOL = 5.0
 VERDICTS = ("reproduced", "not reproduced", "not testable here")
@@ -302,20 +304,55 @@ def markdown(fig_dir: Path = FIG_DIR) -> str:
     return "\n".join(lines)
 
 
-def block(text: str) -> str:
-    """Return the part of a README between the claims markers (ValueError if they are missing)."""
-    m = re.search(_BLOCK, text, flags=re.S)
+def block(text: str, which: str = "claims") -> str:
+    """Return the part of a README between the claims markers, or with ``which="ablation"`` the ablation markers
+    (ValueError if they are missing)."""
+    pattern, (start, end) = (_BLOCK, (START, END)) if which == "claims" else (_ABL_BLOCK, (ABL_START, ABL_END))
+    m = re.search(pattern, text, flags=re.S)
     if m is None:
-        raise ValueError(f"no {START} ... {END} block")
+        raise ValueError(f"no {start} ... {end} block")
     return m.group(1)
 
 
+def ablation_markdown(fig_dir: Path = FIG_DIR) -> str:
+    """Return notebook 12's whole-split verdicts (``12_verdict.csv`` of each data set's paper-profile folder) as a
+    Markdown table, ScaleCert (sound) against MR on the occlusion-trained twin, same images and window family, with
+    the notebook's generated sentence per data set (``12_answer.md``); a line saying so where none is there yet."""
+    frames, answers = [], []
+    for name in DATA:
+        csv, answer = Path(fig_dir) / name / "12_verdict.csv", Path(fig_dir) / name / "12_answer.md"
+        if csv.is_file():
+            frames.append(pd.read_csv(csv))
+        if answer.is_file():
+            answers.append(answer.read_text().strip())
+    v = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+    if v.empty:
+        return (
+            "No whole-split verdict yet: `python -m scalecert ablation --dataset D` computes 12's runs, then the paper "
+            "profile of `notebooks/12_does_sin_help.ipynb` writes `figures/paper/D/12_verdict.csv`."
+        )
+    lines = [
+        "| data set | patch | window family | images | ScaleCert (sound) | MR (occlusion-trained) "
+        "| difference [95% CI] "
+        "| McNemar p |",
+        "|---|--:|---|--:|--:|--:|---|--:|",
+    ]
+    for r in v.itertuples():
+        lines.append(
+            f"| {r.dataset} | {r.patch_pct:g}% | {r.family} | {r.images:,} | {r.scalecert_certified:.1f} "
+            f"| {r.mr_occl_certified:.1f} | {r.difference:+.1f} [{r.ci_low:+.1f}, {r.ci_high:+.1f}] | {r.p_value:.2g} |"
+        )
+    return "\n".join(lines + [""] + answers)
+
+
 def write_readme(path: Path = README, fig_dir: Path = FIG_DIR) -> bool:
-    """Rewrite the claims block of a README from the committed tables; return True iff it changed."""
+    """Rewrite the claims block and the ablation block of a README from the committed tables; return True iff it
+    changed."""
     path = Path(path)
     text = path.read_text()
-    block(text)  # the markers must be there
+    block(text), block(text, "ablation")  # the markers must be there
     new = re.sub(_BLOCK, lambda m: f"{START}\n{markdown(fig_dir)}\n{END}", text, flags=re.S)
+    new = re.sub(_ABL_BLOCK, lambda m: f"{ABL_START}\n{ablation_markdown(fig_dir)}\n{ABL_END}", new, flags=re.S)
     if new != text:
         path.write_text(new)
     return new != text

@@ -74,14 +74,32 @@ def test_a_changed_result_changes_its_verdict(tmp_path):
 def test_readme_block_is_what_the_command_generates_today():
     # fails when the README is stale: run `make readme` (python -m scalecert.claims --readme) and commit it
     assert C.block(C.README.read_text()) == C.markdown()
+    assert C.block(C.README.read_text(), "ablation") == C.ablation_markdown()
 
 
 def test_write_readme_replaces_only_the_block(tmp_path):
     p = tmp_path / "README.md"
-    p.write_text(f"# title\n\n{C.START}\nold\n{C.END}\n\ntail\n")
+    p.write_text(f"# title\n\n{C.START}\nold\n{C.END}\n\nmiddle\n{C.ABL_START}\nold\n{C.ABL_END}\n\ntail\n")
     assert C.write_readme(p) and not C.write_readme(p)
     text = p.read_text()
-    assert text.startswith("# title\n\n") and text.endswith(f"{C.END}\n\ntail\n") and C.block(text) == C.markdown()
+    assert text.startswith("# title\n\n") and text.endswith(f"{C.ABL_END}\n\ntail\n") and C.block(text) == C.markdown()
+    assert f"{C.END}\n\nmiddle\n{C.ABL_START}" in text and C.block(text, "ablation") == C.ablation_markdown()
     p.write_text("no markers\n")
     with pytest.raises(ValueError):
         C.write_readme(p)
+
+
+def test_ablation_block_renders_each_verdict_row_and_the_notebooks_sentence(tmp_path):
+    assert C.ablation_markdown(tmp_path).startswith("No whole-split verdict yet")
+    (tmp_path / "imagenette").mkdir()
+    pd.DataFrame(
+        [
+            {"dataset": "Imagenette-224", "patch_pct": 2.0, "family": "k=6 masks", "images": 3925,
+             "scalecert_certified": 61.25, "mr_occl_certified": 58.0, "difference": 3.2, "ci_low": 2.1, "ci_high": 4.4,
+             "p_value": 1.2e-8},
+        ]
+    ).to_csv(tmp_path / "imagenette" / "12_verdict.csv", index=False)  # fmt: skip
+    (tmp_path / "imagenette" / "12_answer.md").write_text("Imagenette-224: SIN adds certified accuracy.\n")
+    text = C.ablation_markdown(tmp_path)
+    assert "| Imagenette-224 | 2% | k=6 masks | 3,925 | 61.2 | 58.0 | +3.2 [+2.1, +4.4] | 1.2e-08 |" in text
+    assert text.endswith("\n\nImagenette-224: SIN adds certified accuracy.")
