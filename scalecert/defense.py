@@ -181,14 +181,25 @@ class Engine:
     # ------------------------------------------------------------------ main loop
     @torch.no_grad()
     def run(
-        self, images: torch.Tensor, labels: torch.Tensor | None = None, early_stop: bool = True, ids=None
+        self,
+        images: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        early_stop: bool = True,
+        ids=None,
+        observer=None,
     ) -> list[dict]:
-        """Return one record per image: prediction, alert, certified (if labels), candidates, windows."""
+        """Return one record per image: prediction, alert, certified (if labels), candidates, windows.
+
+        ``observer`` (for tools that show the engine at work, e.g. the explorer) is called as ``observer("sin",
+        mask)`` with the (b, h, w) SIN mask and ``observer("occluded", boxes, labels)`` after each chunk of occluded
+        predictions, with their image windows and labels; it changes nothing the engine computes."""
         t_start = time.perf_counter()
         x = check_images(images, self.n).to(self.device)
         b = x.shape[0]
         y = None if labels is None else check_labels(labels, b, self.model.num_classes).to(self.device)
         feats, order, sin = self.stem(x)
+        if observer is not None:
+            observer("sin", sin)
         f0 = feats * sin.unsqueeze(1).to(feats.dtype) if self.use_sin else feats
         pred = self.rest(f0).argmax(1)
         cand = (
@@ -223,6 +234,8 @@ class Engine:
             pos = torch.arange(s, min(s + self.chunk, len(img_idx)), device=self.device)[sel]
             lab = self.occluded_labels(x, feats, order, img_idx[pos], pair_boxes[pos], pair_fp[pos])
             out_labels[pos] = lab
+            if observer is not None:
+                observer("occluded", pair_boxes[pos], lab)
             if stop_early:
                 bad = img_idx[pos][lab != pred[img_idx[pos]]]
                 active[bad] = False

@@ -103,35 +103,23 @@ class Trace:
 
 @torch.no_grad()
 def trace(engine: Engine, image: torch.Tensor, label: int | None = None, early_stop: bool = True) -> Trace:
-    """Return ``engine.run`` on one image (``detect`` without a label, ``certify`` with one) with its windows.
-
-    The engine runs unchanged; its ``stem`` and ``occluded_labels`` are wrapped on this instance for the call,
-    to record the SIN mask and each chunk's windows and occluded predictions.
-    """
+    """Return ``engine.run`` on one image (``detect`` without a label, ``certify`` with one) with its windows, recorded
+    by the engine's ``observer`` hook (the SIN mask, each chunk's windows and occluded predictions)."""
     x = check_images(image)
     if x.shape[0] != 1:
         raise ValueError(f"trace takes one image, got {x.shape[0]}")
     y = None if label is None else check_labels(label, 1, engine.model.num_classes)
     seen: dict = {"boxes": [], "labels": []}
-    stem, occluded = engine.stem, engine.occluded_labels
 
-    def traced_stem(xx):
-        out = stem(xx)
-        seen["sin"] = out[2]
-        return out
+    def observe(event, *data):
+        if event == "sin":
+            seen["sin"] = data[0]
+        else:
+            seen["boxes"].append(data[0].cpu())
+            seen["labels"].append(data[1].cpu())
 
-    def traced_occluded(xx, feats, order, img, boxes, fprects):
-        lab = occluded(xx, feats, order, img, boxes, fprects)
-        seen["boxes"].append(boxes.cpu())
-        seen["labels"].append(lab.cpu())
-        return lab
-
-    engine.stem, engine.occluded_labels = traced_stem, traced_occluded
     t0 = time.perf_counter()
-    try:
-        rec = engine.run(x, y, early_stop=early_stop)[0]
-    finally:
-        del engine.stem, engine.occluded_labels  # the instance's wrappers: the class's methods again
+    rec = engine.run(x, y, early_stop=early_stop, observer=observe)[0]
     seconds = time.perf_counter() - t0
     sin = seen["sin"]
     cand = engine.candidates(sin)[0].cpu() if engine.use_sin else torch.ones(len(engine.family), dtype=torch.bool)

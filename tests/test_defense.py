@@ -88,6 +88,25 @@ def test_records_are_consistent_and_strict_rule_clean_equals_certified():
     assert ((det.output == -1) == det.alert).all()
 
 
+@pytest.mark.parametrize("mode", ["sound", "paper"])
+def test_observer_sees_every_evaluated_window_and_changes_nothing(mode):
+    m = spread_model()
+    eng = Engine(
+        m, 16, 3, mode=mode, tau=0.5 if mode == "paper" else None, rule="paper" if mode == "paper" else "strict"
+    )
+    x = images(4)
+    events = []
+    with torch.no_grad():
+        plain = eng.run(x, early_stop=False)
+        seen = eng.run(x, early_stop=False, observer=lambda event, *data: events.append((event, *data)))
+    assert seen == [{**r, "seconds": s["seconds"]} for r, s in zip(plain, seen)]  # the same records but the time
+    assert [e[0] for e in events[:1]] == ["sin"] and events[0][1].shape == (4, eng.h, eng.w)
+    occluded = [e for e in events if e[0] == "occluded"]
+    assert sum(len(e[2]) for e in occluded) == sum(r["n_evaluated"] for r in seen)
+    assert all(e[1].shape == (len(e[2]), 4) for e in occluded)
+    assert sum(int((e[2] != -1).sum()) for e in occluded) == sum(r["n_evaluated"] for r in seen)
+
+
 def test_minority_reports_evaluates_every_window():
     m = spread_model()
     m.set_sin(1, None)
