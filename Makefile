@@ -84,7 +84,7 @@ figures/REPORT.md: $(EXECUTED)
 test: $(STAMP) $(DATA_STAMPS) ## pytest on the package + nbval on the notebooks (tiny profile)
 	$(VENV)/bin/ruff check scalecert tests tools
 	$(VENV)/bin/ruff format --check scalecert tests tools
-	SCALECERT_TEST_THREADS=1 OMP_NUM_THREADS=1 $(PY) -m pytest -q -p no:cacheprovider -n $(TEST_JOBS) --dist loadfile tests
+	SCALECERT_TEST_THREADS=1 OMP_NUM_THREADS=1 $(PY) -m pytest -q -p no:cacheprovider -n $(TEST_JOBS) --dist loadfile --durations=10 tests
 	rm -rf build/test-cache build/test-figures  # nbval must recompute, not read results cached by a previous run
 	OMP_NUM_THREADS=1 SCALECERT_FIG_DIR=$(CURDIR)/build/test-figures SCALECERT_CACHE_DIR=$(CURDIR)/build/test-cache \
 	  $(PY) -m pytest -q -p no:cacheprovider -n $(TEST_JOBS) --dist loadfile --nbval-lax --nbval-current-env \
@@ -99,11 +99,12 @@ test-fast: $(STAMP) ## pytest only (no notebooks)
 test-browser: $(STAMP) $(DATA_STAMPS) ## notebooks in JupyterLab in a real (headless) browser: 05 and the explorer 13
 	$(PY) tests/browser/run_browser.py --cache $(CURDIR)/build/test-cache
 
-golden: $(STAMP) $(DATA_STAMPS) ## regenerate the nbval reference notebooks (tiny profile) after a deliberate change
+golden: $(STAMP) $(DATA_STAMPS) ## regenerate the nbval reference notebooks (tiny profile) after a deliberate change (GOLDEN="05_certification 12_does_sin_help": those only)
 	@mkdir -p tests/notebooks
 	rm -rf build/test-cache build/test-figures
-	for nb in $(NOTEBOOKS); do \
-	  SCALECERT_FIG_DIR=$(CURDIR)/build/test-figures SCALECERT_CACHE_DIR=$(CURDIR)/build/test-cache $(PY) -m papermill --engine scalecert --log-level WARNING -k python3 $$nb tests/notebooks/$$(basename $$nb) -p profile tiny || exit 1; \
+	for nb in $(if $(GOLDEN),$(addprefix notebooks/,$(addsuffix .ipynb,$(GOLDEN))),$(NOTEBOOKS)); do \
+	  SCALECERT_FIG_DIR=$(CURDIR)/build/test-figures SCALECERT_CACHE_DIR=$(CURDIR)/build/test-cache OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} \
+	    $(PY) -m papermill --engine scalecert --log-level WARNING -k python3 $$nb tests/notebooks/$$(basename $$nb) -p profile tiny || exit 1; \
 	done
 
 lab: $(STAMP) $(DATA_STAMPS) ## open JupyterLab on notebooks/
