@@ -153,10 +153,11 @@ def patchcleanser_runs(
     device: str = "cpu",
     force: bool = False,
     compute_missing: bool = True,
+    models=None,
 ) -> tuple[list[dict], dict]:
     """Return (rows, records keyed like ``run_all``'s) of PatchCleanser at one patch size on the vanilla model and on
     the occlusion-trained twin (``experiments.patchcleanser_runs``; a ``note`` row for a model not trained yet, and
-    with ``compute_missing=False`` for a run not complete in the cache)."""
+    with ``compute_missing=False`` for a run not complete in the cache); ``models``: other (label, checkpoint) pairs."""
     from . import results as R
     from .baselines import harness as H
     from .baselines.patchcleanser import PAPER_K
@@ -164,7 +165,7 @@ def patchcleanser_runs(
     dataset = D.check_dataset(dataset)
     family = f"k={PAPER_K} masks"
     rows, recs = [], {}
-    for defense, ckpt in E.patchcleanser_runs(dataset):
+    for defense, ckpt in E.patchcleanser_runs(dataset) if models is None else models:
         labels = {
             "dataset": D.DATASET_LABELS[dataset],
             "patch_pct": float(pct),
@@ -210,6 +211,7 @@ def run_all(
     patchcleanser: bool = True,
     pc_per_class: int | None | str = "auto",
     compute_missing: bool = True,
+    pc_models=None,
 ) -> tuple[pd.DataFrame, dict]:
     """Return (table, records) of every defence on every family and patch size of a data set: the table has
     ``TABLE_COLUMNS`` (a ``note`` for a model not trained yet; ``certify_forwards`` for PatchCleanser's rows), records
@@ -218,7 +220,8 @@ def run_all(
     With ``patchcleanser``, each patch size also gets PatchCleanser's two rows (:func:`patchcleanser_runs`) after the
     other defences' rows, on ``pc_per_class`` images per class (None: the whole split); "auto": ``per_class`` capped at
     ``PC_MAX_PER_CLASS`` at 07's patch size only (666 forwards per image; 05's quick sizes, so the runs are 05's cached
-    ones), the whole split at every patch size when ``per_class`` is None. ``compute_missing=False``: read the cache
+    ones), the whole split at every patch size when ``per_class`` is None; ``pc_models``: its (label, checkpoint) pairs
+    (default both). ``compute_missing=False``: read the cache
     only; a run not complete there gives a row with the note ``NOT_COMPUTED`` (the paper profile's 12 renders what
     ``python -m scalecert ablation`` and 05 have computed)."""
     from . import results as R
@@ -269,6 +272,7 @@ def run_all(
                 device=device,
                 force=force,
                 compute_missing=compute_missing,
+                models=pc_models,
             )
             rows += pc_rows
             recs.update(pc_recs)

@@ -48,15 +48,17 @@ def rows(
     *,
     pc_patches=(),
     pc_per_class=None,
+    pc_models=None,
     seed: int = 0,
     force: bool = False,
     device: str = "cpu",
 ) -> list[dict]:
     """Return 05's rows of a data set (cached runs, computed where missing): ScaleCert (sound and paper mode) and MR
     at every size of ``table_sizes``, every peer of Table 2 that has a checkpoint for the data set, and PatchCleanser
-    on both its models at the sizes in ``pc_patches`` (``pc_per_class`` images per class); a model not shipped gives a
-    row with a ``note``. ``certify_forwards``: what the certificate costs (PatchCleanser: its 666-prediction pair
-    table; the others: the same pass as their prediction)."""
+    on its models (``pc_models``, (label, checkpoint) pairs; default both of ``experiments.patchcleanser_runs``) at the
+    sizes in ``pc_patches`` (``pc_per_class`` images per class); a model not shipped gives a row with a ``note``.
+    ``certify_forwards``: what the certificate costs (PatchCleanser: its 666-prediction pair table; the others: the
+    same pass as their prediction)."""
     dataset = D.check_dataset(dataset)
     label_of = D.DATASET_LABELS[dataset]
     sin_ckpt, van, tau = (
@@ -99,7 +101,7 @@ def rows(
     for table_no, pct, _, _ in sizes:  # PatchCleanser (recovery; not in the paper's tables) on both models
         if pct not in pc_patches:
             continue
-        for label, ck in E.patchcleanser_runs(dataset):
+        for label, ck in E.patchcleanser_runs(dataset) if pc_models is None else pc_models:
             row = {"table": table_no, "dataset": label_of, "patch_pct": pct, "defense": label}
             row["guarantee"] = H.peer("PatchCleanser").kind
             if not E.available(ck):

@@ -115,6 +115,17 @@ def by_profile(profile: str, value: int | None, what: str, **sizes: int) -> int:
     return _positive_int(sizes[profile] if value is None else value, what)
 
 
+def patchcleanser_models(profile: str, dataset: str) -> list[tuple[str, str]]:
+    """Return PatchCleanser's (row label, checkpoint) pairs a profile runs: the tiny profile only the vanilla model
+    (666 forwards per certified image: nbval's time; every code path still runs), the others both models of
+    ``experiments.patchcleanser_runs``."""
+    from .experiments import patchcleanser_runs
+
+    check_profile(profile)
+    runs = patchcleanser_runs(dataset)
+    return runs[:1] if profile == "tiny" else runs
+
+
 def flag(profile: str, value, what: str, **defaults: bool) -> bool:
     """Return a yes/no parameter: ``value`` if given (0, 1, False or True), else the profile's default."""
     check_profile(profile)

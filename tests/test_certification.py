@@ -54,6 +54,9 @@ def test_rows_run_every_defence_once_per_size_and_say_which_models_are_missing(m
     assert pc.set_index("defense").loc[E.PC_VANILLA, "certify_forwards"] == 666
     assert pc.set_index("defense").loc[E.PC_OCCL, "note"] == f"{E.occlusion_model_name('cifar10')} not trained yet"
     assert ("PatchCleanser", "cifar10_resnet20_vanilla", 2.4, 1) in calls
+    one = pd.DataFrame(C.rows("cifar10", sizes[1:2], pc_patches=[2.4], pc_per_class=1, pc_models=[("PC", "m")]))
+    assert "PC" in one.defense.tolist() and not one.defense.isin([E.PC_VANILLA, E.PC_OCCL]).any()
+    assert ("PatchCleanser", "m", 2.4, 1) in calls
 
 
 def test_tables_put_the_papers_numbers_beside_ours_by_table():

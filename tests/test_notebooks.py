@@ -167,3 +167,13 @@ def test_flag_parameters_take_0_or_1_or_the_profiles_default():
     for bad in (2, 0.0, "1", -1):
         with pytest.raises(ValueError, match="compute must be 0 or 1"):
             N.flag("quick", bad, "compute", **kw)
+
+
+def test_the_tiny_profile_runs_patchcleanser_on_the_vanilla_model_only():
+    from scalecert import experiments as E
+    from scalecert import notebook as N
+
+    for name in ("cifar10", "imagenette"):
+        both = E.patchcleanser_runs(name)
+        assert N.patchcleanser_models("tiny", name) == both[:1] == [(E.PC_VANILLA, E.model_name(name))]
+        assert N.patchcleanser_models("quick", name) == N.patchcleanser_models("paper", name) == both
