@@ -249,7 +249,9 @@ def cost_accuracy_figure(
     hues = sorted(df[hue].unique())
     from matplotlib.ticker import NullFormatter, ScalarFormatter
 
-    fig, axes = plt.subplots(1, len(keys), figsize=(max(5.5, 4.2 * len(keys)), 3.6), squeeze=False, sharey=True)
+    fig, axes = plt.subplots(
+        1, len(keys), figsize=(max(5.5, 4.2 * len(keys)), 3.6), squeeze=False, sharey=True, sharex=True
+    )
     for ax, key in zip(axes[0], keys):
         g = df[df[facet] == key]
         for i, h in enumerate(hues):
