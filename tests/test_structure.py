@@ -203,3 +203,35 @@ def test_relative_names_a_path_inside_the_repository_from_its_root(tmp_path):
     assert relative(REPO / "data" / "runs" / "m" / "log.jsonl") == "data/runs/m/log.jsonl"
     assert relative(tmp_path / "log.jsonl") == str(tmp_path / "log.jsonl")
     assert relative(tmp_path / "a" / "log.jsonl", tmp_path) == "a/log.jsonl"
+
+
+def test_every_package_name_a_notebook_uses_exists():
+    """The notebooks reach the package through aliases (``from scalecert import experiments as E``): every
+    ``E.name`` they use must exist, so that moving a function between modules cannot break a notebook unseen."""
+    import importlib
+    import re
+
+    import nbformat
+
+    missing, checked = [], 0
+    notebooks = sorted((ROOT.parent / "notebooks").glob("*.ipynb"))
+    assert len(notebooks) >= 13
+    for path in notebooks:
+        code = "\n".join(c.source for c in nbformat.read(path, 4).cells if c.cell_type == "code")
+        aliases = {}
+        for line in re.findall(r"^\s*from scalecert(?:\.(\w+))? import (.+)$", code, flags=re.M):
+            pkg, names = line
+            for part in names.split(","):
+                m = re.fullmatch(r"\s*(\w+)(?:\s+as\s+(\w+))?\s*", part.split("#")[0])
+                if m:
+                    mod = f"scalecert.{pkg + '.' if pkg else ''}{m.group(1)}"
+                    try:
+                        aliases[m.group(2) or m.group(1)] = importlib.import_module(mod)
+                    except ImportError:
+                        pass  # a function or constant imported by name, not a module
+        for alias, mod in aliases.items():
+            for name in set(re.findall(rf"(?<![\w.]){alias}\.([A-Za-z_]\w*)", code)):
+                checked += 1
+                if not hasattr(mod, name):
+                    missing.append(f"{path.name}: {alias}.{name} ({mod.__name__})")
+    assert checked > 100 and not missing, missing
