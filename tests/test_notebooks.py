@@ -68,7 +68,7 @@ def test_bad_parameter_stops_at_the_first_cell(tmp_path, notebook, params, match
     )
     assert run.returncode != 0
     assert match in run.stderr + run.stdout
-    assert "without encryption" not in run.stderr  # the scalecert engine's kernel is on IPC, not TCP: no warning
+    assert "without encryption" not in run.stderr  # the scalecert engine's kernel logs errors only
     nb = nbformat.read(tmp_path / "out.ipynb", 4)
     executed = [c for c in nb.cells if c.cell_type == "code" and c.get("execution_count")]
     assert len(executed) <= 3  # parameters, injected parameters, the checking cell
@@ -177,3 +177,18 @@ def test_the_tiny_profile_runs_patchcleanser_on_the_vanilla_model_only():
         both = E.patchcleanser_runs(name)
         assert N.patchcleanser_models("tiny", name) == both[:1] == [(E.PC_VANILLA, E.model_name(name))]
         assert N.patchcleanser_models("quick", name) == N.patchcleanser_models("paper", name) == both
+
+
+def test_two_notebooks_run_side_by_side_with_the_scalecert_engine(tmp_path):
+    # make figures runs two notebooks at once: their kernels must not read each other's messages (seen with IPC
+    # transport, which gave both kernels one socket path), and neither may print the kernel's TCP warning
+    runs = []
+    for i in range(2):
+        args = [sys.executable, "-m", "papermill", "--engine", "scalecert", "--log-level", "WARNING", "-k", "python3"]
+        args += [str(ROOT / "notebooks" / "00_data.ipynb"), str(tmp_path / f"out{i}.ipynb"), "-p", "profile", "tiny"]
+        env = {"SCALECERT_FIG_DIR": str(tmp_path / f"fig{i}"), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"}
+        runs.append(subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env))
+    for run in runs:
+        out, err = run.communicate(timeout=600)
+        assert run.returncode == 0, err[-2000:]
+        assert "Invalid" not in err and "without encryption" not in err, err[-2000:]
