@@ -428,10 +428,12 @@ SIN_TARGET_GAP = 3.0
 
 
 def accuracy_target(card: dict, vanilla: dict | None) -> float | None:
-    """Return the accuracy (%) issue 4 asks of a ScaleCert model's card (None for peers, or a SIN model without
-    vanilla)."""
+    """Return the accuracy (%) issue 4 asks of a ScaleCert model's card (None for peers, the ablation twins, or a SIN
+    model without vanilla)."""
     key = card.get("dataset_key")
     if card.get("arch") not in ARCHS or key not in VANILLA_TARGET:  # peers have architectures of their own
+        return None
+    if card.get("twin"):  # an ablation twin (issue #35) trains like its SIN twin; issue 4 sets it no target
         return None
     if not card.get("sin_rate"):
         return VANILLA_TARGET[key]

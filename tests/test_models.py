@@ -625,3 +625,15 @@ def test_occlusion_switch_refuses_the_wrong_model(tmp_path, monkeypatch):
         T.train(T.parse(["--name", "a"] + common))
     with pytest.raises(ValueError, match="without a SIN layer"):
         T.train(T.parse(["--name", "b", "--sin-rate", "0.2", "--occlusion", "pixels"] + common))
+
+
+def test_the_ablation_twins_have_no_accuracy_target_but_name_their_sin_twin():
+    from scalecert.cli import accuracy_target, models_table
+
+    t = models_table().set_index("checkpoint")
+    for name in ("cifar10_resnet20_occl", "imagenette_resnet18w16_occl"):
+        card = json.loads((CHECKPOINT_DIR / f"{name}.json").read_text())
+        assert accuracy_target(card, None) is None and t.loc[name, "reached"] == ""
+        twin = json.loads((CHECKPOINT_DIR / f"{card['twin']}.json").read_text())
+        assert twin["sin_rate"] and card["init"] == twin["init"] and card["epochs"] == twin["epochs"]
+        assert card["occlusion"] == "pixels" and card["train_seconds"] > 0 and card["sin_rate"] is None
