@@ -433,16 +433,17 @@ def figure(pan: dict, classes=None, title: str | None = None, fig=None):
 # --------------------------------------------------------------------------------------------- settings around it
 def shipped_models(dataset: str) -> list[str]:
     """Return the shipped checkpoints of a data set that the engine runs (ScaleCert's SIN models and the vanilla
-    ones; the peers' architectures are not split networks), SIN models first."""
+    ones, and the ablation twins; the peers' architectures are not split networks), SIN models first, the vanilla
+    model last."""
     from .models import ARCHS, CHECKPOINT_DIR
 
     dataset = D.check_dataset(dataset)
-    names = []
+    keys = []
     for card in sorted(CHECKPOINT_DIR.glob("*.json")):
         c = json.loads(card.read_text())
         if c.get("dataset_key") == dataset and c.get("arch") in ARCHS and card.with_suffix(".pt").is_file():
-            names.append(card.stem)
-    return sorted(names, key=lambda s: (s.endswith("_vanilla"), s))
+            keys.append((not c.get("sin_rate"), card.stem.endswith("_vanilla"), card.stem))
+    return [name for *_, name in sorted(keys)]
 
 
 @dataclass(frozen=True)
