@@ -277,8 +277,9 @@ def summary(pan: dict, classes=None) -> dict:
     }
 
 
-def verdict_text(pan: dict, classes=None) -> str:
-    """Return the panel's verdicts in two lines (detect on the patched image, certify on the clean one)."""
+def verdict_text(pan: dict, classes=None, timings: bool = True) -> str:
+    """Return the panel's verdicts in two lines (detect on the patched image, certify on the clean one), each with its
+    forwards and (``timings``) seconds."""
     name = (lambda k: f"{classes[k]} ({k})") if classes is not None else str
     det, cert = pan["detect"]["record"], pan["certify"]
     if det["alert"]:
@@ -288,7 +289,7 @@ def verdict_text(pan: dict, classes=None) -> str:
         )
     else:
         d = f"detect: {name(det['output'])}, all {det['n_evaluated']} candidate windows agree"
-    d += f"; {pan['detect']['forwards']} forwards, {pan['detect']['seconds']:.2f} s"
+    d += f"; {pan['detect']['forwards']} forwards" + (f", {pan['detect']['seconds']:.2f} s" if timings else "")
     c = cert["record"]
     if c["certified"]:
         v = f"certify (clean image): CERTIFIED {name(c['label'])}"
@@ -302,14 +303,15 @@ def verdict_text(pan: dict, classes=None) -> str:
         v = f"certify (clean image): NOT CERTIFIED, window {b['box']} predicts {name(b['label'])}"
     else:
         v = "certify (clean image): NOT CERTIFIED"
-    v += f"; {cert['forwards']} forwards, {cert['seconds']:.2f} s"
+    v += f"; {cert['forwards']} forwards" + (f", {cert['seconds']:.2f} s" if timings else "")
     return d + "\n" + v
 
 
 # --------------------------------------------------------------------------------------------- the figure
-def figure(pan: dict, classes=None, title: str | None = None, fig=None):
+def figure(pan: dict, classes=None, title: str | None = None, fig=None, timings: bool = False):
     """Return a figure of a panel: patched image with the patch (and suspected) box; top-n SIN map with its MeanShift
-    clusters; candidate windows (grey: how many cover a pixel) and the disagreeing ones coloured by label; verdicts."""
+    clusters; candidate windows (grey: how many cover a pixel) and the disagreeing ones coloured by label; verdicts,
+    with the seconds they took only with ``timings`` (the live explorer), so that a saved figure is reproducible."""
     import matplotlib.pyplot as plt
     from matplotlib.collections import PatchCollection
     from matplotlib.figure import Figure
@@ -411,7 +413,7 @@ def figure(pan: dict, classes=None, title: str | None = None, fig=None):
     ax = axes[3]
     ax.axis("off")
     st = pan["settings"]
-    lines = verdict_text(pan, classes).replace("; ", "\n").replace(", suspected", "\nsuspected").split("\n")
+    lines = verdict_text(pan, classes, timings).replace("; ", "\n").replace(", suspected", "\nsuspected").split("\n")
     lines += [
         "",
         f"mode {st['mode']} (rule {st['rule']}), r = {st['r']}, tau = {st['tau']}",
@@ -419,8 +421,7 @@ def figure(pan: dict, classes=None, title: str | None = None, fig=None):
         f"SIN layer {st['sin_layer']}, rate {st['sin_rate']}"
         if st["sin_rate"]
         else "no SIN layer: Minority Reports (pixels filled)",
-        f"update: {pan['seconds']:.2f} s",
-    ]
+    ] + ([f"update: {pan['seconds']:.2f} s"] if timings else [])
     text = "\n".join(textwrap.fill(t, 52, subsequent_indent="   ") for t in lines)
     ax.text(0, 1, text, va="top", ha="left", fontsize=7, family="monospace", transform=ax.transAxes)
     if title:

@@ -216,6 +216,7 @@ class ExplorerUI:
             classes,
             title=f"{D.DATASET_LABELS[s.dataset]} image {s.image}, {pan['setting'].model}, "
             f"{s.patch_pct:g}% patch ({pan['p']} px) at {pan['position']}, {s.content}",
+            timings=True,
         )
         buf = io.BytesIO()
         fig.savefig(buf, format="png", dpi=self.dpi)

@@ -248,3 +248,18 @@ def test_explorer_update_on_a_shipped_model_is_detect_and_certify(explorer):
     shipped = X.shipped_models("cifar10")
     assert shipped[0].startswith("cifar10_resnet20_sin") and "cifar10_resnet20_vanilla" in shipped
     assert "cifar10_bagnet11" not in shipped  # a peer's architecture: not a split network the engine runs
+
+
+def test_a_saved_explorer_figure_holds_no_wall_time_but_the_live_one_does():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    ex = X.Explorer(profile="tiny")
+    pan = ex.update(X.Setting("cifar10", image=3, patch_pct=2.4, position=(0, 0), content="zeros", tau=None))
+    import re
+
+    texts = lambda fig: " ".join(t.get_text() for ax in fig.axes for t in ax.texts)  # noqa: E731
+    seconds = re.compile(r"\d\.\d\d s\b")
+    assert not seconds.search(texts(X.figure(pan))) and "update:" not in texts(X.figure(pan))
+    assert "update:" in texts(X.figure(pan, timings=True)) and seconds.search(texts(X.figure(pan, timings=True)))
+    assert not seconds.search(X.verdict_text(pan, timings=False)) and len(seconds.findall(X.verdict_text(pan))) == 2
