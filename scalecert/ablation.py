@@ -28,6 +28,7 @@ import pandas as pd
 
 from . import data as D
 from . import experiments as E
+from . import results as R
 from .stats import mcnemar_exact, paired_bootstrap
 
 SC, SC_PAPER, MR_VANILLA, MR_OCCL = (
@@ -118,6 +119,19 @@ def defence_runs(dataset: str, family: dict) -> list[tuple[str, str, dict]]:
     return runs
 
 
+def _records_or_note(ckpt: str, labels: dict, rows: list, fetch):
+    """Return ``fetch()``'s records, or None after adding a row with a ``note`` to ``rows``: the model is not shipped,
+    or (``compute_missing=False``) its run is not complete in the cache."""
+    if not E.available(ckpt):
+        rows.append({**labels, "note": f"{ckpt} not trained yet"})
+        return None
+    try:
+        return fetch()
+    except R.NotComputed:
+        rows.append({**labels, "note": NOT_COMPUTED})
+        return None
+
+
 def row(df: pd.DataFrame, **labels) -> dict:
     """Return one row of 12's table from a run's records (forwards per image = 1 + candidate windows)."""
     return {
@@ -158,7 +172,6 @@ def patchcleanser_runs(
     """Return (rows, records keyed like ``run_all``'s) of PatchCleanser at one patch size on the vanilla model and on
     the occlusion-trained twin (``experiments.patchcleanser_runs``; a ``note`` row for a model not trained yet, and
     with ``compute_missing=False`` for a run not complete in the cache); ``models``: other (label, checkpoint) pairs."""
-    from . import results as R
     from .baselines import harness as H
     from .baselines.patchcleanser import PAPER_K
 
@@ -173,11 +186,11 @@ def patchcleanser_runs(
             "defense": defense,
             "model": ckpt,
         }
-        if not E.available(ckpt):
-            rows.append({**labels, "note": f"{ckpt} not trained yet"})
-            continue
-        try:
-            df = H.peer_cached(
+        df = _records_or_note(
+            ckpt,
+            labels,
+            rows,
+            lambda: H.peer_cached(
                 "PatchCleanser",
                 dataset,
                 pct,
@@ -188,9 +201,9 @@ def patchcleanser_runs(
                 progress=False,
                 checkpoint=ckpt,
                 compute_missing=compute_missing,
-            )
-        except R.NotComputed:
-            rows.append({**labels, "note": NOT_COMPUTED})
+            ),
+        )
+        if df is None:
             continue
         recs[float(pct), family, defense] = df
         rows.append(patchcleanser_row(df, **labels))
@@ -224,8 +237,6 @@ def run_all(
     (default both). ``compute_missing=False``: read the cache
     only; a run not complete there gives a row with the note ``NOT_COMPUTED`` (the paper profile's 12 renders what
     ``python -m scalecert ablation`` and 05 have computed)."""
-    from . import results as R
-
     dataset = D.check_dataset(dataset)
     auto = pc_per_class == "auto"
     if auto:
@@ -241,11 +252,11 @@ def run_all(
                     "defense": defense,
                     "model": ckpt,
                 }
-                if not E.available(ckpt):
-                    rows.append({**labels, "note": f"{ckpt} not trained yet"})
-                    continue
-                try:
-                    df = E.certify_cached(
+                df = _records_or_note(
+                    ckpt,
+                    labels,
+                    rows,
+                    lambda: E.certify_cached(
                         dataset,
                         ckpt,
                         pct,
@@ -256,9 +267,9 @@ def run_all(
                         progress=False,
                         compute_missing=compute_missing,
                         **kw,
-                    )
-                except R.NotComputed:
-                    rows.append({**labels, "note": NOT_COMPUTED})
+                    ),
+                )
+                if df is None:
                     continue
                 recs[float(pct), fam["family"], defense] = df
                 rows.append(row(df, **labels))
@@ -408,8 +419,6 @@ def whole_split_jobs(
     the verdict's pair), its status in the cache (done, partial, missing), images left and CPU-hours left at the seconds
     per image measured on its own chunks or else on its ``PRICE_PER_CLASS`` subset run (NaN: not priced yet), and
     the run's ``certify_cached`` options (``options``)."""
-    from . import results as R
-
     dataset = D.check_dataset(dataset)
     cache = R.CACHE_DIR if cache_dir is None else cache_dir
     status = R.status(cache).set_index("key")
