@@ -261,8 +261,11 @@ def is_complete(config: dict, n: int, chunk_images: int, cache_dir: Path | None 
     """Return True iff the cache holds a configuration's run complete (compacted, or every chunk on disk); reads only,
     creates nothing."""
     run = Path(cache_dir or CACHE_DIR) / config_key(config)
-    if not (run / "config.json").is_file():
-        return False
+    return (run / "config.json").is_file() and _run_complete(run, n, chunk_images)
+
+
+def _run_complete(run: Path, n: int, chunk_images: int) -> bool:
+    """Return True iff a run folder is compacted or holds every chunk of its n images."""
     return is_compact(run) or set(_chunks_done(run)) >= set(range(len(chunks(n, chunk_images))))
 
 
@@ -638,11 +641,7 @@ def write_index(cache_dir: Path | None = None, checkpoint_dir: Path | None = Non
         run, config = meta.parent, json.loads(meta.read_text())
         size = json.loads((run / "size.json").read_text()) if (run / "size.json").is_file() else None
         compacted = is_compact(run)
-        complete = (
-            compacted
-            or size is not None
-            and set(_chunks_done(run)) >= set(range(len(chunks(size["images"], size["chunk_images"]))))
-        )
+        complete = compacted or size is not None and _run_complete(run, size["images"], size["chunk_images"])
         sha = config.get("checkpoint_sha256")
         defense = None
         if "kind" not in config:
