@@ -428,11 +428,11 @@ def whole_split_jobs(
             for defense, ckpt, kw in defence_runs(dataset, fam):
                 if defense not in defences or not E.available(ckpt):
                     continue
-                keys = {}
-                for scope, per_class in (("whole", None), ("subset", PRICE_PER_CLASS)):
-                    _, ds, ids, config = E.certify_setup(dataset, ckpt, pct, per_class=per_class, seed=seed, **kw)
-                    keys[scope] = (R.config_key(config), len(ids))
-                (key, n), (sub, _) = keys["whole"], keys["subset"]
+                _, ds, ids, config = E.certify_setup(dataset, ckpt, pct, per_class=None, seed=seed, **kw)
+                key, n = R.config_key(config), len(ids)
+                # the subset run's key: the same configuration on certify_setup's subset ids (no second model load)
+                sub_ids = R.config_key({"ids": E.eval_ids(ds, PRICE_PER_CLASS, seed)})
+                sub = R.config_key({**config, "ids": sub_ids})
                 done = int(status.loc[key, "images_done"]) if key in status.index else 0
                 per_image = float("nan")
                 for k in (key, sub):  # its own chunks first, else the subset run
@@ -455,8 +455,7 @@ def whole_split_jobs(
                         "options": kw,
                     }
                 )
-    out = pd.DataFrame(rows, columns=PLAN_COLUMNS + ["options"])
-    return out
+    return pd.DataFrame(rows, columns=PLAN_COLUMNS + ["options"])
 
 
 def pair_order(jobs: pd.DataFrame) -> pd.DataFrame:
