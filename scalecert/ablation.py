@@ -29,6 +29,8 @@ import pandas as pd
 from . import data as D
 from . import experiments as E
 from . import results as R
+from .baselines import harness as H
+from .baselines.patchcleanser import PAPER_K
 from .stats import mcnemar_exact, paired_bootstrap
 
 SC, SC_PAPER, MR_VANILLA, MR_OCCL = (
@@ -172,9 +174,6 @@ def patchcleanser_runs(
     """Return (rows, records keyed like ``run_all``'s) of PatchCleanser at one patch size on the vanilla model and on
     the occlusion-trained twin (``experiments.patchcleanser_runs``; a ``note`` row for a model not trained yet, and
     with ``compute_missing=False`` for a run not complete in the cache); ``models``: other (label, checkpoint) pairs."""
-    from .baselines import harness as H
-    from .baselines.patchcleanser import PAPER_K
-
     dataset = D.check_dataset(dataset)
     family = f"k={PAPER_K} masks"
     rows, recs = [], {}
@@ -423,38 +422,49 @@ def whole_split_jobs(
     cache = R.CACHE_DIR if cache_dir is None else cache_dir
     status = R.status(cache).set_index("key")
     rows = []
+
+    def add(pct, fam, defense, ckpt, config, n, sub_ids, options):
+        key = R.config_key(config)
+        # the subset run's key: the same configuration on the subset's ids (no second model load)
+        sub = R.config_key({**config, "ids": R.config_key({"ids": sub_ids})})
+        done = int(status.loc[key, "images_done"]) if key in status.index else 0
+        per_image = float("nan")
+        for k in (key, sub):  # its own chunks first, else the subset run
+            t = R.timings(cache / k) if k in status.index else None
+            if t is not None and len(t):
+                per_image = float(t.seconds.sum() / t.images.sum())
+                break
+        rows.append(
+            {
+                "dataset": dataset,
+                "patch_pct": float(pct),
+                "family": fam,
+                "defense": defense,
+                "model": ckpt,
+                "status": "done" if done >= n else ("partial" if done else "missing"),
+                "images_left": n - done,
+                "seconds_per_image": round(per_image, 4),
+                "cpu_hours_left": round((n - done) * per_image / 3600, 2),
+                "key": key,
+                "options": options,
+            }
+        )
+
     for pct in E.PATCHES[dataset] if patches is None else patches:
         for fam in families(dataset, pct, rs, masks, taus):
             for defense, ckpt, kw in defence_runs(dataset, fam):
                 if defense not in defences or not E.available(ckpt):
                     continue
                 _, ds, ids, config = E.certify_setup(dataset, ckpt, pct, per_class=None, seed=seed, **kw)
-                key, n = R.config_key(config), len(ids)
-                # the subset run's key: the same configuration on certify_setup's subset ids (no second model load)
-                sub_ids = R.config_key({"ids": E.eval_ids(ds, PRICE_PER_CLASS, seed)})
-                sub = R.config_key({**config, "ids": sub_ids})
-                done = int(status.loc[key, "images_done"]) if key in status.index else 0
-                per_image = float("nan")
-                for k in (key, sub):  # its own chunks first, else the subset run
-                    t = R.timings(cache / k) if k in status.index else None
-                    if t is not None and len(t):
-                        per_image = float(t.seconds.sum() / t.images.sum())
-                        break
-                rows.append(
-                    {
-                        "dataset": dataset,
-                        "patch_pct": float(pct),
-                        "family": fam["family"],
-                        "defense": defense,
-                        "model": ckpt,
-                        "status": "done" if done >= n else ("partial" if done else "missing"),
-                        "images_left": n - done,
-                        "seconds_per_image": round(per_image, 4),
-                        "cpu_hours_left": round((n - done) * per_image / 3600, 2),
-                        "key": key,
-                        "options": kw,
-                    }
-                )
+                sub_ids = E.eval_ids(ds, PRICE_PER_CLASS, seed)
+                add(pct, fam["family"], defense, ckpt, config, len(ids), sub_ids, kw)
+        for defense, ckpt in E.patchcleanser_runs(dataset):  # PatchCleanser on its mask set: the peer harness's runs
+            if defense not in defences or not E.available(ckpt):
+                continue
+            _, _, ds, ids, config = H.peer_setup("PatchCleanser", dataset, pct, per_class=None, seed=seed, checkpoint=ckpt)
+            sub_ids = E.eval_ids(ds, PC_MAX_PER_CLASS[dataset], seed)
+            opts = {"peer": "PatchCleanser", "checkpoint": ckpt}
+            add(pct, f"k={PAPER_K} masks", defense, ckpt, config, len(ids), sub_ids, opts)
     return pd.DataFrame(rows, columns=PLAN_COLUMNS + ["options"])
 
 
@@ -464,10 +474,12 @@ def pair_order(jobs: pd.DataFrame) -> pd.DataFrame:
     left = jobs[jobs.status != "done"].copy()
     if left.empty:
         return left
-    pair_cost = left.groupby(["patch_pct", "family"]).cpu_hours_left.transform(lambda s: s.sum(min_count=len(s)))
+    # PatchCleanser's runs are a pair of their own (its two models), not part of the verdict's pair on its mask set
+    left["_pair"] = [("PatchCleanser" if d in (PC_OCCL, PC_VANILLA) else "") for d in left.defense]
+    pair_cost = left.groupby(["patch_pct", "family", "_pair"]).cpu_hours_left.transform(lambda s: s.sum(min_count=len(s)))
     left["_pair_cost"] = pair_cost
     return left.sort_values(["_pair_cost", "patch_pct", "family", "cpu_hours_left"], na_position="last").drop(
-        columns="_pair_cost"
+        columns=["_pair_cost", "_pair"]
     )
 
 
@@ -486,19 +498,35 @@ def run_whole_split(
     12's quick profile reads) and return the plan after; stop before a run that would pass ``max_hours`` CPU-hours
     in all (at its price). Every run is cached chunk by chunk, so an interrupted call resumes where it stopped;
     ``family_kw``: ``rs``, ``masks``, ``taus`` of :func:`whole_split_jobs`."""
+    def compute(job, per_class):
+        if "peer" in job.options:
+            H.peer_cached(
+                job.options["peer"],
+                dataset,
+                job.patch_pct,
+                per_class=per_class,
+                seed=seed,
+                device=device,
+                progress=per_class is None,
+                checkpoint=job.options["checkpoint"],
+            )
+        else:
+            E.certify_cached(
+                dataset,
+                job.model,
+                job.patch_pct,
+                per_class=per_class,
+                seed=seed,
+                device=device,
+                progress=per_class is None,
+                **job.options,
+            )
+
     jobs = whole_split_jobs(dataset, patches, defences=defences, seed=seed, **family_kw)
     for job in jobs[jobs.cpu_hours_left.isna()].itertuples():
-        log(f"pricing {job.patch_pct:g}% {job.family} {job.defense}: {PRICE_PER_CLASS} images per class")
-        E.certify_cached(
-            dataset,
-            job.model,
-            job.patch_pct,
-            per_class=PRICE_PER_CLASS,
-            seed=seed,
-            device=device,
-            progress=False,
-            **job.options,
-        )
+        per_class = PC_MAX_PER_CLASS[dataset] if "peer" in job.options else PRICE_PER_CLASS
+        log(f"pricing {job.patch_pct:g}% {job.family} {job.defense}: {per_class} images per class")
+        compute(job, per_class)
     jobs = whole_split_jobs(dataset, patches, defences=defences, seed=seed, **family_kw)
     spent = 0.0
     for job in pair_order(jobs).itertuples():
@@ -512,6 +540,6 @@ def run_whole_split(
             f"running {job.patch_pct:g}% {job.family} {job.defense} on {job.model}: {job.images_left} images, "
             f"about {job.cpu_hours_left} CPU-h"
         )
-        E.certify_cached(dataset, job.model, job.patch_pct, per_class=None, seed=seed, device=device, **job.options)
+        compute(job, None)
         spent += job.cpu_hours_left
     return whole_split_jobs(dataset, patches, defences=defences, seed=seed, **family_kw)

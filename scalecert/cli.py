@@ -599,13 +599,20 @@ def cache(argv=None) -> int:
 
 def ablation(argv=None) -> int:
     """``python -m scalecert ablation``: notebook 12's whole-split runs of a data set (ScaleCert on its SIN model and
-    MR on the occlusion-trained twin, every family and patch size), priced and run cheapest pair first; last line is
-    JSON."""
+    MR on the occlusion-trained twin, every family and patch size; PatchCleanser's with pc_occl, pc_vanilla), priced
+    and run cheapest pair first; last line is JSON."""
     import pandas as pd
 
     from . import ablation as A
 
-    names = {"sc": A.SC, "mr_occl": A.MR_OCCL, "mr_vanilla": A.MR_VANILLA, "paper": A.SC_PAPER}
+    names = {
+        "sc": A.SC,
+        "mr_occl": A.MR_OCCL,
+        "mr_vanilla": A.MR_VANILLA,
+        "paper": A.SC_PAPER,
+        "pc_occl": A.PC_OCCL,
+        "pc_vanilla": A.PC_VANILLA,
+    }
     p = Parser(prog="python -m scalecert ablation", description=ablation.__doc__)
     p.add_argument("--dataset", required=True)
     p.add_argument("--patch", type=float, action="append", help="patch size in %% (repeat; default: 12's sizes)")

@@ -1,9 +1,12 @@
+import functools
+
 import numpy as np
 import pandas as pd
 import pytest
 
 from scalecert import ablation as A
 from scalecert import experiments as E
+from scalecert.baselines import harness as H
 from scalecert.windows import candidate_windows, covers_all_patches, mask_set
 
 
@@ -219,6 +222,31 @@ def test_whole_split_runner_prices_each_run_on_its_subset_and_stops_at_the_budge
     assert logs[0].startswith("pricing 2.4% k=6 masks") and logs[-1].startswith("stopping:")
     sub = E.certify_cached("cifar10", "cifar10_resnet20_vanilla", 2.4, per_class=A.PRICE_PER_CLASS, sin=False, masks=6)
     assert len(sub) == 10 * A.PRICE_PER_CLASS and sub.attrs["cache"].startswith(str(tmp_path))
+
+
+def test_patchcleanser_runs_are_priced_on_their_subset_run_and_paired_apart(monkeypatch, tmp_path):
+    from scalecert import results as R
+
+    monkeypatch.setattr(R, "CACHE_DIR", tmp_path / "cache")
+    pc = H.peer("PatchCleanser")  # k = 3 (45 pairs per image) keeps the pricing run short; the run's key is the same
+    fast = H.dataclasses.replace(pc, certify=functools.partial(pc.certify, k=3))
+    peers = {**H._peers(), "PatchCleanser": fast}
+    monkeypatch.setattr(H, "_peers", lambda: peers)
+    kw = dict(defences=(A.PC_VANILLA, A.MR_VANILLA), rs=(), taus=())
+    before = A.whole_split_jobs("cifar10", [2.4], **kw)
+    assert sorted(before.defense) == sorted([A.PC_VANILLA, A.MR_VANILLA]) and before.cpu_hours_left.isna().all()
+    logs = []
+    after = A.run_whole_split("cifar10", [2.4], max_hours=0.0, log=logs.append, **kw)
+    pc = after[after.defense == A.PC_VANILLA].iloc[0]
+    assert pc.family == "k=6 masks" and pc.images_left == 10000 and pc.seconds_per_image > 0
+    assert any(m.startswith(f"pricing 2.4% k=6 masks {A.PC_VANILLA}: 1 images per class") for m in logs)
+    # the run the plan priced is the peer harness's subset run (05's quick one)
+    sub = H.peer_cached("PatchCleanser", "cifar10", 2.4, per_class=A.PC_MAX_PER_CLASS["cifar10"],
+                        checkpoint="cifar10_resnet20_vanilla", compute_missing=False, progress=False)
+    assert len(sub) == 10 and sub.attrs["cache"].startswith(str(tmp_path))
+    # on the same mask set, PatchCleanser's runs are not part of the MR pair: each is a pair of its own
+    order = A.pair_order(after.assign(cpu_hours_left=[0.3 if d == A.PC_VANILLA else 0.2 for d in after.defense]))
+    assert order.defense.tolist() == [A.MR_VANILLA, A.PC_VANILLA]
 
 
 def test_run_all_reading_the_cache_only_notes_runs_not_computed_and_writes_nothing(monkeypatch, tmp_path):

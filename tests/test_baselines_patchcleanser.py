@@ -145,8 +145,10 @@ def test_certificate_equals_brute_force_over_all_mask_pairs(box, certified, pred
     brute = brute_table(model, x[0], family)
     table, leads = P.pair_table(model, x, family, chunk=50)
     assert torch.equal(table[0], brute)
-    df = P.certify_patchcleanser(model, x, [0], 5, k=6, batch_size=1, ids=[7])
+    df = P.certify_patchcleanser(model, x, [0], 5, k=6, batch_size=1, ids=[7], early_exit=False)
+    fast = P.certify_patchcleanser(model, x, [0], 5, k=6, batch_size=1, ids=[7]).iloc[0]
     row = df.iloc[0]
+    assert (fast.certified, fast.pred, fast.case, fast.forwards) == (row.certified, row.pred, row.case, row.forwards)
     assert bool(row.certified) == bool((brute == 0).all()) == certified
     assert (row.pred, row.case, row.forwards) == (pred, case, algorithm_1(brute)[2]) == algorithm_1(brute)
     assert row.wrong_pairs == int((brute != 0).triu().sum())
@@ -238,3 +240,23 @@ def test_patchcleanser_runs_through_the_peer_harness(tmp_path, monkeypatch):
     monkeypatch.setattr(H, "_peers", lambda: {"PatchCleanser": other})
     H.peer_cached("PatchCleanser", "cifar10", 2.4, per_class=1, chunk_images=5, progress=False, checkpoint="twin")
     assert names == ["twin"]
+
+
+def test_early_exit_certifies_and_predicts_as_the_full_pair_table():
+    net = tiny_net(5)
+    torch.manual_seed(5)
+    x = torch.rand(12, 3, 16, 16)
+    y = P.double_masking(net, x, 3, k=4)["pred"]
+    y[::4] = (y[::4] + 1) % 3  # some images whose label is not the defended output: not certifiable
+    full = P.certify_patchcleanser(net, x, y, 3, k=4, batch_size=5, early_exit=False)
+    fast = P.certify_patchcleanser(net, x, y, 3, k=4, batch_size=5)
+    same = ["id", "label", "pred", "clean_correct", "certified", "forwards", "case", "disagreers", "certify_forwards"]
+    assert full[same].equals(fast[same])
+    assert 0 < fast.certified.sum() < len(fast)  # the seed gives both outcomes
+    n_pairs = 16 * 17 // 2
+    assert (full.pairs_evaluated == n_pairs).all() and (fast.pairs_evaluated[fast.certified] == n_pairs).all()
+    early = fast.pairs_evaluated < n_pairs
+    assert early.any() and fast.wrong_pairs[early].isna().all() and (fast.wrong_pairs[fast.certified] == 0).all()
+    done = ~early
+    assert (fast.wrong_pairs[done] == full.wrong_pairs[done]).all()
+    assert (fast.min_lead[fast.certified] == full.min_lead[fast.certified]).all()

@@ -143,23 +143,19 @@ def peer_available(name: str, dataset: str) -> bool:
     return ck is not None and (CHECKPOINT_DIR / f"{ck}.pt").is_file()
 
 
-def peer_cached(
+def peer_setup(
     name: str,
     dataset: str,
     patch: float,
     *,
     per_class: int | None,
     seed: int = 0,
-    force: bool = False,
     device: str = "cpu",
     chunk_images: int = 50,
-    progress: bool = True,
     checkpoint: str | None = None,
-    compute_missing: bool = True,
-) -> pd.DataFrame:
-    """Return the common per-image records of one peer configuration, from the cache or computed (and cached);
-    ``checkpoint``: run the peer on that shipped model instead of its own (e.g. PatchCleanser on any classifier);
-    ``compute_missing=False``: a run not complete in the cache raises ``results.NotComputed``."""
+) -> tuple[Peer, object, object, list, dict]:
+    """Return (peer, model, eval split, image ids, cache configuration) of one peer run, computing nothing:
+    ``peer_cached``'s setup, so that a plan can find a run's key."""
     dataset = D.check_dataset(dataset)
     pr = peer(name)
     ck = checkpoint or pr.checkpoint(dataset)
@@ -177,6 +173,30 @@ def peer_cached(
         "ids": R.config_key({"ids": ids}),
         "chunk_images": chunk_images,
     }
+    return pr, model, ds, ids, config
+
+
+def peer_cached(
+    name: str,
+    dataset: str,
+    patch: float,
+    *,
+    per_class: int | None,
+    seed: int = 0,
+    force: bool = False,
+    device: str = "cpu",
+    chunk_images: int = 50,
+    progress: bool = True,
+    checkpoint: str | None = None,
+    compute_missing: bool = True,
+) -> pd.DataFrame:
+    """Return the common per-image records of one peer configuration, from the cache or computed (and cached);
+    ``checkpoint``: run the peer on that shipped model instead of its own (e.g. PatchCleanser on any classifier);
+    ``compute_missing=False``: a run not complete in the cache raises ``results.NotComputed``."""
+    pr, model, ds, ids, config = peer_setup(
+        name, dataset, patch, per_class=per_class, seed=seed, device=device, chunk_images=chunk_images,
+        checkpoint=checkpoint,
+    )
 
     def one(rg):
         x, y = ds.tensors(ids[rg.start : rg.stop])

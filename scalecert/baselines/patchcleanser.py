@@ -33,10 +33,12 @@ Cost accounting
   second round is run (in mask order, up to the first that passes; all disagreers in case III). The
   second round's pair of ``m_d`` with itself is the first-round image again, so it is not re-run
   (Algorithm 1 lists it; the reference code evaluates it). No unmasked forward: Algorithm 1 has none.
-* ``certify_forwards``: k^2 (k^2 + 1) / 2 (666 for k = 6), the pair table the certificate needs;
-  this is what the harness run spends per image (its ``seconds``): the defended output is read off
-  the same table by :func:`double_masking_decision`, and a test checks it equals the output and the
-  ``forwards`` of :func:`double_masking` run on its own.
+* ``certify_forwards``: k^2 (k^2 + 1) / 2 (666 for k = 6), the pair table a certified image needs.
+  The harness run (:func:`certify_early_exit`) evaluates the first round for every image and the rest
+  of the table only while it can still certify: an image with a wrong one-mask label costs the
+  inference's ``forwards``, one with a wrong pair leaves at that group of pairs (``pairs_evaluated``).
+  A test checks that its outputs equal those read off the full table by
+  :func:`double_masking_decision` and those of :func:`double_masking` run on its own.
 
 Deviations from the paper (say so beside any number made with this module)
 -------------------------------------------------------------------------
@@ -72,6 +74,8 @@ DEFENSE = "PatchCleanser"
 PAPER_K = 6
 #: hidden pixels take this value in [0, 1] image space (Engine.fill's default; the models normalise inside)
 FILL = 0.0
+#: the groups in which ``certify_early_exit`` evaluates the two-mask pairs (an image leaves at its first wrong group)
+EARLY_GROUPS = 6
 
 
 def _device_of(model: nn.Module, device) -> torch.device:
@@ -263,10 +267,21 @@ def double_masking(
     family = _family(x.shape[-1], patch, k, family)
     x, model, masks, chunk = _setup(model, x, family, chunk, device)
     b, k = x.shape[0], len(family)
-    dev = x.device
-    img = torch.arange(b, device=dev).repeat_interleave(k)
-    mi = torch.arange(k, device=dev).repeat(b)
+    img = torch.arange(b, device=x.device).repeat_interleave(k)
+    mi = torch.arange(k, device=x.device).repeat(b)
     one = masked_predictions(model, x, masks, img, mi, mi, chunk, fill)[0].view(b, k)
+    return second_rounds(model, x, masks, one, chunk, fill)
+
+
+@torch.no_grad()
+def second_rounds(
+    model: nn.Module, x: torch.Tensor, masks: torch.Tensor, one: torch.Tensor, chunk: int, fill: float = FILL
+) -> dict[str, torch.Tensor]:
+    """Return double masking's ``pred``, ``case``, ``disagreers`` and ``forwards`` (B,) given the first round's
+    one-mask labels ``one`` (B, K) of images x (B, 3, n, n) under boolean masks (K, n, n): second round t evaluates,
+    for every image still undecided, its t-th disagreer paired with each other mask, all images at once."""
+    b, k = one.shape
+    dev = x.device
     majority, dis = first_round(one)
     pred, forwards = majority.clone(), torch.full((b,), k, dtype=torch.long)
     case = torch.where(dis.any(1), 3, 1)
@@ -289,6 +304,61 @@ def double_masking(
     return {"pred": pred, "case": case, "disagreers": dis.sum(1), "forwards": forwards}
 
 
+@torch.no_grad()
+def certify_early_exit(
+    model: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    family: WindowFamily,
+    chunk: int | None = None,
+    device=None,
+    fill: float = FILL,
+    groups: int = EARLY_GROUPS,
+) -> dict[str, torch.Tensor]:
+    """Return double masking's output (as :func:`double_masking`) plus ``certified``, ``wrong_pairs``, ``min_lead``
+    and ``pairs_evaluated`` (B,) of images (B, 3, n, n) for their labels (B,), evaluating no more pairs than needed.
+
+    The first round (K one-mask predictions) runs for every image; an image with a one-mask label other than its
+    own cannot be certified, and only double masking's second rounds are run for it. The others evaluate the
+    K (K - 1) / 2 two-mask pairs in ``groups`` groups, an image leaving at the first group holding a wrong label.
+    The certificate is the one of the full pair table (a test checks it); ``wrong_pairs`` and ``min_lead`` are over
+    the pairs evaluated, ``wrong_pairs`` NaN for an image that left early (its count is not known).
+    """
+    x, model, masks, chunk = _setup(model, images, family, chunk, device)
+    b, k = x.shape[0], len(family)
+    dev = x.device
+    y = labels.cpu().long()
+    img = torch.arange(b, device=dev).repeat_interleave(k)
+    mi = torch.arange(k, device=dev).repeat(b)
+    lab, lead = masked_predictions(model, x, masks, img, mi, mi, chunk, fill)
+    one, lead = lab.view(b, k), lead.view(b, k)
+    out = second_rounds(model, x, masks, one, chunk, fill)
+    wrong = (one != y[:, None]).sum(1).double()
+    min_lead = lead.amin(1)
+    alive = wrong == 0
+    evaluated = torch.full((b,), k, dtype=torch.long)
+    i, j = torch.triu_indices(k, k, 1)
+    for gi, gj in zip(i.tensor_split(groups), j.tensor_split(groups)):
+        idx = alive.nonzero()[:, 0]
+        if len(idx) == 0 or len(gi) == 0:
+            break
+        g = len(gi)
+        lab, lead = masked_predictions(
+            model, x, masks, idx.repeat_interleave(g).to(dev), gi.repeat(len(idx)).to(dev), gj.repeat(len(idx)).to(dev),
+            chunk, fill,
+        )
+        bad = (lab.view(-1, g) != y[idx, None]).sum(1)
+        wrong[idx] += bad.double()
+        min_lead[idx] = torch.minimum(min_lead[idx], lead.view(-1, g).amin(1))
+        evaluated[idx] += g
+        alive[idx] = bad == 0
+    certified = alive
+    # an image that left after the first round or a group has a count over part of its table only
+    left_early = ~certified & (evaluated < k * (k + 1) // 2)
+    wrong[left_early] = float("nan")
+    return {**out, "certified": certified, "wrong_pairs": wrong, "min_lead": min_lead, "pairs_evaluated": evaluated}
+
+
 # --------------------------------------------------------------------------- certification (harness)
 def certify_patchcleanser(
     model: nn.Module,
@@ -301,6 +371,7 @@ def certify_patchcleanser(
     batch_size: int = 16,
     ids=None,
     fill: float = FILL,
+    early_exit: bool = True,
 ) -> pd.DataFrame:
     """PatchCleanser: one row per image (common peer records, defense "PatchCleanser", kind "recovery").
 
@@ -310,9 +381,12 @@ def certify_patchcleanser(
     per timed batch, whose pair tables are evaluated ``chunk`` masked images at a time.
     OUTPUT: id, label, pred (double masking, :func:`double_masking_decision`), alert (False), clean_correct,
     certified (every pair prediction equals the label), forwards (inference cost, see the module docstring),
-    seconds (wall time of the whole pair table and decision per image), certify_forwards (K (K + 1) / 2),
+    seconds (wall time per image of the pairs evaluated and the decision), certify_forwards (K (K + 1) / 2),
     patch_px, masks (K), mask_side, mask_stride, case (1-3), disagreers, wrong_pairs (pairs i <= j whose label
-    is not the true one) and min_lead (smallest top-1 lead over the runner-up among the pair predictions).
+    is not the true one), min_lead (smallest top-1 lead over the runner-up among the pair predictions evaluated)
+    and pairs_evaluated. ``early_exit`` (:func:`certify_early_exit`): an image stops at the first group of pairs
+    that rules its certificate out (``wrong_pairs`` NaN then); False evaluates the whole table of every image.
+    Both give the same id, pred, clean_correct, certified, forwards, case and disagreers (a test checks it).
     """
     x = check_images(images)
     b, n = x.shape[0], x.shape[-1]
@@ -328,13 +402,22 @@ def certify_patchcleanser(
     recs = []
     for s0 in range(0, b, batch_size):
         t0 = time.perf_counter()
-        table, leads = pair_table(model, x[s0 : s0 + batch_size], family, chunk, device, fill)
-        out = double_masking_decision(table)
-        yb = y[s0 : s0 + batch_size]
-        wrong = ((table != yb[:, None, None]) & upper).sum((1, 2))
+        xb, yb = x[s0 : s0 + batch_size], y[s0 : s0 + batch_size]
+        if early_exit:
+            out = certify_early_exit(model, xb, yb, family, chunk, device, fill)
+        else:
+            table, leads = pair_table(model, xb, family, chunk, device, fill)
+            out = double_masking_decision(table)
+            wrong = ((table != yb[:, None, None]) & upper).sum((1, 2))
+            out.update(
+                certified=wrong == 0,
+                wrong_pairs=wrong.double(),
+                min_lead=leads.flatten(1).amin(1),
+                pairs_evaluated=torch.full_like(wrong, n_pairs),
+            )
         seconds = (time.perf_counter() - t0) / len(yb)
         cols = {c: v.tolist() for c, v in out.items()}
-        for j, (lab, bad) in enumerate(zip(yb.tolist(), wrong.tolist())):
+        for j, lab in enumerate(yb.tolist()):
             pr = cols["pred"][j]
             recs.append(
                 {
@@ -343,7 +426,7 @@ def certify_patchcleanser(
                     "pred": pr,
                     "alert": False,
                     "clean_correct": pr == lab,
-                    "certified": bad == 0,
+                    "certified": bool(cols["certified"][j]),
                     "forwards": cols["forwards"][j],
                     "seconds": seconds,
                     "certify_forwards": n_pairs,
@@ -353,8 +436,9 @@ def certify_patchcleanser(
                     "mask_stride": family.stride,
                     "case": cols["case"][j],
                     "disagreers": cols["disagreers"][j],
-                    "wrong_pairs": bad,
-                    "min_lead": float(leads[j].min()),
+                    "wrong_pairs": cols["wrong_pairs"][j],
+                    "min_lead": float(cols["min_lead"][j]),
+                    "pairs_evaluated": cols["pairs_evaluated"][j],
                 }
             )
     return records_frame(recs, DEFENSE, KIND)
