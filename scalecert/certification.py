@@ -8,9 +8,14 @@ import pandas as pd
 
 from . import data as D
 from . import experiments as E
+from . import results as R
 from .baselines import harness as H
 from .paper import PAPER_DATASET, paper_table
 
+#: the note of a row whose run the cache does not hold complete when 05 reads the cache only (the paper profile)
+NOT_COMPUTED = (
+    "not computed yet (tools/paper_profile.sh; PatchCleanser: python -m scalecert ablation --defences pc_occl,pc_vanilla)"
+)
 #: the columns of 05's tables, in order (those a table has)
 COLUMNS = [
     "dataset",
@@ -52,13 +57,15 @@ def rows(
     seed: int = 0,
     force: bool = False,
     device: str = "cpu",
+    compute_missing: bool = True,
 ) -> list[dict]:
     """Return 05's rows of a data set (cached runs, computed where missing): ScaleCert (sound and paper mode) and MR
     at every size of ``table_sizes``, every peer of Table 2 that has a checkpoint for the data set, and PatchCleanser
     on its models (``pc_models``, (label, checkpoint) pairs; default both of ``experiments.patchcleanser_runs``) at the
     sizes in ``pc_patches`` (``pc_per_class`` images per class); a model not shipped gives a row with a ``note``.
     ``certify_forwards``: what the certificate costs (PatchCleanser: its 666-prediction pair table; the others: the
-    same pass as their prediction)."""
+    same pass as their prediction). ``compute_missing=False`` reads the cache only: a run not complete there gives a
+    row with the note ``NOT_COMPUTED`` and nothing is computed."""
     dataset = D.check_dataset(dataset)
     label_of = D.DATASET_LABELS[dataset]
     sin_ckpt, van, tau = (
@@ -66,8 +73,17 @@ def rows(
         E.model_name(dataset),
         E.DEFAULT_TAU[dataset],
     )
-    common = dict(seed=seed, force=force, device=device, progress=False)
+    common = dict(seed=seed, force=force, device=device, progress=False, compute_missing=compute_missing)
     out = []
+
+    def cached(row, fetch):
+        """Return fetch()'s records, or None after adding ``row`` with the not-computed note to ``out``."""
+        try:
+            return fetch()
+        except R.NotComputed:
+            out.append({**row, "note": NOT_COMPUTED})
+            return None
+
     for table_no, pct, pc, _ in sizes:
         configs = [
             ("ScaleCert", sin_ckpt, dict(mode="sound", rule="strict", tau=tau)),
@@ -79,7 +95,10 @@ def rows(
             if not E.available(ckpt):
                 out.append({**row, "note": f"{ckpt} not trained yet"})
                 continue
-            s = E.summarise(E.certify_cached(dataset, ckpt, pct, per_class=pc, **common, **kw), **row)
+            df = cached(row, lambda: E.certify_cached(dataset, ckpt, pct, per_class=pc, **common, **kw))
+            if df is None:
+                continue
+            s = E.summarise(df, **row)
             out.append({**s, "certify_forwards": s["forwards_per_image"]})  # detect and certify: the same pass
     for table_no, pct, _, pc in sizes:  # the peers of Table 2 on their own checkpoints (IBP: CIFAR only, as the paper)
         for peer in H.PEER_NAMES:
@@ -96,7 +115,10 @@ def rows(
             if not H.peer_available(peer, dataset):
                 out.append({**row, "note": f"{ck} not trained yet"})
                 continue
-            s = H.summarise_peer(H.peer_cached(peer, dataset, pct, per_class=pc, **common), **row)
+            df = cached(row, lambda: H.peer_cached(peer, dataset, pct, per_class=pc, **common))
+            if df is None:
+                continue
+            s = H.summarise_peer(df, **row)
             out.append({**s, "certify_forwards": s["forwards_per_image"]})
     for table_no, pct, _, _ in sizes:  # PatchCleanser (recovery; not in the paper's tables) on both models
         if pct not in pc_patches:
@@ -107,7 +129,11 @@ def rows(
             if not E.available(ck):
                 out.append({**row, "note": f"{ck} not trained yet"})
                 continue
-            df = H.peer_cached("PatchCleanser", dataset, pct, per_class=pc_per_class, checkpoint=ck, **common)
+            df = cached(
+                row, lambda: H.peer_cached("PatchCleanser", dataset, pct, per_class=pc_per_class, checkpoint=ck, **common)
+            )
+            if df is None:
+                continue
             out.append({**H.summarise_peer(df, **row), "certify_forwards": round(float(df.certify_forwards.mean()), 1)})
     return out
 

@@ -59,6 +59,19 @@ def test_rows_run_every_defence_once_per_size_and_say_which_models_are_missing(m
     assert ("PatchCleanser", "m", 2.4, 1) in calls
 
 
+def test_rows_reading_the_cache_only_say_which_runs_are_not_computed_and_compute_nothing(monkeypatch, tmp_path):
+    from scalecert import results as R
+
+    cache = tmp_path / "cache"
+    monkeypatch.setattr(R, "CACHE_DIR", cache)
+    sizes = C.table_sizes("cifar10", 1, 1, 1)[1:2]  # 2.4%: every defence with a checkpoint, PatchCleanser too
+    got = pd.DataFrame(C.rows("cifar10", sizes, pc_patches=[2.4], pc_per_class=1, compute_missing=False))
+    assert not cache.exists()
+    shipped = got[~got.note.str.endswith("not trained yet")]
+    assert len(shipped) >= 5 and (shipped.note == C.NOT_COMPUTED).all() and "certified" not in got
+    assert {"ScaleCert", "MR", E.PC_VANILLA} <= set(shipped.defense)
+
+
 def test_tables_put_the_papers_numbers_beside_ours_by_table():
     ours = pd.DataFrame(
         [

@@ -6,7 +6,8 @@
 # its REPORT.md). When every notebook has run once, `make figures PROFILE=paper` re-renders figures/ from the cache.
 # Usage: nohup bash tools/paper_profile.sh [NOTEBOOK ...] >> data/runs/logs/paper.log 2>&1 &
 #        (DATASET=imagenette or DATASET=cifar10: that data set only; default both; JOB=NAME: output folder
-#        build/paper/NAME, for a second job on one data set)
+#        build/paper/NAME, for a second job on one data set; COMPUTE=1: notebooks whose paper profile reads the cache
+#        only, 05 and 12, compute what it lacks; 0 or unset: their default)
 # Hours to days on a 2-core CPU; never run in CI.
 # The body is one function, read whole before it runs, so that editing this file never changes a running job.
 set -euo pipefail
@@ -31,7 +32,7 @@ main() {
     echo "$(date -u +%FT%TZ) start $nb"
     start=$(date +%s)
     $PY -m papermill --engine scalecert --log-level WARNING -k python3 "notebooks/$nb.ipynb" "$out/executed/$nb.ipynb" \
-      -p profile paper ${DATASET:+-p datasets "$DATASET"} &
+      -p profile paper ${DATASET:+-p datasets "$DATASET"} ${COMPUTE:+-p compute "$COMPUTE"} &
     pm=$!
     while kill -0 "$pm" 2>/dev/null; do lower "$pm"; sleep 10; done
     wait "$pm" || { rc=$?; echo "$(date -u +%FT%TZ) FAILED $nb (exit $rc); the notebooks after it did not run" >&2; exit $rc; }
