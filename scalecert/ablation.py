@@ -461,7 +461,9 @@ def whole_split_jobs(
         for defense, ckpt in E.patchcleanser_runs(dataset):  # PatchCleanser on its mask set: the peer harness's runs
             if defense not in defences or not E.available(ckpt):
                 continue
-            _, _, ds, ids, config = H.peer_setup("PatchCleanser", dataset, pct, per_class=None, seed=seed, checkpoint=ckpt)
+            _, _, ds, ids, config = H.peer_setup(
+                "PatchCleanser", dataset, pct, per_class=None, seed=seed, checkpoint=ckpt
+            )
             sub_ids = E.eval_ids(ds, PC_MAX_PER_CLASS[dataset], seed)
             opts = {"peer": "PatchCleanser", "checkpoint": ckpt}
             add(pct, f"k={PAPER_K} masks", defense, ckpt, config, len(ids), sub_ids, opts)
@@ -476,7 +478,9 @@ def pair_order(jobs: pd.DataFrame) -> pd.DataFrame:
         return left
     # PatchCleanser's runs are a pair of their own (its two models), not part of the verdict's pair on its mask set
     left["_pair"] = [("PatchCleanser" if d in (PC_OCCL, PC_VANILLA) else "") for d in left.defense]
-    pair_cost = left.groupby(["patch_pct", "family", "_pair"]).cpu_hours_left.transform(lambda s: s.sum(min_count=len(s)))
+    pair_cost = left.groupby(["patch_pct", "family", "_pair"]).cpu_hours_left.transform(
+        lambda s: s.sum(min_count=len(s))
+    )
     left["_pair_cost"] = pair_cost
     return left.sort_values(["_pair_cost", "patch_pct", "family", "cpu_hours_left"], na_position="last").drop(
         columns=["_pair_cost", "_pair"]
@@ -498,6 +502,7 @@ def run_whole_split(
     12's quick profile reads) and return the plan after; stop before a run that would pass ``max_hours`` CPU-hours
     in all (at its price). Every run is cached chunk by chunk, so an interrupted call resumes where it stopped;
     ``family_kw``: ``rs``, ``masks``, ``taus`` of :func:`whole_split_jobs`."""
+
     def compute(job, per_class):
         if "peer" in job.options:
             H.peer_cached(

@@ -14,7 +14,8 @@ from .paper import PAPER_DATASET, paper_table
 
 #: the note of a row whose run the cache does not hold complete when 05 reads the cache only (the paper profile)
 NOT_COMPUTED = (
-    "not computed yet (tools/paper_profile.sh; PatchCleanser: python -m scalecert ablation --defences pc_occl,pc_vanilla)"
+    "not computed yet (COMPUTE=1 tools/paper_profile.sh; PatchCleanser: python -m scalecert ablation --defences "
+    "pc_occl,pc_vanilla)"
 )
 #: the columns of 05's tables, in order (those a table has)
 COLUMNS = [
@@ -130,7 +131,8 @@ def rows(
                 out.append({**row, "note": f"{ck} not trained yet"})
                 continue
             df = cached(
-                row, lambda: H.peer_cached("PatchCleanser", dataset, pct, per_class=pc_per_class, checkpoint=ck, **common)
+                row,
+                lambda: H.peer_cached("PatchCleanser", dataset, pct, per_class=pc_per_class, checkpoint=ck, **common),
             )
             if df is None:
                 continue

@@ -241,8 +241,15 @@ def test_patchcleanser_runs_are_priced_on_their_subset_run_and_paired_apart(monk
     assert pc.family == "k=6 masks" and pc.images_left == 10000 and pc.seconds_per_image > 0
     assert any(m.startswith(f"pricing 2.4% k=6 masks {A.PC_VANILLA}: 1 images per class") for m in logs)
     # the run the plan priced is the peer harness's subset run (05's quick one)
-    sub = H.peer_cached("PatchCleanser", "cifar10", 2.4, per_class=A.PC_MAX_PER_CLASS["cifar10"],
-                        checkpoint="cifar10_resnet20_vanilla", compute_missing=False, progress=False)
+    sub = H.peer_cached(
+        "PatchCleanser",
+        "cifar10",
+        2.4,
+        per_class=A.PC_MAX_PER_CLASS["cifar10"],
+        checkpoint="cifar10_resnet20_vanilla",
+        compute_missing=False,
+        progress=False,
+    )
     assert len(sub) == 10 and sub.attrs["cache"].startswith(str(tmp_path))
     # on the same mask set, PatchCleanser's runs are not part of the MR pair: each is a pair of its own
     order = A.pair_order(after.assign(cpu_hours_left=[0.3 if d == A.PC_VANILLA else 0.2 for d in after.defense]))

@@ -194,7 +194,13 @@ def peer_cached(
     ``checkpoint``: run the peer on that shipped model instead of its own (e.g. PatchCleanser on any classifier);
     ``compute_missing=False``: a run not complete in the cache raises ``results.NotComputed``."""
     pr, model, ds, ids, config = peer_setup(
-        name, dataset, patch, per_class=per_class, seed=seed, device=device, chunk_images=chunk_images,
+        name,
+        dataset,
+        patch,
+        per_class=per_class,
+        seed=seed,
+        device=device,
+        chunk_images=chunk_images,
         checkpoint=checkpoint,
     )
 

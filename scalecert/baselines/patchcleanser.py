@@ -344,8 +344,14 @@ def certify_early_exit(
             break
         g = len(gi)
         lab, lead = masked_predictions(
-            model, x, masks, idx.repeat_interleave(g).to(dev), gi.repeat(len(idx)).to(dev), gj.repeat(len(idx)).to(dev),
-            chunk, fill,
+            model,
+            x,
+            masks,
+            idx.repeat_interleave(g).to(dev),
+            gi.repeat(len(idx)).to(dev),
+            gj.repeat(len(idx)).to(dev),
+            chunk,
+            fill,
         )
         bad = (lab.view(-1, g) != y[idx, None]).sum(1)
         wrong[idx] += bad.double()
