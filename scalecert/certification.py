@@ -158,6 +158,8 @@ def tables(ours: pd.DataFrame) -> dict[int, pd.DataFrame]:
     )
     if "seconds_per_image" in table:
         table["images_per_s"] = (1 / table.seconds_per_image).round(2)
+    if "images" in table:
+        table["images"] = table["images"].astype("Int64")  # whole numbers beside the rows with a note
     return {
         no: g[[c for c in COLUMNS if c in g]].dropna(axis=1, how="all").reset_index(drop=True)
         for no, g in table.groupby("table")

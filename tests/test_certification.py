@@ -70,6 +70,9 @@ def test_rows_reading_the_cache_only_say_which_runs_are_not_computed_and_compute
     shipped = got[~got.note.str.endswith("not trained yet")]
     assert len(shipped) >= 5 and (shipped.note == C.NOT_COMPUTED).all() and "certified" not in got
     assert {"ScaleCert", "MR", E.PC_VANILLA} <= set(shipped.defense)
+    done = pd.DataFrame([{**got.iloc[0].to_dict(), "note": None, "images": 10, "certified": 50.0}])
+    table = C.tables(pd.concat([got, done], ignore_index=True))[2]
+    assert str(table["images"].dtype) == "Int64" and table["images"].dropna().tolist() == [10]
 
 
 def test_tables_put_the_papers_numbers_beside_ours_by_table():
