@@ -31,12 +31,14 @@ def _checkpoint_names() -> dict:
 
 
 def _settings_05(config: dict, early_stop: bool = True) -> bool:
-    """Return True iff a ScaleCert or MR run has 05's τ and r (and, with ``early_stop``, 05's early stopping: off only
-    for the paper's rule; 07 times runs with it off, which changes the time but not a single record's outcome)."""
+    """Return True iff a ScaleCert or MR run has 05's τ and r on the sliding-window family (not 12's mask set; and, with
+    ``early_stop``, 05's early stopping: off only for the paper's rule; 07 times runs with it off, which changes the
+    time but not a single record's outcome)."""
     dataset = config["dataset"]
     return (
         config.get("tau") == DEFAULT_TAU[dataset]
         and config.get("r") == 3
+        and config.get("masks") is None
         and (not early_stop or config.get("early_stop") == (config.get("rule") == "strict"))
     )
 
