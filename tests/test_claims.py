@@ -89,17 +89,24 @@ def test_write_readme_replaces_only_the_block(tmp_path):
         C.write_readme(p)
 
 
-def test_ablation_block_renders_each_verdict_row_and_the_notebooks_sentence(tmp_path):
+def test_ablation_block_summarises_each_data_sets_verdicts_and_points_at_the_notebooks_tables(tmp_path):
     assert C.ablation_markdown(tmp_path).startswith("No whole-split verdict yet")
     (tmp_path / "imagenette").mkdir()
+    (tmp_path / "cifar10").mkdir()
+    row = {"dataset": "Imagenette-224", "patch_pct": 2.0, "family": "k=6 masks", "images": 3925,
+           "scalecert_certified": 61.25, "mr_occl_certified": 58.0, "difference": 3.2, "ci_low": 2.1, "ci_high": 4.4,
+           "p_value": 1.2e-8}  # fmt: skip
+    pd.DataFrame([row]).to_csv(tmp_path / "imagenette" / "12_verdict.csv", index=False)
     pd.DataFrame(
         [
-            {"dataset": "Imagenette-224", "patch_pct": 2.0, "family": "k=6 masks", "images": 3925,
-             "scalecert_certified": 61.25, "mr_occl_certified": 58.0, "difference": 3.2, "ci_low": 2.1, "ci_high": 4.4,
-             "p_value": 1.2e-8},
+            {**row, "dataset": "CIFAR-10 (JPEG)", "images": 10000, "difference": -6.4, "ci_low": -7.2, "ci_high": -5.5,
+             "p_value": 2.6e-49},
+            {**row, "dataset": "CIFAR-10 (JPEG)", "images": 10000, "difference": 0.3, "ci_low": -0.5, "ci_high": 1.1,
+             "p_value": 0.41},
         ]
-    ).to_csv(tmp_path / "imagenette" / "12_verdict.csv", index=False)  # fmt: skip
+    ).to_csv(tmp_path / "cifar10" / "12_verdict.csv", index=False)  # fmt: skip
     (tmp_path / "imagenette" / "12_answer.md").write_text("Imagenette-224: SIN adds certified accuracy.\n")
     text = C.ablation_markdown(tmp_path)
-    assert "| Imagenette-224 | 2% | k=6 masks | 3,925 | 61.2 | 58.0 | +3.2 [+2.1, +4.4] | 1.2e-08 |" in text
+    assert "| CIFAR-10 (JPEG) | 2 | 10,000 | -6.4 to +0.3 | 1 / 1 / 0 | 0.41 |" in text
+    assert "| Imagenette-224 | 1 | 3,925 | +3.2 [+2.1, +4.4] | 0 / 0 / 1 | 1.2e-08 |" in text
     assert "12_answer.md" in text.splitlines()[-1] and "SIN adds" not in text  # the answers stay in the notebook's file
