@@ -264,9 +264,12 @@ def test_recalibrated_statistics_are_the_exact_batch_moments_and_forget_the_old_
     assert all(torch.equal(a, b) for a, b in zip(m.state_dict().values(), m2.state_dict().values()))
 
 
-def test_recalibrate_command_rewrites_checkpoint_and_card_once(tmp_path, capsys):
+def test_recalibrate_command_rewrites_checkpoint_and_card_once(tmp_path, capsys, monkeypatch):
+    import scalecert.train as T
     from scalecert.train import recalibrate_main
 
+    real = T.evaluate  # the card's accuracies on 200 test images, not the whole split (20,000 forwards)
+    monkeypatch.setattr(T, "evaluate", lambda model, ds, idx=None, **kw: real(model, ds, np.arange(200), **kw))
     torch.manual_seed(0)
     path = tmp_path / "m.pt"
     card = {"name": "m", "dataset_key": "cifar10", "accuracy_with_sin": 1.0, "accuracy_without_sin": 2.0}

@@ -33,34 +33,54 @@ def test_every_notebook_is_covered_by_an_up_to_date_reference(src):
     assert any("parameters" in t for t in tags), f"{src.name} has no papermill parameters cell"
 
 
-@pytest.mark.parametrize(
-    "notebook,params,match",
-    [
-        ("00_data", {"datasets": "mnist"}, "unknown dataset"),
-        ("00_data", {"profile": "huge"}, "unknown profile"),
-        ("02_sin_localization", {"patch_pct": "150"}, "not smaller than the 32x32 images"),
-        ("09_empirical_recovery", {"patch_pct": "100", "datasets": "imagenette"}, "not smaller than the 224x224"),
-        ("04_adaptive_attack", {"patch_pct": "-2"}, "patch_pct must be a positive number"),
-        ("04_adaptive_attack", {"alphas": "[0, -1]"}, "alphas must be a list of numbers >= 0"),
-        ("05_certification", {"large_n_per_class": "0"}, "large_n_per_class must be a whole number >= 1"),
-        ("05_certification", {"peer_n_per_class": "2.5"}, "peer_n_per_class must be a whole number >= 1"),
-        ("11_window_family", {"rs": "[1, 0]"}, "rs must be a list of whole numbers >= 1"),
-    ],
-)
-def test_bad_parameter_stops_at_the_first_cell(tmp_path, notebook, params, match):
-    args = [
-        sys.executable,
-        "-m",
-        "papermill",
-        "--engine",
-        "scalecert",
-        "--log-level",
-        "ERROR",
-        "-k",
-        "python3",
-        str(ROOT / "notebooks" / f"{notebook}.ipynb"),
-        str(tmp_path / "out.ipynb"),
-    ]
+BAD_PARAMETERS = [
+    ("00_data", {"datasets": "mnist"}, "unknown dataset"),
+    ("00_data", {"profile": "huge"}, "unknown profile"),
+    ("02_sin_localization", {"patch_pct": "150"}, "not smaller than the 32x32 images"),
+    ("09_empirical_recovery", {"patch_pct": "100", "datasets": "imagenette"}, "not smaller than the 224x224"),
+    ("04_adaptive_attack", {"patch_pct": "-2"}, "patch_pct must be a positive number"),
+    ("04_adaptive_attack", {"alphas": "[0, -1]"}, "alphas must be a list of numbers >= 0"),
+    ("05_certification", {"large_n_per_class": "0"}, "large_n_per_class must be a whole number >= 1"),
+    ("05_certification", {"peer_n_per_class": "2.5"}, "peer_n_per_class must be a whole number >= 1"),
+    ("11_window_family", {"rs": "[1, 0]"}, "rs must be a list of whole numbers >= 1"),
+]
+
+
+def run_until_error(notebook, params):
+    """Return (index of the code cell that raised, the exception) after running the notebook in this process the way
+    papermill would (its parameter parsing and injected cell), stopping at the first error; (None, None) if none."""
+    from papermill.cli import _resolve_type
+    from papermill.iorw import load_notebook_node
+    from papermill.parameterize import parameterize_notebook
+
+    nb = parameterize_notebook(
+        load_notebook_node(str(ROOT / "notebooks" / f"{notebook}.ipynb")),
+        {k: _resolve_type(v) for k, v in params.items()},
+        kernel_name="python3",
+        language="python",
+    )
+    namespace = {"__name__": "__main__"}
+    for i, cell in enumerate(c for c in nb.cells if c.cell_type == "code"):
+        assert not any(line.lstrip().startswith(("%", "!")) for line in cell.source.splitlines()), cell.source
+        try:
+            exec(compile(cell.source, f"<{notebook} cell {i}>", "exec"), namespace)
+        except Exception as e:  # noqa: BLE001 - the test inspects whatever the notebook raised
+            return i, e
+    return None, None
+
+
+@pytest.mark.parametrize("notebook,params,match", BAD_PARAMETERS)
+def test_bad_parameter_stops_at_the_checking_cell(notebook, params, match):
+    cell, error = run_until_error(notebook, params)
+    assert isinstance(error, ValueError) and match in str(error), error
+    assert cell <= 2  # parameters, injected parameters, the checking cell: no work before the error
+
+
+def test_a_bad_parameter_fails_the_papermill_run_at_its_first_cells(tmp_path):
+    # the same check end to end once, through papermill and the scalecert engine (one kernel start)
+    notebook, params, match = BAD_PARAMETERS[5]
+    args = [sys.executable, "-m", "papermill", "--engine", "scalecert", "--log-level", "ERROR", "-k", "python3"]
+    args += [str(ROOT / "notebooks" / f"{notebook}.ipynb"), str(tmp_path / "out.ipynb")]
     for k, v in params.items():
         args += ["-p", k, v]
     run = subprocess.run(
