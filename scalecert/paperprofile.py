@@ -95,7 +95,7 @@ def _certification_runs(cache_dir: Path | None = None, datasets=None):
     for meta in sorted(Path(cache_dir or R.CACHE_DIR).glob("*/config.json")):
         run, config = meta.parent, json.loads(meta.read_text())
         dataset = config.get("dataset")
-        if "kind" in config or dataset not in D.EVAL_SPLIT or not (run / "size.json").is_file():
+        if "kind" in config or dataset not in D.EVAL_SPLIT or R.run_size(run) is None:
             continue  # an analysis or attack run, not a certificate
         if datasets is not None and dataset not in datasets:
             continue
@@ -134,7 +134,7 @@ def whole_split_results(cache_dir: Path | None = None, datasets=None) -> pd.Data
     rows = []
     for run, config, model, defense, n, ids in _certification_runs(cache_dir, datasets):
         dataset = config["dataset"]
-        size = json.loads((run / "size.json").read_text())
+        size = R.run_size(run)
         if (size["images"], config["ids"]) != (n, ids):
             continue
         try:
@@ -190,7 +190,7 @@ def card_accuracy_check(cache_dir: Path | None = None) -> pd.DataFrame:
     cards = {c.stem: json.loads(c.read_text()) for c in CHECKPOINT_DIR.glob("*.json")}
     rows = {}
     for run, config, model, defense, n, ids in _certification_runs(cache_dir):
-        size, card, with_sin = json.loads((run / "size.json").read_text()), cards[model], config.get("rate") is not None
+        size, card, with_sin = R.run_size(run), cards[model], config.get("rate") is not None
         if (
             (model, with_sin, "certification") in rows
             or "peer" in config
@@ -221,9 +221,10 @@ def card_accuracy_check(cache_dir: Path | None = None) -> pd.DataFrame:
     for meta in sorted(Path(cache_dir or R.CACHE_DIR).glob("*/config.json")):  # 01's predictions, every model
         run, config = meta.parent, json.loads(meta.read_text())
         model = names.get(config.get("checkpoint_sha256"))
-        if config.get("kind") != "predictions" or model not in cards or not (run / "size.json").is_file():
+        size = R.run_size(run)
+        if config.get("kind") != "predictions" or model not in cards or size is None:
             continue
-        size, card = json.loads((run / "size.json").read_text()), cards[model]
+        card = cards[model]
         n = size["images"]
         if card.get("eval_images") != n or config["ids"] != R.config_key({"ids": list(range(n))}):
             continue

@@ -16,15 +16,16 @@ and a rename), so that
 
 Timings are kept apart (``timings-rank<r>.csv``) so that record tables are exactly reproducible.
 
-A finished run can be compacted (``compact``, ``compact_all``; ``python -m scalecert cache --compact``): its chunks
-and timings become one compressed Parquet file, ``records.parquet``, beside ``config.json`` and ``size.json``, and the
-chunk and timing files are removed. The file holds the merged records column by column with their exact pandas types
-(NaN kept apart from None, mixed columns of the CSV reader restored cell by cell) and, in its metadata, the run's key,
-size and the text of its timing files. It is written through a temporary file and a rename and read back and compared
-with the chunk merge before any chunk is removed. Every reader (``merge``, ``timings``, ``status``, ``cached``) gives
-the same tables from either form; ``compute`` skips a compacted run (``redo`` recomputes it into chunks, which
-``cached`` compacts again). Compaction holds a run's lock exclusively and ``compute`` holds it shared, so a run being
-computed is never compacted. ``write_index`` lists every run in ``INDEX.csv`` (settings, checkpoint name, state).
+A finished run can be compacted (``compact``, ``compact_all``; ``python -m scalecert cache --compact``): its chunks,
+timings and size become one compressed Parquet file, ``records.parquet``, beside ``config.json``, and the chunk, timing
+and size files are removed (two files per finished run). The file holds the merged records column by column with their
+exact pandas types (NaN kept apart from None, mixed columns of the CSV reader restored cell by cell) and, in its
+metadata, the run's key, size and the text of its timing files (``run_size`` reads either form). It is written through a
+temporary file and a rename and read back and compared with the chunk merge before any chunk is removed. Every reader
+(``merge``, ``timings``, ``status``, ``cached``) gives the same tables from either form; ``compute`` skips a compacted
+run (``redo`` recomputes it into chunks, which ``cached`` compacts again). Compaction holds a run's lock exclusively and
+``compute`` holds it shared, so a run being computed is never compacted. ``write_index`` lists every run in
+``INDEX.csv`` (settings, checkpoint name, state).
 """
 
 from __future__ import annotations
@@ -339,7 +340,7 @@ def status(cache_dir: Path | None = None) -> pd.DataFrame:
     rows = []
     for meta in sorted(Path(cache_dir or CACHE_DIR).glob("*/config.json")):
         run, config = meta.parent, json.loads(meta.read_text())
-        size = json.loads((run / "size.json").read_text()) if (run / "size.json").is_file() else None
+        size = run_size(run)
         done = _chunks_done(run)
         row = {"key": run.name, **{k: config[k] for k in STATUS_FIELDS if k in config}, "chunks_done": len(done)}
         t = timings(run)
@@ -443,6 +444,18 @@ def _read_meta(path: Path) -> dict:
     return json.loads(pq.read_schema(path).metadata[b"scalecert"])
 
 
+def run_size(run: Path) -> dict | None:
+    """Return a run's size, ``{"images": n, "chunk_images": c}``, from ``size.json`` or, once compacted, from its
+    records file; None if it has neither (a run cached before sizes were recorded)."""
+    run = Path(run)
+    if (run / "size.json").is_file():
+        return json.loads((run / "size.json").read_text())
+    if is_compact(run):
+        meta = _read_meta(run / RECORDS)
+        return {"images": meta["images"], "chunk_images": meta["chunk_images"]}
+    return None
+
+
 def _read_records(path: Path) -> tuple[pd.DataFrame, dict]:
     import pyarrow.parquet as pq
 
@@ -523,9 +536,9 @@ def compact(run: Path) -> str:
     into place; only then are chunks removed. A compacted run whose chunks are all there again (``cached`` with
     ``force``, or a compaction interrupted before its clean-up) is compacted from those chunks again."""
     run = Path(run)
-    if not (run / "size.json").is_file():
+    size = run_size(run)
+    if size is None:
         return "partial"
-    size = json.loads((run / "size.json").read_text())
     n, chunk_size = size["images"], size["chunk_images"]
     parts = chunks(n, chunk_size)
     with exclusive(f"{run.name}-run", run.parent, wait=False) as held:
@@ -542,6 +555,7 @@ def compact(run: Path) -> str:
                     for p in run.glob("timings-rank*.csv"):
                         if stored.get(p.name) == p.read_bytes().decode():
                             p.unlink()
+                    _drop_size_file(run)
                 return "already"
             return "partial"
         try:
@@ -575,7 +589,17 @@ def compact(run: Path) -> str:
             (run / f"chunk-{c:05d}.csv").unlink()
         for p in files:
             p.unlink()
+        _drop_size_file(run)
     return "compacted"
+
+
+def _drop_size_file(run: Path) -> None:
+    """Remove a compacted run's ``size.json`` when its records file says the same size (it then holds it)."""
+    path = run / "size.json"
+    if path.is_file():
+        meta = _read_meta(run / RECORDS)
+        if json.loads(path.read_text()) == {"images": meta["images"], "chunk_images": meta["chunk_images"]}:
+            path.unlink()
 
 
 def _last_modified(run: Path) -> float:
@@ -639,7 +663,7 @@ def write_index(cache_dir: Path | None = None, checkpoint_dir: Path | None = Non
     names, rows = checkpoint_names(checkpoint_dir), []
     for meta in sorted(cache.glob("*/config.json")):
         run, config = meta.parent, json.loads(meta.read_text())
-        size = json.loads((run / "size.json").read_text()) if (run / "size.json").is_file() else None
+        size = run_size(run)
         compacted = is_compact(run)
         complete = compacted or size is not None and _run_complete(run, size["images"], size["chunk_images"])
         sha = config.get("checkpoint_sha256")

@@ -1,4 +1,4 @@
-"""The compact form of a finished run (one records.parquet beside config.json and size.json): every reader gives the
+"""The compact form of a finished run (one records.parquet beside config.json): every reader gives the
 same tables as from its chunks; compacted runs are read, not recomputed; partial, busy or inconsistent runs are left
 alone; INDEX.csv lists every run."""
 
@@ -88,7 +88,7 @@ def test_every_reader_gives_the_same_tables_from_the_chunks_and_from_the_compact
 
     out = R.compact_all(tmp_path)
     assert out.to_dict("records") == [{"key": run.name, "outcome": "compacted", "detail": ""}]
-    assert sorted(files(run)) == ["config.json", "records.parquet", "size.json"]
+    assert sorted(files(run)) == ["config.json", "records.parquet"]
     after = render(tmp_path, config)
     for name in before:
         assert_identical(after[name], before[name])
@@ -175,7 +175,7 @@ def test_a_compacted_run_is_read_not_recomputed_and_force_recomputes_it(tmp_path
     forced = R.cached(config, IDS, CHUNK, changed, force=True, progress=False, cache_dir=tmp_path)
     assert sorted(calls) == [0, 4, 8]
     assert forced.pred.tolist() == [p + 10 for p in first.pred]
-    assert sorted(files(run)) == ["config.json", "records.parquet", "size.json"]  # compacted again
+    assert sorted(files(run)) == ["config.json", "records.parquet"]  # compacted again
     assert sorted(R.timings(run).chunk) == [0, 1, 2]  # the recomputation's timings only
     assert_identical(R.cached(config, IDS, CHUNK, never, progress=False, cache_dir=tmp_path), forced)
 
@@ -224,10 +224,16 @@ def test_an_interrupted_compaction_is_finished_by_the_next_one(tmp_path):
         (run / name).write_bytes(data)
     assert_identical(R.merge(run, N, CHUNK), before[0])
     assert R.compact(run) == "compacted"
-    assert sorted(files(run)) == ["config.json", "records.parquet", "size.json"]
+    assert sorted(files(run)) == ["config.json", "records.parquet"]
     (run / "timings-rank0.csv").write_bytes(saved["timings-rank0.csv"])  # killed after the chunks went
     assert R.compact(run) == "already"
-    assert sorted(files(run)) == ["config.json", "records.parquet", "size.json"]
+    assert sorted(files(run)) == ["config.json", "records.parquet"]
+    size = {"images": N, "chunk_images": CHUNK}
+    assert R.run_size(run) == size  # from the records file
+    (run / "size.json").write_text(json.dumps({"images": N, "chunk_images": 9}))  # a size the records do not say
+    assert R.compact(run) == "already" and (run / "size.json").is_file()  # kept: not the records' to drop
+    (run / "size.json").write_text(json.dumps(size))  # compacted when runs kept their size file beside the records
+    assert R.compact(run) == "already" and sorted(files(run)) == ["config.json", "records.parquet"]
     assert_identical(R.merge(run, N, CHUNK), before[0])
     assert_identical(R.timings(run), before[1])
 
