@@ -221,12 +221,18 @@ def prepare(name: str, dest: Path | None = None, verbose: bool = True) -> Path:
 
 
 # --------------------------------------------------------------------------- loading
-def list_folder_tree(root: Path, split: str) -> tuple[list[Path], list[int], list[str]]:
-    """Return (files, labels, class names) of a class-folder split; labels follow sorted folder names."""
+def list_classes(root: Path, split: str) -> list[str]:
+    """Return the class names of a class-folder split: its sorted folder names."""
     split_dir = Path(root) / split
     if not split_dir.is_dir():
         raise FileNotFoundError(f"split folder missing: {split_dir}")
-    classes = sorted(p.name for p in split_dir.iterdir() if p.is_dir())
+    return sorted(p.name for p in split_dir.iterdir() if p.is_dir())
+
+
+def list_folder_tree(root: Path, split: str) -> tuple[list[Path], list[int], list[str]]:
+    """Return (files, labels, class names) of a class-folder split; labels follow sorted folder names."""
+    split_dir = Path(root) / split
+    classes = list_classes(root, split)
     files, labels = [], []
     for idx, cls in enumerate(classes):
         for f in sorted((split_dir / cls).iterdir()):
@@ -322,7 +328,7 @@ def load_split(root: Path, split: str, size: int | None = None, cache: bool = Tr
         return x.transpose(0, 3, 1, 2), y, list(CIFAR10_CLASSES)
     cache_x = root / f".{split}-uint8.npy"
     cache_y = root / f".{split}-labels.npy"
-    _, _, classes = list_folder_tree(root, split)
+    classes = list_classes(root, split)  # not the file list: sorting 50,000 paths cost 0.4 s per load
     if cache and cache_x.is_file() and cache_y.is_file():
         x = np.load(cache_x, mmap_mode="r")
         if size is None or x.shape[2:] == (size, size):  # a cache decoded at another size is decoded again
