@@ -20,6 +20,14 @@ START, END = "<!-- claims:start -->", "<!-- claims:end -->"
 _BLOCK = re.escape(START) + r"\n?(.*?)\n?" + re.escape(END)
 ABL_START, ABL_END = "<!-- ablation:start -->", "<!-- ablation:end -->"
 _ABL_BLOCK = re.escape(ABL_START) + r"\n?(.*?)\n?" + re.escape(ABL_END)
+PC_START, PC_END = "<!-- patchcleanser:start -->", "<!-- patchcleanser:end -->"
+_PC_BLOCK = re.escape(PC_START) + r"\n?(.*?)\n?" + re.escape(PC_END)
+#: the README's generated blocks: markers and pattern by name
+BLOCKS = {
+    "claims": (START, END, _BLOCK),
+    "ablation": (ABL_START, ABL_END, _ABL_BLOCK),
+    "patchcleanser": (PC_START, PC_END, _PC_BLOCK),
+}
 #: tolerance of the verdict rule for numbers in percent or percentage points
 TOL = 5.0
 VERDICTS = ("reproduced", "not reproduced", "not testable here")
@@ -305,9 +313,9 @@ def markdown(fig_dir: Path = FIG_DIR) -> str:
 
 
 def block(text: str, which: str = "claims") -> str:
-    """Return the part of a README between the claims markers, or with ``which="ablation"`` the ablation markers
-    (ValueError if they are missing)."""
-    pattern, (start, end) = (_BLOCK, (START, END)) if which == "claims" else (_ABL_BLOCK, (ABL_START, ABL_END))
+    """Return the part of a README between the markers of one generated block (``BLOCKS``: claims, ablation,
+    patchcleanser); ValueError if they are missing."""
+    start, end, pattern = BLOCKS[which]
     m = re.search(pattern, text, flags=re.S)
     if m is None:
         raise ValueError(f"no {start} ... {end} block")
@@ -353,14 +361,55 @@ def ablation_markdown(fig_dir: Path = FIG_DIR) -> str:
     return "\n".join(lines + ["", note])
 
 
+def patchcleanser_markdown(fig_dir: Path = FIG_DIR) -> str:
+    """Return 05's whole-split PatchCleanser rows (``05_certification.csv`` of each data set's paper-profile folder)
+    beside ScaleCert (sound) at the same patch size as a Markdown table: certified accuracy and forward passes per
+    image (PatchCleanser: its inference's, then its certificate's); a line saying so where there is none yet."""
+    lines = []
+    for name in DATA:
+        csv = Path(fig_dir) / name / "05_certification.csv"
+        if not csv.is_file():
+            continue
+        t = pd.read_csv(csv)
+        pc = t[t.defense.str.startswith("PatchCleanser") & t.certified.notna()]
+        whole = t.loc[t.defense == "ScaleCert", "images"].max()
+        for patch, g in pc[pc.images == whole].groupby("patch_pct", sort=True):
+            sc = t[(t.defense == "ScaleCert") & (t.patch_pct == patch)].iloc[0]
+            cells = [sc.dataset, f"{patch:g}%", f"{int(whole):,}", f"{sc.certified:.1f} ({sc.forwards_per_image:.0f})"]
+            for label in ("occlusion-trained", "undefended model"):
+                r = g[g.defense == f"PatchCleanser ({label})"]
+                cells.append(
+                    f"{r.certified.iloc[0]:.1f} ({r.forwards_per_image.iloc[0]:.0f} / {r.certify_forwards.iloc[0]:.0f})"
+                    if len(r)
+                    else "not computed yet"
+                )
+            lines.append("| " + " | ".join(cells) + " |")
+    if not lines:
+        return (
+            "No whole-split run yet (`python -m scalecert ablation --dataset D --defences pc_occl,pc_vanilla`, then "
+            "05's paper profile)."
+        )
+    head = [
+        "| data set | patch | images | ScaleCert (sound) | PatchCleanser (twin) | PatchCleanser (undefended) |",
+        "|---|--:|--:|--:|--:|--:|",
+    ]
+    note = (
+        "Certified accuracy, % (forwards per image). ScaleCert certifies detection (the right label or an alert), "
+        "PatchCleanser recovery (the right label); its forwards: inference / certificate."
+    )
+    return "\n".join(head + lines + ["", note])
+
+
 def write_readme(path: Path = README, fig_dir: Path = FIG_DIR) -> bool:
-    """Rewrite the claims block and the ablation block of a README from the committed tables; return True iff it
-    changed."""
-    path = Path(path)
+    """Rewrite the generated blocks of a README (claims, ablation, PatchCleanser) from the committed tables; return
+    True iff it changed."""
     text = path.read_text()
-    block(text), block(text, "ablation")  # the markers must be there
-    new = re.sub(_BLOCK, lambda m: f"{START}\n{markdown(fig_dir)}\n{END}", text, flags=re.S)
-    new = re.sub(_ABL_BLOCK, lambda m: f"{ABL_START}\n{ablation_markdown(fig_dir)}\n{ABL_END}", new, flags=re.S)
+    makers = {"claims": markdown, "ablation": ablation_markdown, "patchcleanser": patchcleanser_markdown}
+    for which in BLOCKS:
+        block(text, which)  # the markers must be there
+    new = text
+    for which, (start, end, pattern) in BLOCKS.items():
+        new = re.sub(pattern, lambda m, w=which, s_=start, e_=end: f"{s_}\n{makers[w](fig_dir)}\n{e_}", new, flags=re.S)
     if new != text:
         path.write_text(new)
     return new != text

@@ -75,15 +75,19 @@ def test_readme_block_is_what_the_command_generates_today():
     # fails when the README is stale: run `make readme` (python -m scalecert.claims --readme) and commit it
     assert C.block(C.README.read_text()) == C.markdown()
     assert C.block(C.README.read_text(), "ablation") == C.ablation_markdown()
+    assert C.block(C.README.read_text(), "patchcleanser") == C.patchcleanser_markdown()
 
 
 def test_write_readme_replaces_only_the_block(tmp_path):
     p = tmp_path / "README.md"
-    p.write_text(f"# title\n\n{C.START}\nold\n{C.END}\n\nmiddle\n{C.ABL_START}\nold\n{C.ABL_END}\n\ntail\n")
+    blocks = "".join(f"{start}\nold\n{end}\n\nmiddle\n" for start, end, _ in C.BLOCKS.values())
+    p.write_text(f"# title\n\n{blocks}tail\n")
     assert C.write_readme(p) and not C.write_readme(p)
     text = p.read_text()
-    assert text.startswith("# title\n\n") and text.endswith(f"{C.ABL_END}\n\ntail\n") and C.block(text) == C.markdown()
-    assert f"{C.END}\n\nmiddle\n{C.ABL_START}" in text and C.block(text, "ablation") == C.ablation_markdown()
+    assert text.startswith("# title\n\n") and text.endswith(f"{C.PC_END}\n\nmiddle\ntail\n")
+    assert f"{C.END}\n\nmiddle\n{C.ABL_START}" in text and f"{C.ABL_END}\n\nmiddle\n{C.PC_START}" in text
+    assert C.block(text) == C.markdown() and C.block(text, "ablation") == C.ablation_markdown()
+    assert C.block(text, "patchcleanser") == C.patchcleanser_markdown()
     p.write_text("no markers\n")
     with pytest.raises(ValueError):
         C.write_readme(p)
@@ -110,3 +114,28 @@ def test_ablation_block_summarises_each_data_sets_verdicts_and_points_at_the_not
     assert "| CIFAR-10 (JPEG) | 2 | 10,000 | -6.4 to +0.3 | 1 / 1 / 0 | 0.41 |" in text
     assert "| Imagenette-224 | 1 | 3,925 | +3.2 [+2.1, +4.4] | 0 / 0 / 1 | 1.2e-08 |" in text
     assert "12_answer.md" in text.splitlines()[-1] and "SIN adds" not in text  # the answers stay in the notebook's file
+
+
+def test_patchcleanser_block_puts_whole_split_rows_beside_scalecert(tmp_path):
+    assert C.patchcleanser_markdown(tmp_path).startswith("No whole-split run yet")
+    (tmp_path / "cifar10").mkdir()
+    base = {"dataset": "CIFAR-10 (JPEG)", "guarantee": "detection", "clean": 80.0, "note": None}
+    rows = [
+        {**base, "patch_pct": 2.4, "defense": "ScaleCert", "images": 10000, "certified": 47.3,
+         "forwards_per_image": 25.8, "certify_forwards": 25.8},
+        {**base, "patch_pct": 0.4, "defense": "ScaleCert", "images": 10000, "certified": 59.4,
+         "forwards_per_image": 30.0, "certify_forwards": 30.0},
+        {**base, "patch_pct": 2.4, "defense": "PatchCleanser (occlusion-trained)", "guarantee": "recovery",
+         "images": 10000, "certified": 35.66, "forwards_per_image": 101.2, "certify_forwards": 666},
+        {**base, "patch_pct": 0.4, "defense": "PatchCleanser (occlusion-trained)", "guarantee": "recovery",
+         "images": 10, "certified": 50.0, "forwards_per_image": 90, "certify_forwards": 666},  # a subset: left out
+        {**base, "patch_pct": 0.4, "defense": "PatchCleanser (undefended model)", "guarantee": "recovery",
+         "images": None, "certified": None, "forwards_per_image": None, "certify_forwards": None,
+         "note": "not computed yet"},
+    ]  # fmt: skip
+    pd.DataFrame(rows).to_csv(tmp_path / "cifar10" / "05_certification.csv", index=False)
+    lines = C.patchcleanser_markdown(tmp_path).splitlines()
+    body = [line for line in lines if line.startswith("| CIFAR")]
+    assert len(body) == 1  # 2.4% only: the 0.4% PatchCleanser row covers 10 images
+    cells = [c.strip() for c in body[0].strip("|").split("|")]
+    assert cells == ["CIFAR-10 (JPEG)", "2.4%", "10,000", "47.3 (26)", "35.7 (101 / 666)", "not computed yet"]
