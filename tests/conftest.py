@@ -53,3 +53,24 @@ def calibration_images(b, n, seed=0):
 @pytest.fixture
 def small_model():
     return spread_model()
+
+
+def _notebook_seconds(path) -> float:
+    """Seconds the reference notebook took when `make golden` wrote it (papermill's record); 0 for other files."""
+    import json
+    from pathlib import Path
+
+    path = Path(path)
+    if path.suffix != ".ipynb":
+        return 0.0
+    try:
+        return float(json.loads(path.read_text())["metadata"]["papermill"]["duration"] or 0.0)
+    except (OSError, ValueError, KeyError, TypeError):
+        return 0.0
+
+
+def pytest_collection_modifyitems(session, config, items):
+    # nbval: the longest notebooks first, so that the xdist workers (one file each, --dist loadfile) finish together;
+    # a file's cells keep their order (stable sort), and the unit tests keep theirs (weight 0)
+    weight = {}
+    items.sort(key=lambda item: -weight.setdefault(item.path, _notebook_seconds(item.path)))
