@@ -195,14 +195,18 @@ def _compute(
                 bar.update()
                 if not redo and out.is_file():  # written by another process meanwhile
                     continue
-                t = time.perf_counter()
+                t, cpu = time.perf_counter(), time.process_time()
                 df = fn(r)
-                secs = time.perf_counter() - t + float(df.attrs.get("extra_seconds", 0.0))  # work reused from elsewhere
+                extra = float(df.attrs.get("extra_seconds", 0.0))  # work reused from elsewhere (its wall time)
+                secs = time.perf_counter() - t + extra
+                # CPU seconds of this process (every thread) beside the wall time: a machine shared with other jobs,
+                # or a stopped process, inflates the wall time but not this
+                cpu = time.process_time() - cpu + extra
                 df = df.drop(columns=[c_ for c_ in TIMING_COLUMNS if c_ in df.columns])
                 df.insert(0, "config_key", run.name)
                 atomic_write_text(out, df.to_csv(index=False))
                 with open(run / f"timings-rank{rank}.csv", "a") as f:
-                    f.write(f"{c},{len(r)},{secs:.4f}\n")
+                    f.write(f"{c},{len(r)},{secs:.4f},{cpu:.4f}\n")
             done += 1
             if fail_after is not None and done >= fail_after:
                 raise KeyboardInterrupt(f"fault injected after {done} chunks")
@@ -300,7 +304,8 @@ def cached(
     return df
 
 
-TIMINGS_NAMES = ["chunk", "images", "seconds"]
+#: a timing line: chunk, images, wall seconds, CPU seconds (empty, read as NaN, in lines written before 2026-12-07)
+TIMINGS_NAMES = ["chunk", "images", "seconds", "cpu_seconds"]
 
 
 def _timings_of(frames: list) -> pd.DataFrame:
@@ -308,7 +313,8 @@ def _timings_of(frames: list) -> pd.DataFrame:
 
 
 def timings(run: Path) -> pd.DataFrame:
-    """Return the per-chunk timings of a run (chunk, images, seconds), from every rank."""
+    """Return the per-chunk timings of a run (chunk, images, wall seconds, CPU seconds: NaN where not recorded), from
+    every rank."""
     run = Path(run)
     if not is_compact(run):
         try:
@@ -345,6 +351,8 @@ def status(cache_dir: Path | None = None) -> pd.DataFrame:
         row = {"key": run.name, **{k: config[k] for k in STATUS_FIELDS if k in config}, "chunks_done": len(done)}
         t = timings(run)
         row["seconds"] = round(float(t.seconds.sum()), 1)
+        cpu = pd.to_numeric(t.cpu_seconds)
+        row["cpu_seconds"] = round(float(cpu.sum()), 1) if len(t) and cpu.notna().all() else None  # every chunk's
         if size:
             parts = chunks(size["images"], size["chunk_images"])
             row["chunks"] = len(parts)
@@ -354,11 +362,23 @@ def status(cache_dir: Path | None = None) -> pd.DataFrame:
             per_image = t.seconds.sum() / max(1, t.images.sum())
             row["eta_hours"] = round(left * per_image / 3600, 2) if len(t) else None
         rows.append(row)
-    cols = ["key", *STATUS_FIELDS, "chunks_done", "chunks", "images_done", "images", "seconds", "eta_hours"]
+    cols = [
+        "key",
+        *STATUS_FIELDS,
+        "chunks_done",
+        "chunks",
+        "images_done",
+        "images",
+        "seconds",
+        "cpu_seconds",
+        "eta_hours",
+    ]
     out = pd.DataFrame(rows)
     for c in ("chunks", "images_done", "images", "layer"):  # whole numbers, some unknown
         if c in out.columns:
             out[c] = out[c].astype("Int64")
+    if "cpu_seconds" in out.columns:
+        out["cpu_seconds"] = pd.to_numeric(out["cpu_seconds"])  # NaN where not every chunk recorded it
     return out[[c for c in cols if c in out.columns]] if len(out) else pd.DataFrame(columns=cols)
 
 

@@ -3,6 +3,7 @@ same tables as from its chunks; compacted runs are read, not recomputed; partial
 alone; INDEX.csv lists every run."""
 
 import json
+import time
 from pathlib import Path
 
 import numpy as np
@@ -337,3 +338,28 @@ def test_cache_compact_command(tmp_path, capsys):
     assert (complete / R.RECORDS).is_file() and not (partial / R.RECORDS).exists() and (tmp_path / R.INDEX).is_file()
     cli.cache(["--dir", str(tmp_path), "--compact"])
     assert json.loads(capsys.readouterr().out.splitlines()[-1])["already"] == 1
+
+
+def test_timings_record_cpu_seconds_and_read_older_lines_without_them(tmp_path):
+    run = R.open_run({"x": "timed"}, tmp_path)
+
+    def busy(rg):
+        t = time.process_time()
+        while time.process_time() - t < 0.05:  # CPU work the process does
+            pass
+        time.sleep(0.05)  # wall time it does not spend on the CPU
+        return records(rg)
+
+    R.compute(run, N, CHUNK, busy, progress=False)
+    t = R.timings(run)
+    assert list(t.columns) == ["chunk", "images", "seconds", "cpu_seconds"] and len(t) == 3
+    assert (t.cpu_seconds >= 0.05).all() and (t.seconds >= t.cpu_seconds + 0.04).all()
+    status = R.status(tmp_path).set_index("key")
+    assert status.loc[run.name, "cpu_seconds"] == round(t.cpu_seconds.sum(), 1)
+    old = R.open_run({"x": "timed before CPU seconds"}, tmp_path)
+    R.compute(old, N, CHUNK, records, progress=False)
+    (old / "timings-rank0.csv").write_text("0,4,1.5\n1,4,1.25\n2,2,0.5\n")  # a file of the three-column form
+    assert R.timings(old).cpu_seconds.isna().all() and R.timings(old).seconds.sum() == 3.25
+    assert pd.isna(R.status(tmp_path).set_index("key").loc[old.name, "cpu_seconds"])
+    assert R.compact(old) == "compacted"
+    assert R.timings(old).cpu_seconds.isna().all() and R.timings(old).seconds.sum() == 3.25  # the same, compacted
