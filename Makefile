@@ -40,30 +40,30 @@ setup: $(STAMP) ## create .venv, install pinned packages and the package, regist
 
 # uv (from PyPI) installs the pinned packages with parallel downloads and unpacking: 2 min 2 s for
 # requirements.txt into an empty venv on 2026-12-07 (2-core machine, loaded), where pip's setup took several
-# minutes; pip does it when uv cannot be installed. Bytecode is compiled at install: this machine sets
-# PYTHONDONTWRITEBYTECODE=1, so without it every later import recompiles from source (about 8 s per notebook
-# kernel). uv's cache lives in the venv (same file system: hard links, no second copy) and is removed after.
+# minutes; pip does it when uv cannot (no PyPI here: pip's own configuration may name local sources). Bytecode is
+# compiled at install: this machine sets PYTHONDONTWRITEBYTECODE=1, so without it every later import recompiles from
+# source (about 8 s per notebook kernel). uv's cache lives in the venv (same file system: hard links, no second
+# copy) and is removed after.
 UV_VERSION := 0.13.9
 $(STAMP): requirements.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	if $(PY) -m pip install --quiet --disable-pip-version-check uv==$(UV_VERSION); then \
-	  export UV_CACHE_DIR=$(CURDIR)/$(VENV)/.uv-cache; \
+	export UV_CACHE_DIR=$(CURDIR)/$(VENV)/.uv-cache; \
+	if $(PY) -m pip install --quiet --disable-pip-version-check uv==$(UV_VERSION) && \
 	  $(VENV)/bin/uv pip install --quiet --python $(PY) --compile-bytecode -r requirements.txt && \
-	  $(VENV)/bin/uv pip install --quiet --python $(PY) --compile-bytecode --no-deps --no-build-isolation -e . && \
+	  $(VENV)/bin/uv pip install --quiet --python $(PY) --compile-bytecode --no-deps --no-build-isolation -e .; then \
 	  rm -rf $$UV_CACHE_DIR; \
 	else \
+	  rm -rf $$UV_CACHE_DIR; echo "uv could not install the packages: pip installs them" >&2; \
 	  $(PY) -m pip install --quiet --disable-pip-version-check -r requirements.txt && \
 	  $(PY) -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .; \
 	fi
 	$(PY) -m ipykernel install --user --name $(KERNEL) --display-name "Python (scalecert)" >/dev/null
 	touch $@
 
-data: $(DATA_STAMPS) ## extract and decode CIFAR-10 (JPEG) and Imagenette-224 from ../shared/data
-
-# the two data sets decode side by side (one core each) when a target needs both, e.g. `make test` on a fresh clone
-ifeq ($(filter -j% --jobs%,$(MAKEFLAGS)),)
-MAKEFLAGS += --jobs=$(NPROC)
-endif
+# the two data sets decode side by side, one process each (a recursive make: the other targets keep running their
+# prerequisites one after another)
+data: $(STAMP) ## extract and decode CIFAR-10 (JPEG) and Imagenette-224 from ../shared/data (side by side)
+	@$(MAKE) -s --no-print-directory -j$(NPROC) $(DATA_STAMPS)
 
 data/cifar10-jpeg/.test-uint8.npy: | $(STAMP)
 	$(PY) -m scalecert.data --decode cifar10
@@ -71,7 +71,7 @@ data/cifar10-jpeg/.test-uint8.npy: | $(STAMP)
 data/imagenette-224/.val-uint8.npy: | $(STAMP)
 	$(PY) -m scalecert.data --decode imagenette
 
-figures: $(STAMP) $(DATA_STAMPS) ## run every notebook with papermill (PROFILE=quick|paper; FIG_JOBS side by side), write figures/
+figures: $(STAMP) data ## run every notebook with papermill (PROFILE=quick|paper; FIG_JOBS side by side), write figures/
 	$(MAKE) --no-print-directory -j$(FIG_JOBS) $(EXECUTED)
 	$(MAKE) --no-print-directory figures/REPORT.md
 
@@ -97,13 +97,13 @@ check-clean: ## fail if the working tree differs from the last commit (run it af
 figures/REPORT.md: $(EXECUTED)
 	$(PY) -m scalecert.report --profile $(PROFILE) > $@.tmp && mv $@.tmp $@
 
-test: $(STAMP) $(DATA_STAMPS) ## pytest on the package + nbval on the notebooks (tiny profile)
+test: $(STAMP) data ## pytest on the package + nbval on the notebooks (tiny profile)
 	$(VENV)/bin/ruff check scalecert tests tools
 	$(VENV)/bin/ruff format --check scalecert tests tools
 	SCALECERT_TEST_THREADS=1 OMP_NUM_THREADS=1 $(PY) -m pytest -q -p no:cacheprovider -n $(TEST_JOBS) --dist loadfile --durations=10 tests
 	rm -rf build/test-cache build/test-figures  # nbval must recompute, not read results cached by a previous run
 	OMP_NUM_THREADS=1 SCALECERT_FIG_DIR=$(CURDIR)/build/test-figures SCALECERT_CACHE_DIR=$(CURDIR)/build/test-cache \
-	  $(PY) -m pytest -q -p no:cacheprovider -n $(TEST_JOBS) --dist loadfile --nbval-lax --nbval-current-env \
+	  $(PY) -m pytest -q -p no:cacheprovider -n $(TEST_JOBS) --dist loadfile --no-loadscope-reorder --nbval-lax --nbval-current-env \
 	  --nbval-sanitize-with tests/nbval_sanitize.cfg tests/notebooks
 
 test-fast: $(STAMP) ## pytest only (no notebooks)
@@ -112,10 +112,10 @@ test-fast: $(STAMP) ## pytest only (no notebooks)
 # installs Debian's Chromium and Playwright (requirements-browser.txt) when missing, then drives JupyterLab on
 # 127.0.0.1 in headless Chromium: 05 (tiny) and 13 run there and show their output; screenshots in build/browser/.
 # The notebooks read nbval's cache (filled by `make test` just before, in CI) and compute what is not there
-test-browser: $(STAMP) $(DATA_STAMPS) ## notebooks in JupyterLab in a real (headless) browser: 05 and the explorer 13
+test-browser: $(STAMP) data ## notebooks in JupyterLab in a real (headless) browser: 05 and the explorer 13
 	$(PY) tests/browser/run_browser.py --cache $(CURDIR)/build/test-cache
 
-golden: $(STAMP) $(DATA_STAMPS) ## regenerate the nbval reference notebooks (tiny profile) after a deliberate change (GOLDEN="05_certification 12_does_sin_help": those only)
+golden: $(STAMP) data ## regenerate the nbval reference notebooks (tiny profile) after a deliberate change (GOLDEN="05_certification 12_does_sin_help": those only)
 	@mkdir -p tests/notebooks
 	rm -rf build/test-cache build/test-figures
 	for nb in $(if $(GOLDEN),$(addprefix notebooks/,$(addsuffix .ipynb,$(GOLDEN))),$(NOTEBOOKS)); do \
@@ -123,26 +123,26 @@ golden: $(STAMP) $(DATA_STAMPS) ## regenerate the nbval reference notebooks (tin
 	    $(PY) -m papermill --engine scalecert --log-level WARNING -k python3 $$nb tests/notebooks/$$(basename $$nb) -p profile tiny || exit 1; \
 	done
 
-lab: $(STAMP) $(DATA_STAMPS) ## open JupyterLab on notebooks/
+lab: $(STAMP) data ## open JupyterLab on notebooks/
 	$(VENV)/bin/jupyter lab notebooks/
 
-audit: $(STAMP) $(DATA_STAMPS) ## soundness audit of both modes (quick)
+audit: $(STAMP) data ## soundness audit of both modes (quick)
 	$(PY) -m scalecert audit --quick
 
-bench: $(STAMP) $(DATA_STAMPS) ## certify throughput vs plain forwards and Minority Reports (quick)
+bench: $(STAMP) data ## certify throughput vs plain forwards and Minority Reports (quick)
 	$(PY) -m scalecert bench --quick
 
 readme: $(STAMP) ## regenerate the README's claims table and the models table of docs/models.md
 	$(PY) -m scalecert.claims --readme
 	bash tools/readme_models.sh
 
-models: $(STAMP) $(DATA_STAMPS) ## train every shipped ScaleCert model (hours on a CPU; resumable; never in CI)
+models: $(STAMP) data ## train every shipped ScaleCert model (hours on a CPU; resumable; never in CI)
 	bash tools/train_all.sh all
 
-peers: $(STAMP) $(DATA_STAMPS) ## train the peer defences' models (BagNet, DS, IBP; hours; resumable; never in CI)
+peers: $(STAMP) data ## train the peer defences' models (BagNet, DS, IBP; hours; resumable; never in CI)
 	bash tools/train_peers.sh all
 
-paper-background: $(STAMP) $(DATA_STAMPS) ## start the paper profile in the background, one job per data set in PAPER_JOBS (days on a CPU; resumable; never in CI)
+paper-background: $(STAMP) data ## start the paper profile in the background, one job per data set in PAPER_JOBS (days on a CPU; resumable; never in CI)
 	@mkdir -p data/runs/logs
 	@# a data set named twice gets a second job: jobs on one data set share each run's chunks (scalecert/results.py)
 	@seen=""; for d in $(PAPER_JOBS); do \

@@ -372,10 +372,13 @@ def patchcleanser_markdown(fig_dir: Path = FIG_DIR) -> str:
             continue
         t = pd.read_csv(csv)
         pc = t[t.defense.str.startswith("PatchCleanser") & t.certified.notna()]
-        whole = t.loc[t.defense == "ScaleCert", "images"].max()
+        whole = t.images.max()  # the split's size: the paper profile's rows cover the whole split
         for patch, g in pc[pc.images == whole].groupby("patch_pct", sort=True):
-            sc = t[(t.defense == "ScaleCert") & (t.patch_pct == patch)].iloc[0]
-            cells = [sc.dataset, f"{patch:g}%", f"{int(whole):,}", f"{sc.certified:.1f} ({sc.forwards_per_image:.0f})"]
+            sc = t[(t.defense == "ScaleCert") & (t.patch_pct == patch) & (t.images == whole)]
+            cells = [g.dataset.iloc[0], f"{patch:g}%", f"{int(whole):,}"]
+            cells.append(
+                f"{sc.certified.iloc[0]:.1f} ({sc.forwards_per_image.iloc[0]:.0f})" if len(sc) else "not computed yet"
+            )
             for label in ("occlusion-trained", "undefended model"):
                 r = g[g.defense == f"PatchCleanser ({label})"]
                 cells.append(
@@ -403,6 +406,7 @@ def patchcleanser_markdown(fig_dir: Path = FIG_DIR) -> str:
 def write_readme(path: Path = README, fig_dir: Path = FIG_DIR) -> bool:
     """Rewrite the generated blocks of a README (claims, ablation, PatchCleanser) from the committed tables; return
     True iff it changed."""
+    path = Path(path)
     text = path.read_text()
     makers = {"claims": markdown, "ablation": ablation_markdown, "patchcleanser": patchcleanser_markdown}
     for which in BLOCKS:

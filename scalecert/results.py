@@ -200,7 +200,7 @@ def _compute(
                 extra = float(df.attrs.get("extra_seconds", 0.0))  # work reused from elsewhere (its wall time)
                 secs = time.perf_counter() - t + extra
                 # CPU seconds of this process (every thread) beside the wall time: a machine shared with other jobs,
-                # or a stopped process, inflates the wall time but not this
+                # or a stopped process, inflates the wall time but not this (reused work counts its wall time)
                 cpu = time.process_time() - cpu + extra
                 df = df.drop(columns=[c_ for c_ in TIMING_COLUMNS if c_ in df.columns])
                 df.insert(0, "config_key", run.name)
@@ -468,7 +468,7 @@ def run_size(run: Path) -> dict | None:
     """Return a run's size, ``{"images": n, "chunk_images": c}``, from ``size.json`` or, once compacted, from its
     records file; None if it has neither (a run cached before sizes were recorded)."""
     run = Path(run)
-    if (run / "size.json").is_file():
+    with contextlib.suppress(FileNotFoundError):  # removed by a compaction meanwhile: its records file has it
         return json.loads((run / "size.json").read_text())
     if is_compact(run):
         meta = _read_meta(run / RECORDS)

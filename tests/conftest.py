@@ -70,7 +70,11 @@ def _notebook_seconds(path) -> float:
 
 
 def pytest_collection_modifyitems(session, config, items):
-    # nbval: the longest notebooks first, so that the xdist workers (one file each, --dist loadfile) finish together;
+    # nbval: the longest notebooks first, so that the xdist workers (one file each, --dist loadfile with
+    # --no-loadscope-reorder, which keeps this order) finish together;
     # a file's cells keep their order (stable sort), and the unit tests keep theirs (weight 0)
     weight = {}
-    items.sort(key=lambda item: -weight.setdefault(item.path, _notebook_seconds(item.path)))
+    for item in items:
+        if item.path not in weight:
+            weight[item.path] = _notebook_seconds(item.path)
+    items.sort(key=lambda item: -weight[item.path])

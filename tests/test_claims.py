@@ -139,3 +139,8 @@ def test_patchcleanser_block_puts_whole_split_rows_beside_scalecert(tmp_path):
     assert len(body) == 1  # 2.4% only: the 0.4% PatchCleanser row covers 10 images
     cells = [c.strip() for c in body[0].strip("|").split("|")]
     assert cells == ["CIFAR-10 (JPEG)", "2.4%", "10,000", "47.3 (26)", "35.7 (101 / 666)", "not computed yet"]
+    t = pd.DataFrame(rows)
+    t = t[~((t.defense == "ScaleCert") & (t.patch_pct == 2.4))]  # no whole-split ScaleCert row at 2.4%
+    t.to_csv(tmp_path / "cifar10" / "05_certification.csv", index=False)
+    body = [line for line in C.patchcleanser_markdown(tmp_path).splitlines() if line.startswith("| CIFAR")]
+    assert [c.strip() for c in body[0].strip("|").split("|")][3] == "not computed yet"

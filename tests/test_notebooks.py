@@ -46,9 +46,12 @@ BAD_PARAMETERS = [
 ]
 
 
-def run_until_error(notebook, params):
-    """Return (index of the code cell that raised, the exception) after running the notebook in this process the way
-    papermill would (its parameter parsing and injected cell), stopping at the first error; (None, None) if none."""
+def run_until_error(notebook, params, cells=3):
+    """Return (index of the code cell that raised, the exception) after running the notebook's first ``cells`` code
+    cells in this process the way papermill would (its parameter parsing and injected cell), stopping at the first
+    error; (None, None) if none raised. The torch RNG and pandas' options are restored afterwards."""
+    import pandas as pd
+    import torch
     from papermill.cli import _resolve_type
     from papermill.iorw import load_notebook_node
     from papermill.parameterize import parameterize_notebook
@@ -60,12 +63,14 @@ def run_until_error(notebook, params):
         language="python",
     )
     namespace = {"__name__": "__main__"}
-    for i, cell in enumerate(c for c in nb.cells if c.cell_type == "code"):
-        assert not any(line.lstrip().startswith(("%", "!")) for line in cell.source.splitlines()), cell.source
-        try:
-            exec(compile(cell.source, f"<{notebook} cell {i}>", "exec"), namespace)
-        except Exception as e:  # noqa: BLE001 - the test inspects whatever the notebook raised
-            return i, e
+    code = [c for c in nb.cells if c.cell_type == "code"][:cells]
+    with torch.random.fork_rng(), pd.option_context("display.width", pd.get_option("display.width")):
+        for i, cell in enumerate(code):
+            assert not any(line.lstrip().startswith(("%", "!")) for line in cell.source.splitlines()), cell.source
+            try:
+                exec(compile(cell.source, f"<{notebook} cell {i}>", "exec"), namespace)
+            except Exception as e:  # noqa: BLE001 - the test inspects whatever the notebook raised
+                return i, e
     return None, None
 
 
