@@ -69,7 +69,7 @@ def _notebook_seconds(path) -> float:
         return 0.0
 
 
-def pytest_collection_modifyitems(session, config, items):
+def pytest_collection_modifyitems(config, items):
     # nbval: the longest notebooks first, so that the xdist workers (one file each, --dist loadfile with
     # --no-loadscope-reorder, which keeps this order) finish together;
     # a file's cells keep their order (stable sort), and the unit tests keep theirs (weight 0)
