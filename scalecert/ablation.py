@@ -31,7 +31,7 @@ from . import experiments as E
 from . import results as R
 from .baselines import harness as H
 from .baselines.patchcleanser import PAPER_K
-from .stats import mcnemar_exact, paired_bootstrap
+from .stats import holm, mcnemar_exact, paired_bootstrap
 
 SC, SC_PAPER, MR_VANILLA, MR_OCCL = (
     "ScaleCert",
@@ -75,6 +75,21 @@ VERDICT_COLUMNS = [
     "ci_high",
     "p_value",
 ]
+
+#: columns of :func:`equal_forwards`
+FRONTIER_COLUMNS = [
+    "dataset",
+    "patch_pct",
+    "family",
+    "forwards_per_image",
+    "scalecert_certified",
+    "mr_occl_family",
+    "mr_occl_forwards",
+    "mr_occl_certified",
+    "mr_occl_complete",
+]
+#: family-wise level of the sentence's paired tests (Holm's correction over a data set's pairs)
+ALPHA = 0.05
 
 
 def profile_settings(profile: str, dataset: str) -> dict:
@@ -326,10 +341,13 @@ def verdict(dataset: str, recs: dict, n_boot: int = 10000, seed: int = 0) -> pd.
 
 def equal_forwards(table: pd.DataFrame) -> pd.DataFrame:
     """Return per patch size and ScaleCert (sound) point, the best MR (occlusion-trained) point of that patch size at no
-    more forward passes per image (NaN where MR has none that cheap)."""
+    more forward passes per image (NaN where MR has none that cheap), and ``mr_occl_complete``: whether every MR family
+    of that patch size is computed (else the best point is the best so far)."""
     out = []
-    t = table.dropna(subset=["certified"])
-    for (ds, pct), g in t.groupby(["dataset", "patch_pct"], sort=True):
+    for (ds, pct), g in table.groupby(["dataset", "patch_pct"], sort=True):
+        every_mr = g[g.defense == MR_OCCL]
+        complete = bool(len(every_mr)) and bool(every_mr.certified.notna().all())
+        g = g.dropna(subset=["certified"])
         mr = g[g.defense == MR_OCCL]
         for _, s in g[g.defense == SC].iterrows():
             cheap = mr[mr.forwards_per_image <= s.forwards_per_image]
@@ -344,35 +362,67 @@ def equal_forwards(table: pd.DataFrame) -> pd.DataFrame:
                     "mr_occl_family": None if best is None else best.family,
                     "mr_occl_forwards": np.nan if best is None else best.forwards_per_image,
                     "mr_occl_certified": np.nan if best is None else best.certified,
+                    "mr_occl_complete": complete,
                 }
             )
-    return pd.DataFrame(out)
+    return pd.DataFrame(out, columns=FRONTIER_COLUMNS)
 
 
-def sentence(dataset_label: str, verdict_rows: pd.DataFrame, frontier: pd.DataFrame) -> str:
+def resolved(verdict_rows: pd.DataFrame, alpha: float = ALPHA) -> pd.Series:
+    """Return per verdict row +1 (ScaleCert certifies more), -1 (fewer) or 0 (not resolved): resolved when the
+    interval excludes 0 and McNemar's p is rejected by Holm's procedure at ``alpha`` over the rows of its data set."""
+    out = pd.Series(0, index=verdict_rows.index, dtype=int)
+    for _, v in verdict_rows.groupby("dataset", sort=False):
+        sig = holm(v.p_value.to_numpy(float), alpha)
+        out[v.index[sig & (v.ci_low > 0).to_numpy()]] = 1
+        out[v.index[sig & (v.ci_high < 0).to_numpy()]] = -1
+    return out
+
+
+def _count(values) -> str:
+    lo, hi = int(min(values)), int(max(values))
+    return f"{lo}" if lo == hi else f"{lo} to {hi}"
+
+
+def sentence(dataset_label: str, verdict_rows: pd.DataFrame, frontier: pd.DataFrame, table=None) -> str:
     """Return one sentence (written from the tables) on whether SIN adds certified accuracy over occlusion training
-    alone: the same-family paired differences, and ScaleCert against MR's best point at no more forwards."""
+    alone: the same-family paired differences, and ScaleCert against MR's best point at no more forwards (patch sizes
+    whose MR families are all computed). ``table`` (12's table) adds how many pairs are not computed yet."""
     v = verdict_rows[verdict_rows.dataset == dataset_label]
     if v.empty:
         return f"{dataset_label}: no paired comparison yet (the occlusion-trained model or its runs are missing)."
-    above, below = int((v.ci_low > 0).sum()), int((v.ci_high < 0).sum())
+    r = resolved(v)
+    above, below = int((r > 0).sum()), int((r < 0).sum())
     level = int(round(100 * (1 - 0.05)))
+    pairs = f"{len(v)} (patch, family) pairs"
+    if table is not None:
+        t = table[(table.dataset == dataset_label) & (table.defense.isin([SC, MR_OCCL]))]
+        total = t.groupby(["patch_pct", "family"]).ngroups
+        if total > len(v):
+            pairs = f"{len(v)} (patch, family) pairs computed so far (of {total})"
     same = (
         f"on the same images and window family, ScaleCert (sound) certifies more than MR on the occlusion-trained "
-        f"model in {above}, fewer in {below} and a difference whose {level}% interval includes 0 in "
-        f"{len(v) - above - below} of {len(v)} (patch, family) pairs (differences from {v.difference.min():+.1f} "
-        f"to {v.difference.max():+.1f} points, {int(v.images.iloc[0])} images each)"
+        f"model in {above}, fewer in {below} and with no resolved difference in {len(v) - above - below} of {pairs} "
+        f"(resolved: the {level}% paired-bootstrap interval excludes 0 and McNemar's exact p "
+        f"passes Holm's correction at {ALPHA:g} over the pairs; differences from {v.difference.min():+.1f} to "
+        f"{v.difference.max():+.1f} points, {_count(v.images)} images each)"
     )
-    f = frontier[(frontier.dataset == dataset_label)].dropna(subset=["mr_occl_certified"])
-    if len(f):
+    fr = frontier[frontier.dataset == dataset_label]
+    done = fr[fr.mr_occl_complete.astype(bool)]
+    f = done.dropna(subset=["mr_occl_certified"])
+    sizes = f"{done.patch_pct.nunique()} of {fr.patch_pct.nunique()} patch sizes"
+    if done.empty:
+        cost = "; no patch size has every MR family computed yet, so there is no cost comparison"
+    elif len(f):
         wins = int((f.scalecert_certified > f.mr_occl_certified).sum())
         gap = f.scalecert_certified - f.mr_occl_certified
         cost = (
-            f"; at no more forward passes per image, ScaleCert is ahead of MR's best point in {wins} of {len(f)} "
-            f"ScaleCert points (by {gap.min():+.1f} to {gap.max():+.1f} points)"
+            f"; at no more forward passes per image (across families, no interval), ScaleCert is ahead of MR's best "
+            f"point in {wins} of {len(f)} ScaleCert points (by {gap.min():+.1f} to {gap.max():+.1f} points; {sizes} "
+            f"with every MR family computed)"
         )
     else:
-        cost = "; MR has no point as cheap as any ScaleCert point"
+        cost = f"; MR has no point as cheap as any ScaleCert point ({sizes} with every MR family computed)"
     answer = (
         "SIN adds certified accuracy over occlusion training alone"
         if above and not below

@@ -44,3 +44,18 @@ def paired_bootstrap(a, b, n_boot: int = 10000, level: float = 0.95, seed: int =
     boots = (counts[:, 2] - counts[:, 0]) / len(d)
     lo, hi = np.quantile(boots, [(1 - level) / 2, (1 + level) / 2])
     return 100 * float(d.mean()), 100 * float(lo), 100 * float(hi)
+
+
+def holm(p_values, alpha: float = 0.05) -> np.ndarray:
+    """Return which hypotheses Holm's step-down procedure rejects at family-wise level alpha (bool, input order)."""
+    p = np.asarray(p_values, dtype=float)
+    if p.ndim != 1 or np.isnan(p).any() or ((p < 0) | (p > 1)).any():
+        raise ValueError(f"p values must be a 1-D array in [0, 1], got {p_values!r}")
+    if not 0 < alpha < 1:
+        raise ValueError(f"need 0 < alpha < 1, got {alpha}")
+    order = np.argsort(p, kind="stable")
+    # the i-th smallest p (0-based) is compared with alpha / (m - i); the first failure stops the rejections
+    passed = p[order] <= alpha / (len(p) - np.arange(len(p)))
+    rejected = np.zeros(len(p), dtype=bool)
+    rejected[order] = np.cumprod(passed).astype(bool)
+    return rejected

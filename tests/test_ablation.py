@@ -43,14 +43,17 @@ def _recs(certified, ids=None):
 
 def test_verdict_pairs_the_two_runs_image_by_image():
     sc = _recs([1] * 6 + [0] * 4)
-    mr = _recs([1, 1, 1, 1, 0, 0, 0, 0, 0, 1][::-1], ids=list(range(10))[::-1])  # same outcomes, other row order
+    # MR certifies ids 6-9, its rows in reversed id order: paired by id, 6 images only ScaleCert certifies against 4
+    # only MR does (p = 2 * 386 / 1024); paired by row position it would be 2 against 0 (p = 0.5)
+    mr = _recs([0] * 6 + [1] * 4, ids=list(range(10)))[::-1].reset_index(drop=True)
     recs = {(2.4, "r=3", A.SC): sc, (2.4, "r=3", A.MR_OCCL): mr, (2.4, "r=3", A.MR_VANILLA): _recs([0] * 10)}
     v = A.verdict("cifar10", recs, n_boot=2000)
     assert len(v) == 1 and list(v.columns) == A.VERDICT_COLUMNS
     r = v.iloc[0]
-    # by id: ScaleCert certifies ids 0-5, MR ids 0-3 and 9: discordant 2 (ids 4, 5) against 1 (id 9)
-    assert (r.scalecert_certified, r.mr_occl_certified, r.difference) == (60.0, 50.0, 10.0)
-    assert r.ci_low < 10 < r.ci_high and r.p_value == 1.0
+    assert (r.scalecert_certified, r.mr_occl_certified, r.difference) == (60.0, 40.0, 20.0)
+    assert r.p_value == 0.754
+    # the interval of a difference of +-1 on 10 of 10 images spans far beyond 0 on both sides
+    assert r.ci_low <= -20 and r.ci_high >= 50
 
 
 def test_verdict_refuses_runs_on_other_images():
@@ -74,34 +77,86 @@ def test_equal_forwards_takes_mr_s_best_point_at_no_more_forwards():
         ]
     )
     f = A.equal_forwards(t).set_index("family")
+    assert f.mr_occl_complete.all() and sorted(f.reset_index().columns) == sorted(A.FRONTIER_COLUMNS)
     assert f.loc["r=3", "mr_occl_family"] == "r=3 tau=0.3" and f.loc["r=3", "mr_occl_certified"] == 42.0
     assert np.isnan(f.loc["k=6 masks", "mr_occl_certified"])  # MR has nothing as cheap as 8 forwards
 
 
-def test_sentence_is_written_from_the_tables():
-    v = pd.DataFrame(
+def _verdict_row(**kw):
+    row = {
+        "dataset": "C",
+        "patch_pct": 2.4,
+        "family": "r=3",
+        "images": 100,
+        "scalecert_certified": 50.0,
+        "mr_occl_certified": 40.0,
+        "difference": 10.0,
+        "ci_low": 3.0,
+        "ci_high": 17.0,
+        "p_value": 0.01,
+    }
+    return {**row, **kw}
+
+
+def _frontier(complete=True, **kw):
+    return pd.DataFrame(
         [
             {
                 "dataset": "C",
                 "patch_pct": 2.4,
-                "family": "r=3",
-                "images": 100,
                 "scalecert_certified": 50.0,
-                "mr_occl_certified": 40.0,
-                "difference": 10.0,
-                "ci_low": 3.0,
-                "ci_high": 17.0,
-                "p_value": 0.01,
+                "mr_occl_certified": 42.0,
+                "mr_occl_complete": complete,
+                **kw,
             }
         ]
     )
-    f = pd.DataFrame([{"dataset": "C", "scalecert_certified": 50.0, "mr_occl_certified": 42.0}])
+
+
+def test_sentence_is_written_from_the_tables():
+    v = pd.DataFrame([_verdict_row()])
+    f = _frontier()
     s = A.sentence("C", v, f)
     assert s.startswith("C: SIN adds certified accuracy") and "+10.0" in s and "100 images" in s and "+8.0" in s
     v2 = v.assign(difference=-10.0, ci_low=-17.0, ci_high=-3.0)
     assert "does not add" in A.sentence("C", v2, f)
-    assert "interval includes 0 in 1 of 1" in A.sentence("C", v.assign(ci_low=-1.0), f)
+    assert "no resolved difference in 1 of 1" in A.sentence("C", v.assign(ci_low=-1.0), f)
     assert "no paired comparison" in A.sentence("D", v, f)
+
+
+def test_sentence_needs_mcnemar_after_holm_not_only_the_interval():
+    # an interval above 0 with McNemar's p = 0.0625 (5 discordant images, all one way) is not a resolved difference
+    v = pd.DataFrame([_verdict_row(p_value=0.0625, ci_low=0.1, ci_high=1.0, difference=0.5)])
+    assert "no difference between SIN and occlusion training alone is resolved" in A.sentence("C", v, _frontier())
+    # three pairs: p 0.02 passes 0.05 / 3 alone? no (0.0167), so Holm rejects none although each p < 0.05
+    v3 = pd.DataFrame([_verdict_row(family=f, p_value=0.02) for f in ("r=3", "r=1", "k=6 masks")])
+    assert "in 0, fewer in 0 and with no resolved difference in 3 of 3" in A.sentence("C", v3, _frontier())
+    v3.loc[0, "p_value"] = 0.001  # 0.001 < 0.05/3, then 0.02 < 0.05/2, then 0.02 < 0.05: all three
+    assert "more than MR on the occlusion-trained model in 3, fewer in 0" in A.sentence("C", v3, _frontier())
+
+
+def test_sentence_compares_cost_only_where_every_mr_family_is_computed():
+    v = pd.DataFrame([_verdict_row(images=100), _verdict_row(family="r=1", images=90)])
+    s = A.sentence("C", v, _frontier(complete=False))
+    assert "no patch size has every MR family computed yet" in s and "ahead of" not in s
+    assert "90 to 100 images each" in s
+    both = pd.concat([_frontier(complete=False), _frontier(complete=True, patch_pct=0.4)], ignore_index=True)
+    assert "1 of 2 patch sizes with every MR family computed" in A.sentence("C", v, both)
+    table = _table(
+        [
+            ("C", 2.4, "r=3", A.SC, 700.0, 47.0),
+            ("C", 2.4, "r=3", A.MR_OCCL, 677.0, 55.0),
+            ("C", 2.4, "r=1", A.SC, 50.0, 47.0),
+            ("C", 2.4, "r=1", A.MR_OCCL, 677.0, np.nan),
+            ("C", 0.4, "r=3", A.SC, 50.0, 47.0),
+            ("C", 0.4, "r=3", A.MR_OCCL, np.nan, np.nan),
+        ]
+    )
+    assert "of 2 (patch, family) pairs (resolved" in A.sentence("C", v, both)
+    assert "of 2 (patch, family) pairs computed so far (of 3) (resolved" in A.sentence("C", v, both, table)
+    fr = A.equal_forwards(table).set_index(["patch_pct", "family"])
+    assert not fr.loc[(2.4, "r=3"), "mr_occl_complete"] and not fr.loc[(0.4, "r=3"), "mr_occl_complete"]
+    assert fr.loc[(2.4, "r=3"), "mr_occl_certified"] == 55.0  # the best so far is still shown
 
 
 def test_tiny_profile_runs_every_code_path_on_one_patch_size():

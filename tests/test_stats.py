@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from scalecert.stats import discordant, mcnemar_exact, paired_bootstrap
+from scalecert.stats import discordant, holm, mcnemar_exact, paired_bootstrap
 
 
 def _case(both, only_a, only_b, neither):
@@ -38,3 +38,19 @@ def test_paired_bootstrap_without_discordant_images_is_a_point():
 def test_unpaired_outcomes_are_refused(a, b):
     with pytest.raises(ValueError, match="paired outcomes"):
         paired_bootstrap(a, b)
+
+
+def test_holm_steps_down_and_stops_at_the_first_failure():
+    # sorted p 0.01, 0.012, 0.02, 0.5 against 0.05/4, 0.05/3, 0.05/2, 0.05/1: the first three pass, in input order
+    assert holm([0.02, 0.5, 0.01, 0.012]).tolist() == [True, False, True, True]
+    assert holm([0.03, 0.5, 0.01, 0.02]).tolist() == [False, False, True, False]  # 0.02 > 0.05/3 stops there
+    # 0.013 passes 0.05/3; 0.03 fails 0.05/2, so 0.04 (< 0.05 on its own) is not rejected either
+    assert holm([0.04, 0.013, 0.03]).tolist() == [False, True, False]
+    assert holm([0.06]).tolist() == [False] and holm([0.05]).tolist() == [True]
+    assert holm([]).tolist() == []
+
+
+@pytest.mark.parametrize("bad", [[0.1, float("nan")], [1.5], [[0.1]]])
+def test_holm_refuses_what_is_not_p_values(bad):
+    with pytest.raises(ValueError):
+        holm(bad)
