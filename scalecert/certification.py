@@ -10,6 +10,7 @@ from . import data as D
 from . import experiments as E
 from . import results as R
 from .baselines import harness as H
+from .baselines.patchcleanser import evaluations
 from .paper import PAPER_DATASET, paper_table
 
 #: the note of a row whose run the cache does not hold complete when 05 reads the cache only (the paper profile)
@@ -31,6 +32,7 @@ COLUMNS = [
     "candidates",
     "windows",
     "forwards_per_image",
+    "inference_forwards",
     "certify_forwards",
     "seconds_per_image",
     "note",
@@ -64,8 +66,11 @@ def rows(
     at every size of ``table_sizes``, every peer of Table 2 that has a checkpoint for the data set, and PatchCleanser
     on its models (``pc_models``, (label, checkpoint) pairs; default both of ``experiments.patchcleanser_runs``) at the
     sizes in ``pc_patches`` (``pc_per_class`` images per class); a model not shipped gives a row with a ``note``.
-    ``certify_forwards``: what the certificate costs (PatchCleanser: its 666-prediction pair table; the others: the
-    same pass as their prediction). ``compute_missing=False`` reads the cache only: a run not complete there gives a
+    Costs, in network evaluations per image: ``forwards_per_image`` what the certification run spent (early exit
+    included; what ``seconds_per_image`` times), ``inference_forwards`` what the defence spends on an input (ScaleCert
+    and MR: 1 + candidate windows, all of which ``detect`` evaluates; PatchCleanser: double masking's), and
+    ``certify_forwards`` what a certified image's certificate needs (PatchCleanser: its 666-prediction pair table; the
+    others: their inference). ``compute_missing=False`` reads the cache only: a run not complete there gives a
     row with the note ``NOT_COMPUTED`` and nothing is computed."""
     dataset = D.check_dataset(dataset)
     label_of = D.DATASET_LABELS[dataset]
@@ -100,7 +105,8 @@ def rows(
             if df is None:
                 continue
             s = E.summarise(df, **row)
-            out.append({**s, "certify_forwards": s["forwards_per_image"]})  # detect and certify: the same pass
+            full = round(1 + float(df.n_candidates.mean()), 1)  # detect and a certified image: every candidate
+            out.append({**s, "inference_forwards": full, "certify_forwards": full})
     for table_no, pct, _, pc in sizes:  # the peers of Table 2 on their own checkpoints (IBP: CIFAR only, as the paper)
         for peer in H.PEER_NAMES:
             ck = H.peer(peer).checkpoint(dataset)
@@ -120,7 +126,9 @@ def rows(
             if df is None:
                 continue
             s = H.summarise_peer(df, **row)
-            out.append({**s, "certify_forwards": s["forwards_per_image"]})
+            out.append(
+                {**s, "inference_forwards": s["forwards_per_image"], "certify_forwards": s["forwards_per_image"]}
+            )
     for table_no, pct, _, _ in sizes:  # PatchCleanser (recovery; not in the paper's tables) on both models
         if pct not in pc_patches:
             continue
@@ -136,8 +144,22 @@ def rows(
             )
             if df is None:
                 continue
-            out.append({**H.summarise_peer(df, **row), "certify_forwards": round(float(df.certify_forwards.mean()), 1)})
+            out.append(patchcleanser_row(df, **row))
     return out
+
+
+def patchcleanser_row(df: pd.DataFrame, **labels) -> dict:
+    """Return 05's row of a PatchCleanser run: ``forwards_per_image`` the evaluations its early-exit run spent (first
+    round, second rounds, and the pairs evaluated beyond the one-mask images), ``inference_forwards`` double masking's
+    and ``certify_forwards`` the pair table's (666 for 36 masks)."""
+    s = H.summarise_peer(df, **labels)
+    spent = evaluations(df)
+    return {
+        **s,
+        "forwards_per_image": round(float(spent.mean()), 1),
+        "inference_forwards": s["forwards_per_image"],
+        "certify_forwards": round(float(df.certify_forwards.mean()), 1),
+    }
 
 
 def tables(ours: pd.DataFrame) -> dict[int, pd.DataFrame]:

@@ -364,7 +364,7 @@ def ablation_markdown(fig_dir: Path = FIG_DIR) -> str:
 def patchcleanser_markdown(fig_dir: Path = FIG_DIR) -> str:
     """Return 05's whole-split PatchCleanser rows (``05_certification.csv`` of each data set's paper-profile folder)
     beside ScaleCert (sound) at the same patch size as a Markdown table: certified accuracy and forward passes per
-    image (PatchCleanser: its inference's, then its certificate's); a line saying so where there is none yet."""
+    image (at inference, then spent by the certification run); a line saying so where there is none yet."""
     lines = []
     for name in DATA:
         csv = Path(fig_dir) / name / "05_certification.csv"
@@ -376,15 +376,14 @@ def patchcleanser_markdown(fig_dir: Path = FIG_DIR) -> str:
         for patch, g in pc[pc.images == whole].groupby("patch_pct", sort=True):
             sc = t[(t.defense == "ScaleCert") & (t.patch_pct == patch) & (t.images == whole)]
             cells = [g.dataset.iloc[0], f"{patch:g}%", f"{int(whole):,}"]
-            cells.append(
-                f"{sc.certified.iloc[0]:.1f} ({sc.forwards_per_image.iloc[0]:.0f})" if len(sc) else "not computed yet"
-            )
-            for label in ("occlusion-trained", "undefended model"):
-                r = g[g.defense == f"PatchCleanser ({label})"]
+            for r in [sc] + [
+                g[g.defense == f"PatchCleanser ({label})"] for label in ("occlusion-trained", "undefended model")
+            ]:
+                r = r.iloc[0] if len(r) else None
                 cells.append(
-                    f"{r.certified.iloc[0]:.1f} ({r.forwards_per_image.iloc[0]:.0f} / {r.certify_forwards.iloc[0]:.0f})"
-                    if len(r)
-                    else "not computed yet"
+                    "not computed yet"
+                    if r is None
+                    else f"{r.certified:.1f} ({r.inference_forwards:.0f} / {r.forwards_per_image:.0f})"
                 )
             lines.append("| " + " | ".join(cells) + " |")
     if not lines:
@@ -397,8 +396,9 @@ def patchcleanser_markdown(fig_dir: Path = FIG_DIR) -> str:
         "|---|--:|--:|--:|--:|--:|",
     ]
     note = (
-        "Certified accuracy, % (forwards per image). ScaleCert certifies detection (the right label or an alert), "
-        "PatchCleanser recovery (the right label); its forwards: inference / certificate."
+        "Certified accuracy, % (forward passes per image: at inference / in the certification run, which leaves an "
+        "image once its certificate is ruled out). ScaleCert certifies detection (the right label or an alert), "
+        "PatchCleanser recovery (the right label)."
     )
     return "\n".join(head + lines + ["", note])
 

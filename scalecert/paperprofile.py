@@ -126,7 +126,8 @@ def _certification_runs(cache_dir: Path | None = None, datasets=None):
 def whole_split_results(cache_dir: Path | None = None, datasets=None) -> pd.DataFrame:
     """Return one row per certification run (ScaleCert, MR or a peer) complete on a whole test/val split in the cache:
     model, defence (PatchCleanser labelled by its model, ``patchcleanser_runs``), guarantee (detection or recovery),
-    patch, whether it is one of 05's rows, images, clean and certified accuracy (%), CPU-hours, and the paper's number
+    patch, whether it is one of 05's rows, images, clean and certified accuracy (%), worker-hours (the
+    chunks' wall times summed), and the paper's number
     where it has one (Tables 2 and 5 for 05's rows, 3 and 6 for the other top-k rates; PatchCleanser has none: the paper
     does not report it); ``datasets``: only those."""
     from .baselines import harness as H
@@ -153,7 +154,8 @@ def whole_split_results(cache_dir: Path | None = None, datasets=None) -> pd.Data
             "images": len(df),
             "clean": round(100 * df.clean_correct.mean(), 1),
             "certified": round(100 * df.certified.mean(), 1),
-            "cpu_hours": round(float(R.timings(run).seconds.sum()) / 3600, 2),
+            # the chunks' wall times summed over the workers (one torch thread each): core-hours when nothing else ran
+            "worker_hours": round(float(R.timings(run).seconds.sum()) / 3600, 2),
             "key": run.name,
         }
         rows.append({**row, **_paper_number(dataset, config, model, defense)})
@@ -171,7 +173,7 @@ def whole_split_results(cache_dir: Path | None = None, datasets=None) -> pd.Data
         "paper_clean",
         "paper_certified",
         "paper_table",
-        "cpu_hours",
+        "worker_hours",
         "key",
     ]
     out = pd.DataFrame(rows, columns=cols).astype({"in_05": bool})  # so that out[out.in_05] selects rows when empty

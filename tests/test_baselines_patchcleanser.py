@@ -260,3 +260,42 @@ def test_early_exit_certifies_and_predicts_as_the_full_pair_table():
     done = ~early
     assert (fast.wrong_pairs[done] == full.wrong_pairs[done]).all()
     assert (fast.min_lead[fast.certified] == full.min_lead[fast.certified]).all()
+
+
+class Counting(nn.Module):
+    """Wraps a model and counts the images it evaluates."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model, self.images = model, 0
+
+    def forward(self, x):
+        self.images += len(x)
+        return self.model(x)
+
+
+@pytest.mark.parametrize("early_exit", [True, False])
+def test_evaluations_count_every_network_evaluation_of_the_run(early_exit):
+    torch.manual_seed(3)
+    x = torch.rand(12, 3, 16, 16)
+    x[-2:] = 0.0  # masks hide nothing there: every pair has the image's own label, so it certifies
+    net = tiny_net(3)
+    family = mask_set(16, 3, k=4)
+    table, _ = P.pair_table(net, x, family, chunk=64)
+    # labels: the pair table's label of pair (0, 1) (the black images certify, some others leave in a group of pairs),
+    # another label for two images (they leave after the first round)
+    y = table[:, 0, 1].clone()
+    y[:2] = (y[:2] + 1) % 3
+    per_image = []
+    for i in range(len(x)):
+        counted = Counting(net)
+        df = P.certify_patchcleanser(counted, x[i : i + 1], y[i : i + 1], 3, k=4, chunk=64, early_exit=early_exit)
+        per_image.append((counted.images, int(P.evaluations(df).iloc[0]), int(df.pairs_evaluated.iloc[0])))
+    spent, counted_by_formula, pairs = zip(*per_image)
+    assert list(counted_by_formula) == list(spent)
+    if early_exit:  # the fixture reaches the three ways an image ends
+        assert 16 in pairs and 136 in pairs and any(16 < p < 136 for p in pairs), pairs  # k = 4: 16 masks
+    else:
+        assert set(spent) == {136}
+        # records cached before the early exit have no pairs_evaluated: they evaluated the whole table
+        assert (P.evaluations(df.drop(columns="pairs_evaluated")) == 136).all()

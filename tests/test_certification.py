@@ -15,8 +15,12 @@ def _records(n=4, certified=(True, False, True, False)):
             "certified": list(certified),
             "n_candidates": [5] * n,
             "n_windows": [36] * n,
-            "n_evaluated": [5] * n,
-            "forwards": [36] * n,
+            "n_evaluated": [3] * n,  # early exit: fewer than the candidates
+            # PatchCleanser: certified images evaluate the whole table; image 1 leaves after the first round (two
+            # second rounds), image 3 after a group of pairs
+            "forwards": [36, 106, 36, 36],
+            "pairs_evaluated": [666, 36, 666, 100],
+            "masks": [36] * n,
             "certify_forwards": [666] * n,
         }
     )
@@ -46,12 +50,15 @@ def test_rows_run_every_defence_once_per_size_and_say_which_models_are_missing(m
     ours = got[got.defense.isin(["ScaleCert", "ScaleCert (paper mode)", "MR"])]
     assert len(ours) == 3 * len(sizes) and ours.note.isna().all()
     assert sorted({c[3] for c in calls if c[0] == "certify"}) == [1, 2]  # Table 5's sizes at `large`
-    assert (ours.certify_forwards == ours.forwards_per_image).all()
+    assert (ours.forwards_per_image == 4).all()  # 1 + windows the run evaluated
+    assert (ours.inference_forwards == 6).all() and (ours.certify_forwards == 6).all()  # 1 + candidates
     ds = got[got.defense == "DS"]
     assert len(ds) == len(sizes) and ds.note.str.endswith("not trained yet").all()
     pc = got[got.defense.isin([E.PC_VANILLA, E.PC_OCCL])]
     assert pc.patch_pct.tolist() == [2.4, 2.4] and (pc.guarantee == "recovery").all()
-    assert pc.set_index("defense").loc[E.PC_VANILLA, "certify_forwards"] == 666
+    van = pc.set_index("defense").loc[E.PC_VANILLA]
+    assert (van.certify_forwards, van.inference_forwards) == (666, 53.5)
+    assert van.forwards_per_image == (666 + 106 + 666 + 100) / 4  # what the early-exit run evaluated
     assert pc.set_index("defense").loc[E.PC_OCCL, "note"] == f"{E.occlusion_model_name('cifar10')} not trained yet"
     assert ("PatchCleanser", "cifar10_resnet20_vanilla", 2.4, 1) in calls
     one = pd.DataFrame(C.rows("cifar10", sizes[1:2], pc_patches=[2.4], pc_per_class=1, pc_models=[("PC", "m")]))

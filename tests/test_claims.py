@@ -122,23 +122,25 @@ def test_patchcleanser_block_puts_whole_split_rows_beside_scalecert(tmp_path):
     base = {"dataset": "CIFAR-10 (JPEG)", "guarantee": "detection", "clean": 80.0, "note": None}
     rows = [
         {**base, "patch_pct": 2.4, "defense": "ScaleCert", "images": 10000, "certified": 47.3,
-         "forwards_per_image": 25.8, "certify_forwards": 25.8},
+         "forwards_per_image": 25.8, "inference_forwards": 40.2, "certify_forwards": 40.2},
         {**base, "patch_pct": 0.4, "defense": "ScaleCert", "images": 10000, "certified": 59.4,
-         "forwards_per_image": 30.0, "certify_forwards": 30.0},
+         "forwards_per_image": 30.0, "inference_forwards": 44.0, "certify_forwards": 44.0},
         {**base, "patch_pct": 2.4, "defense": "PatchCleanser (occlusion-trained)", "guarantee": "recovery",
-         "images": 10000, "certified": 35.66, "forwards_per_image": 101.2, "certify_forwards": 666},
+         "images": 10000, "certified": 35.66, "forwards_per_image": 300.4, "inference_forwards": 101.2,
+         "certify_forwards": 666},
         {**base, "patch_pct": 0.4, "defense": "PatchCleanser (occlusion-trained)", "guarantee": "recovery",
-         "images": 10, "certified": 50.0, "forwards_per_image": 90, "certify_forwards": 666},  # a subset: left out
+         "images": 10, "certified": 50.0, "forwards_per_image": 290, "inference_forwards": 90,
+         "certify_forwards": 666},  # a subset: left out
         {**base, "patch_pct": 0.4, "defense": "PatchCleanser (undefended model)", "guarantee": "recovery",
-         "images": None, "certified": None, "forwards_per_image": None, "certify_forwards": None,
-         "note": "not computed yet"},
+         "images": None, "certified": None, "forwards_per_image": None, "inference_forwards": None,
+         "certify_forwards": None, "note": "not computed yet"},
     ]  # fmt: skip
     pd.DataFrame(rows).to_csv(tmp_path / "cifar10" / "05_certification.csv", index=False)
     lines = C.patchcleanser_markdown(tmp_path).splitlines()
     body = [line for line in lines if line.startswith("| CIFAR")]
     assert len(body) == 1  # 2.4% only: the 0.4% PatchCleanser row covers 10 images
     cells = [c.strip() for c in body[0].strip("|").split("|")]
-    assert cells == ["CIFAR-10 (JPEG)", "2.4%", "10,000", "47.3 (26)", "35.7 (101 / 666)", "not computed yet"]
+    assert cells == ["CIFAR-10 (JPEG)", "2.4%", "10,000", "47.3 (40 / 26)", "35.7 (101 / 300)", "not computed yet"]
     t = pd.DataFrame(rows)
     t = t[~((t.defense == "ScaleCert") & (t.patch_pct == 2.4))]  # no whole-split ScaleCert row at 2.4%
     t.to_csv(tmp_path / "cifar10" / "05_certification.csv", index=False)

@@ -365,6 +365,20 @@ def certify_early_exit(
     return {**out, "certified": certified, "wrong_pairs": wrong, "min_lead": min_lead, "pairs_evaluated": evaluated}
 
 
+def evaluations(records: pd.DataFrame) -> pd.Series:
+    """Return the network evaluations a :func:`certify_patchcleanser` run spent on each image (per record).
+
+    Early exit: the first round, the second rounds (``forwards`` - K) and the pairs beyond the one-mask images
+    (``pairs_evaluated`` - K); an image that reached the whole table had no disagreer (its one-mask labels were all its
+    own), so that is the table. Without early exit every image costs the table, which then also decides double masking
+    (so do runs cached before the early exit, whose records have no ``pairs_evaluated``).
+    """
+    if "pairs_evaluated" not in records:
+        return records.certify_forwards.copy()
+    full = records.pairs_evaluated == records.certify_forwards
+    return records.certify_forwards.where(full, records.forwards + records.pairs_evaluated - records.masks)
+
+
 # --------------------------------------------------------------------------- certification (harness)
 def certify_patchcleanser(
     model: nn.Module,
