@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
+import torch
 
 from . import data as D
 from . import experiments as E
@@ -32,6 +33,7 @@ from . import results as R
 from .baselines import harness as H
 from .baselines.patchcleanser import PAPER_K
 from .stats import holm, mcnemar_exact, paired_bootstrap
+from .windows import candidate_windows, mask_set
 
 SC, SC_PAPER, MR_VANILLA, MR_OCCL = (
     "ScaleCert",
@@ -119,6 +121,28 @@ def families(dataset: str, patch_pct: float, rs=(3, 1), masks: int = MASKS, taus
             for t in taus
             if t != tau0
         ]
+    return _merge_same_windows(dataset, patch_pct, out)
+
+
+def _windows(dataset: str, patch_pct: float, kw: dict) -> torch.Tensor:
+    """Return the boxes of a family's windows (the family ``kw`` of :func:`families` names)."""
+    n = D.image_size(dataset)
+    fam = mask_set(n, patch_pct, kw["masks"]) if "masks" in kw else candidate_windows(n, patch_pct, kw["r"], kw["tau"])
+    return fam.boxes
+
+
+def _merge_same_windows(dataset: str, patch_pct: float, fams: list[dict]) -> list[dict]:
+    """Return ``fams`` with each family whose windows equal an earlier one's left out and named in the earlier one's
+    label (e.g. on 32 x 32 images tau = 0.5 and 0.6 merge a 2.4% patch's windows alike): one pair, not two."""
+    out, boxes = [], []
+    for f in fams:
+        b = _windows(dataset, patch_pct, f["kw"])
+        same = next((i for i, o in enumerate(boxes) if o.shape == b.shape and torch.equal(o, b)), None)
+        if same is None:
+            out.append(dict(f))
+            boxes.append(b)
+        else:
+            out[same]["family"] += f" (= {f['family']})"
     return out
 
 
