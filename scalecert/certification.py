@@ -105,7 +105,7 @@ def rows(
             if df is None:
                 continue
             s = E.summarise(df, **row)
-            full = round(1 + float(df.n_candidates.mean()), 1)  # detect and a certified image: every candidate
+            full = E.inference_forwards(df)  # detect and a certified image: every candidate
             out.append({**s, "inference_forwards": full, "certify_forwards": full})
     for table_no, pct, _, pc in sizes:  # the peers of Table 2 on their own checkpoints (IBP: CIFAR only, as the paper)
         for peer in H.PEER_NAMES:

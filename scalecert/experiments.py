@@ -307,6 +307,11 @@ def summarise(df: pd.DataFrame, **labels) -> dict:
     }
 
 
+def inference_forwards(df: pd.DataFrame) -> float:
+    """Return the forward passes per image ``detect`` spends on an input of a ScaleCert or MR run: 1 + candidates."""
+    return round(1 + float(df.n_candidates.mean()), 1)
+
+
 def model_accuracy(df: pd.DataFrame) -> float:
     """Return the plain model's top-1 accuracy (%) on a certification run's images (its unoccluded ``pred``)."""
     return round(100 * float((df.pred == df.label).mean()), 1)
