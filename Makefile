@@ -103,7 +103,7 @@ test: $(STAMP) data ## pytest on the package + nbval on the notebooks (tiny prof
 	SCALECERT_TEST_THREADS=1 OMP_NUM_THREADS=1 $(PY) -m pytest -q -p no:cacheprovider -n $(TEST_JOBS) --dist loadfile --durations=10 tests
 	rm -rf build/test-cache build/test-figures  # nbval must recompute, not read results cached by a previous run
 	OMP_NUM_THREADS=1 SCALECERT_FIG_DIR=$(CURDIR)/build/test-figures SCALECERT_CACHE_DIR=$(CURDIR)/build/test-cache \
-	  $(PY) -m pytest -q -p no:cacheprovider -n $(TEST_JOBS) --dist loadfile --no-loadscope-reorder --nbval-lax --nbval-current-env \
+	  $(PY) -m pytest -q -p no:cacheprovider -n $(TEST_JOBS) --dist loadfile --no-loadscope-reorder --durations=15 --nbval-lax --nbval-current-env \
 	  --nbval-sanitize-with tests/nbval_sanitize.cfg tests/notebooks
 
 test-fast: $(STAMP) ## pytest only (no notebooks)

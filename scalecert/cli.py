@@ -442,7 +442,8 @@ def accuracy_target(card: dict, vanilla: dict | None) -> float | None:
 
 def models_table(checkpoint_dir: Path = CHECKPOINT_DIR) -> pd.DataFrame:
     """Return one row per shipped checkpoint card: name, status, data set, arch, SIN, accuracy, issue 4's target
-    and whether it is reached, epochs, hours."""
+    and whether it is reached, epochs, hours, and its ablation twin (12's SIN model and the model trained the same way
+    without SIN name each other, and the twin's row follows its SIN model's)."""
     import pandas as pd
 
     rows = []
@@ -470,9 +471,17 @@ def models_table(checkpoint_dir: Path = CHECKPOINT_DIR) -> pd.DataFrame:
                 "reached": "" if target is None or acc is None else "yes" if acc >= target else "no",
                 "epochs": f"{c.get('epochs_done', '?')}/{c.get('epochs', '?')}",
                 "train_hours": round(c["train_seconds"] / 3600, 1) if c.get("train_seconds") else None,
+                "twin": c.get("twin") or "",
             }
         )
-    return pd.DataFrame(rows)
+    twin_of = {r["twin"]: r["checkpoint"] for r in rows if r["twin"]}
+    for r in rows:
+        r["twin"] = r["twin"] or twin_of.get(r["checkpoint"], "")
+    order = [r for r in rows if r["checkpoint"] not in set(twin_of.values())]
+    for sin_name, ablation in twin_of.items():
+        at = next((i for i, r in enumerate(order) if r["checkpoint"] == sin_name), len(order) - 1)
+        order.insert(at + 1, next(r for r in rows if r["checkpoint"] == ablation))
+    return pd.DataFrame(order)
 
 
 def data(argv=None) -> int:

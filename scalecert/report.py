@@ -43,14 +43,19 @@ def owner(figure: str, tables: list[str]) -> str | None:
 
 
 def sections(fig_dir: Path) -> list[str]:
-    """Return Markdown sections, one per saved table, each with its notebook's figures (every figure listed once)."""
+    """Return Markdown sections, one per saved table, each with its notebook's figures (every figure listed once)
+    and, under the notebook's first table, the answer it generated (``NN_answer.md``, e.g. 12's verdict sentence)."""
     tables = sorted(fig_dir.glob("*.csv"))
     figures = sorted(fig_dir.glob("*.png"))
     listed = {png.stem: owner(png.stem, [t.stem for t in tables]) for png in figures}
+    answers = {md.stem.split("_")[0]: md.read_text().strip() for md in sorted(fig_dir.glob("*_answer.md"))}
     out = []
     for csv in tables:
         df = pd.read_csv(csv)
         out.append(f"## {csv.stem}\n")
+        answer = answers.pop(csv.stem.split("_")[0], None)
+        if answer:
+            out.append(f"**The notebook's answer:** {answer}\n")
         out += comparisons(df)
         out.append(df.to_markdown(index=False) + "\n")
         out += [f"![{png.stem}]({png.name})\n" for png in figures if listed[png.stem] == csv.stem]

@@ -103,16 +103,17 @@ def test_ablation_block_summarises_each_data_sets_verdicts_and_points_at_the_not
     pd.DataFrame([row]).to_csv(tmp_path / "imagenette" / "12_verdict.csv", index=False)
     pd.DataFrame(
         [
-            {**row, "dataset": "CIFAR-10 (JPEG)", "images": 10000, "difference": -6.4, "ci_low": -7.2, "ci_high": -5.5,
-             "p_value": 2.6e-49},
-            {**row, "dataset": "CIFAR-10 (JPEG)", "images": 10000, "difference": 0.3, "ci_low": -0.5, "ci_high": 1.1,
-             "p_value": 0.41},
+            {**row, "dataset": "CIFAR-10 (JPEG)", "patch_pct": 2.4, "images": 10000, "difference": -6.4,
+             "ci_low": -7.2, "ci_high": -5.5, "p_value": 2.6e-49},
+            {**row, "dataset": "CIFAR-10 (JPEG)", "patch_pct": 0.4, "images": 10000, "difference": 0.3,
+             "ci_low": -0.5, "ci_high": 1.1, "p_value": 0.41},
         ]
     ).to_csv(tmp_path / "cifar10" / "12_verdict.csv", index=False)  # fmt: skip
     (tmp_path / "imagenette" / "12_answer.md").write_text("Imagenette-224: SIN adds certified accuracy.\n")
     text = C.ablation_markdown(tmp_path)
-    assert "| CIFAR-10 (JPEG) | 2 | 10,000 | -6.4 to +0.3 | 1 / 1 / 0 | 0.41 |" in text
-    assert "| Imagenette-224 | 1 | 3,925 | +3.2 [+2.1, +4.4] | 0 / 0 / 1 | 1.2e-08 |" in text
+    # the paper's own difference at the same sizes (Table 2: 81.0 - 82.5 at 0.4%, 75.3 - 78.1 at 2.4%; no ImageNet MR)
+    assert "| CIFAR-10 (JPEG) | 2 | 10,000 | -6.4 to +0.3 | 1 / 1 / 0 | 0.41 | -2.8 to -1.5 (0.4%, 2.4%) |" in text
+    assert "| Imagenette-224 | 1 | 3,925 | +3.2 [+2.1, +4.4] | 0 / 0 / 1 | 1.2e-08 | no MR row |" in text
     assert "12_answer.md" in text.splitlines()[-1] and "SIN adds" not in text  # the answers stay in the notebook's file
 
 

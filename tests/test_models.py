@@ -640,3 +640,7 @@ def test_the_ablation_twins_have_no_accuracy_target_but_name_their_sin_twin():
         twin = json.loads((CHECKPOINT_DIR / f"{card['twin']}.json").read_text())
         assert twin["sin_rate"] and card["init"] == twin["init"] and card["epochs"] == twin["epochs"]
         assert card["occlusion"] == "pixels" and card["train_seconds"] > 0 and card["sin_rate"] is None
+        # the table names the pair both ways and lists the twin right after its SIN model
+        assert t.loc[name, "twin"] == card["twin"] and t.loc[card["twin"], "twin"] == name
+        names = list(t.index)
+        assert names.index(name) == names.index(card["twin"]) + 1

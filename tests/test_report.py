@@ -23,6 +23,15 @@ def test_sections_list_every_table_and_its_figures(tmp_path):
     assert "05_certification_cifar10.png" in own and "06_topk" not in own and "06_topk_rate_cifar10.png" in rest
 
 
+def test_a_notebooks_generated_answer_opens_its_first_table_once(tmp_path):
+    for stem in ("12_does_sin_help", "12_verdict"):
+        pd.DataFrame({"x": [1]}).to_csv(tmp_path / f"{stem}.csv", index=False)
+    (tmp_path / "12_answer.md").write_text("CIFAR-10: SIN does not add certified accuracy.\n")
+    text = "\n".join(sections(tmp_path))
+    assert text.count("SIN does not add") == 1
+    assert text.index("## 12_does_sin_help") < text.index("SIN does not add") < text.index("## 12_verdict")
+
+
 def test_every_figure_is_listed_once_under_its_notebooks_closest_table(tmp_path):
     for stem in ("02_sin_localization", "05_certification", "05_certification_large"):
         pd.DataFrame({"x": [1]}).to_csv(tmp_path / f"{stem}.csv", index=False)
