@@ -58,6 +58,7 @@ TABLE_COLUMNS = [
     "patch_pct",
     "family",
     "defense",
+    "guarantee",
     "model",
     "images",
     "clean",
@@ -171,6 +172,12 @@ def _records_or_note(ckpt: str, labels: dict, rows: list, fetch):
     except R.NotComputed:
         rows.append({**labels, "note": NOT_COMPUTED})
         return None
+
+
+def guarantee(defense: str) -> str:
+    """Return what a defence's certificate promises: ``recovery`` (PatchCleanser: the right label under any patch) or
+    ``detection`` (ScaleCert, MR: the right label or an alert)."""
+    return "recovery" if defense in (PC_VANILLA, PC_OCCL) else "detection"
 
 
 def row(df: pd.DataFrame, **labels) -> dict:
@@ -326,6 +333,7 @@ def run_all(
             rows += pc_rows
             recs.update(pc_recs)
     table = pd.DataFrame(rows)
+    table["guarantee"] = table["defense"].map(guarantee)
     for c in TABLE_COLUMNS:
         if c not in table:
             table[c] = np.nan

@@ -212,6 +212,8 @@ def test_run_all_adds_patchcleanser_points_and_keeps_every_other_row(monkeypatch
     pc = table.defense.isin([A.PC_VANILLA, A.PC_OCCL])
     pd.testing.assert_frame_equal(table[~pc].reset_index(drop=True)[without.columns], without)
     assert table[~pc].certify_forwards.isna().all()
+    assert (table[~pc].guarantee == "detection").all() and (table[pc].guarantee == "recovery").all()
+    assert list(table.columns[: len(A.TABLE_COLUMNS)]) == A.TABLE_COLUMNS
     got = table[pc].set_index(["patch_pct", "defense"])
     assert list(got.index) == [(0.4, A.PC_VANILLA), (0.4, A.PC_OCCL), (2.4, A.PC_VANILLA), (2.4, A.PC_OCCL)]
     assert (got.family == "k=6 masks").all()
