@@ -177,7 +177,7 @@ def _records_or_note(ckpt: str, labels: dict, rows: list, fetch):
 def guarantee(defense: str) -> str:
     """Return what a defence's certificate promises: ``recovery`` (PatchCleanser: the right label under any patch) or
     ``detection`` (ScaleCert, MR: the right label or an alert)."""
-    return "recovery" if defense in (PC_VANILLA, PC_OCCL) else "detection"
+    return H.peer("PatchCleanser").kind if defense in (PC_VANILLA, PC_OCCL) else "detection"
 
 
 def row(df: pd.DataFrame, **labels) -> dict:

@@ -474,14 +474,12 @@ def models_table(checkpoint_dir: Path = CHECKPOINT_DIR) -> pd.DataFrame:
                 "twin": c.get("twin") or "",
             }
         )
-    twin_of = {r["twin"]: r["checkpoint"] for r in rows if r["twin"]}
+    sin_of = {r["checkpoint"]: r["twin"] for r in rows if r["twin"]}  # ablation twin -> its SIN model
+    ablation_of = {v: k for k, v in sin_of.items()}
     for r in rows:
-        r["twin"] = r["twin"] or twin_of.get(r["checkpoint"], "")
-    order = [r for r in rows if r["checkpoint"] not in set(twin_of.values())]
-    for sin_name, ablation in twin_of.items():
-        at = next((i for i, r in enumerate(order) if r["checkpoint"] == sin_name), len(order) - 1)
-        order.insert(at + 1, next(r for r in rows if r["checkpoint"] == ablation))
-    return pd.DataFrame(order)
+        r["twin"] = r["twin"] or ablation_of.get(r["checkpoint"], "")
+    rows.sort(key=lambda r: (sin_of.get(r["checkpoint"], r["checkpoint"]), r["checkpoint"] in sin_of))
+    return pd.DataFrame(rows)
 
 
 def data(argv=None) -> int:
