@@ -78,6 +78,11 @@ def test_readme_block_is_what_the_command_generates_today():
     assert C.block(C.README.read_text(), "patchcleanser") == C.patchcleanser_markdown()
 
 
+def test_readme_stays_a_short_companion():
+    # the README is a companion to the paper: at most 12,000 bytes, generated blocks included
+    assert len(C.README.read_bytes()) <= 12_000
+
+
 def test_write_readme_replaces_only_the_block(tmp_path):
     p = tmp_path / "README.md"
     blocks = "".join(f"{start}\nold\n{end}\n\nmiddle\n" for start, end, _ in C.BLOCKS.values())
