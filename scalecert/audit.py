@@ -6,7 +6,8 @@ pushes M(x') and every candidate masked prediction towards one wrong label).
 A *violation* is a patched image x' of a certified image (x, y) for which ``detect(x')`` returns
 a label other than y without an alert. The audit is exact and cheap: ``detect(x')`` can only
 return a wrong label if ``M(x') != y``, so only those x' are passed to the detector, which may
-stop at its first disagreeing window (that already means an alert).
+stop at its first disagreeing window (that already means an alert); the windows that contain the patch, one of
+which disagrees when the certificate holds, are tried first.
 
 PatchCleanser (:mod:`scalecert.baselines.patchcleanser`, a *recovery* defence) is audited the same way by
 :func:`audit_image_patchcleanser` / :func:`audit_records_patchcleanser`: for every image its certificate holds for
@@ -125,7 +126,10 @@ def audit_image(
         cases += len(cs)
         flipped += len(wrong)
         if len(wrong):
-            recs = engine.run(xp[wrong], pred[wrong].cpu(), early_stop=True)
+            # the windows that contain the patch go first: for a certified image one of them must disagree
+            corner = cs[wrong]
+            box = torch.cat([corner, corner + engine.p - 1], 1)
+            recs = engine.run(xp[wrong], pred[wrong].cpu(), early_stop=True, first=box)
             for j, rec in zip(wrong.tolist(), recs):
                 if rec["certified"]:  # every candidate agrees with the wrong label: no alert
                     violations += 1

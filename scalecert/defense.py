@@ -187,12 +187,19 @@ class Engine:
         early_stop: bool = True,
         ids=None,
         observer=None,
+        first: torch.Tensor | None = None,
     ) -> list[dict]:
         """Return one record per image: prediction, alert, certified (if labels), candidates, windows.
 
         ``observer`` (for tools that show the engine at work, e.g. the explorer) is called as ``observer("sin",
         mask)`` with the (b, h, w) SIN mask and ``observer("occluded", boxes, labels)`` after each chunk of occluded
-        predictions, with their image windows and labels; it changes nothing the engine computes."""
+        predictions, with their image windows and labels; it changes nothing the engine computes.
+
+        ``first`` (b, 4), inclusive pixel boxes, one per image: when the run stops early, the candidate windows that
+        wholly contain their image's box are evaluated before the others (the audit passes the patch, so that the
+        window that must disagree comes first). The order changes only which disagreeing windows an early stop
+        finds (``n_evaluated``, ``n_disagree``, ``disagree_labels``, ``suspected_box``), never pred, alert, output
+        or certified."""
         t_start = time.perf_counter()
         x = check_images(images, self.n).to(self.device)
         b = x.shape[0]
@@ -226,12 +233,17 @@ class Engine:
         if stop_early:
             active &= pred == y  # Alg. 2 needs M(x) = y first
         out_labels = torch.full((len(img_idx),), -1, dtype=torch.long, device=self.device)
-        for s in range(0, len(img_idx), self.chunk):
-            sl = slice(s, s + self.chunk)
-            sel = active[img_idx[sl]] if stop_early else torch.ones_like(img_idx[sl], dtype=torch.bool)
+        evaluation = torch.arange(len(img_idx), device=self.device)  # pair order of evaluation
+        if first is not None and stop_early:
+            box = first.to(self.device).reshape(b, 4)[img_idx]
+            inside = (pair_boxes[:, :2] <= box[:, :2]).all(1) & (pair_boxes[:, 2:] >= box[:, 2:]).all(1)
+            evaluation = torch.cat([evaluation[inside], evaluation[~inside]])
+        for s in range(0, len(evaluation), self.chunk):
+            idx = evaluation[s : s + self.chunk]
+            sel = active[img_idx[idx]] if stop_early else torch.ones_like(idx, dtype=torch.bool)
             if not sel.any():
                 continue
-            pos = torch.arange(s, min(s + self.chunk, len(img_idx)), device=self.device)[sel]
+            pos = idx[sel]
             lab = self.occluded_labels(x, feats, order, img_idx[pos], pair_boxes[pos], pair_fp[pos])
             out_labels[pos] = lab
             if observer is not None:

@@ -165,6 +165,31 @@ def test_sound_mode_has_no_violations(r):
     assert res["violations"] == 0, res["examples"]
 
 
+@pytest.mark.parametrize("mode,tau", [("sound", None), ("paper", 0.5)])
+def test_windows_with_the_patch_first_change_no_verdict_and_stop_sooner(mode, tau):
+    """The audit's evaluation order (the windows that contain the patch first) leaves pred, alert, output and
+    certified of every patched image of a certified image as the raster order gives them, and evaluates fewer
+    windows."""
+    m = spread_model(rate=0.2)
+    eng = Engine(m, 16, 2, r=3, mode=mode, tau=tau, chunk=64)
+    x = images(6, seed=5)
+    with torch.no_grad():
+        y = m(x).argmax(1)
+    cert = [i for i, r in enumerate(eng.run(x, y)) if r["certified"]]
+    corners = patch_positions(16, eng.p, stride=2)
+    xp = torch.cat([paste(x[i], torch.ones(3, eng.p, eng.p), corners) for i in cert])
+    with torch.no_grad():
+        held = m(xp).argmax(1)
+    flipped = held != y[cert].repeat_interleave(len(corners))  # what the audit passes on: M(x') != y
+    assert flipped.sum() >= 5, "the test needs patched images that change M(x)"
+    box = torch.cat([corners, corners + eng.p - 1], 1).repeat(len(cert), 1)
+    raster = eng.run(xp[flipped], held[flipped])
+    first = eng.run(xp[flipped], held[flipped], first=box[flipped])
+    keys = ("pred", "alert", "output", "certified", "n_candidates")
+    assert [{k: r[k] for k in keys} for r in first] == [{k: r[k] for k in keys} for r in raster]
+    assert sum(r["n_evaluated"] for r in first) < sum(r["n_evaluated"] for r in raster)
+
+
 def test_cpu_chunk_follows_the_cache_budget(monkeypatch):
     from scalecert.defense import default_chunk
 
