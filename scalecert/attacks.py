@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .geometry import centre_inside, rect_masks
+from .geometry import centre_inside, patch_boxes, rect_masks
 from .sin import importance, masked_topk_from_order, sin_mask, strict_order
 
 #: target classes chosen for the universal patch (ImageNet used 859 "toaster")
@@ -32,7 +32,7 @@ def apply_patch(x: torch.Tensor, patch: torch.Tensor, corners: torch.Tensor) -> 
     bi = torch.arange(b, device=x.device)[:, None, None, None]
     ci = torch.arange(3, device=x.device)[None, :, None, None]
     canvas = torch.zeros_like(x).index_put((bi, ci, rows, cols), pt.to(x.dtype))
-    inside = rect_masks(torch.cat([corners, corners + p - 1], 1), n, n).unsqueeze(1)
+    inside = rect_masks(patch_boxes(corners, p), n, n).unsqueeze(1)
     return torch.where(inside, canvas, x)
 
 
@@ -41,7 +41,7 @@ def patch_activation(model, x: torch.Tensor, corners: torch.Tensor, p: int) -> t
     in it)."""
     f = model.stem(x)
     _, _, h, w = f.shape
-    boxes = torch.cat([corners, corners + p - 1], 1)
+    boxes = patch_boxes(corners, p)
     inside = rect_masks(centre_inside(model.geometry(), boxes, h, w), h, w).to(f.device)
     imp = f.sum(1)
     return (imp * inside).flatten(1).sum(1) / inside.flatten(1).sum(1).clamp(min=1)

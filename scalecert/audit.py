@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 
 from .attacks import apply_patch, detector_aware_attack, pgd_patch
 from .defense import Engine
+from .geometry import patch_boxes
 
 CONTENTS = ("zeros", "ones", "noise", "attack")
 
@@ -127,9 +128,7 @@ def audit_image(
         flipped += len(wrong)
         if len(wrong):
             # the windows that contain the patch go first: for a certified image one of them must disagree
-            corner = cs[wrong]
-            box = torch.cat([corner, corner + engine.p - 1], 1)
-            recs = engine.run(xp[wrong], pred[wrong].cpu(), early_stop=True, first=box)
+            recs = engine.run(xp[wrong], pred[wrong].cpu(), early_stop=True, first=patch_boxes(cs[wrong], engine.p))
             for j, rec in zip(wrong.tolist(), recs):
                 if rec["certified"]:  # every candidate agrees with the wrong label: no alert
                     violations += 1

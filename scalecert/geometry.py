@@ -128,6 +128,11 @@ def centre_inside(geo: Geometry, boxes: torch.Tensor, h: int, w: int) -> torch.T
     return torch.stack([lo(boxes[:, 0]), lo(boxes[:, 1]), hi(boxes[:, 2], h), hi(boxes[:, 3], w)], 1)
 
 
+def patch_boxes(corners: torch.Tensor, p: int) -> torch.Tensor:
+    """Return the inclusive pixel boxes (N, 4) (i0, j0, i1, j1) of p x p patches at top-left corners (N, 2)."""
+    return torch.cat([corners, corners + p - 1], 1)
+
+
 def rect_masks(rects: torch.Tensor, h: int, w: int) -> torch.Tensor:
     """Return boolean masks (N, h, w) that are True inside each inclusive rectangle (i0, j0, i1, j1)."""
     rects = rects.reshape(-1, 4)

@@ -5,7 +5,7 @@ from conftest import calibration_images, spread_model
 
 from scalecert.audit import audit, paste, patch_positions
 from scalecert.defense import Engine, certify, detect
-from scalecert.geometry import rect_masks
+from scalecert.geometry import patch_boxes, rect_masks
 from scalecert.models import load_model, save_checkpoint
 
 
@@ -182,7 +182,7 @@ def test_windows_with_the_patch_first_change_no_verdict_and_stop_sooner(mode, ta
         held = m(xp).argmax(1)
     flipped = held != y[cert].repeat_interleave(len(corners))  # what the audit passes on: M(x') != y
     assert flipped.sum() >= 5, "the test needs patched images that change M(x)"
-    box = torch.cat([corners, corners + eng.p - 1], 1).repeat(len(cert), 1)
+    box = patch_boxes(corners, eng.p).repeat(len(cert), 1)
     raster = eng.run(xp[flipped], held[flipped])
     first = eng.run(xp[flipped], held[flipped], first=box[flipped])
     keys = ("pred", "alert", "output", "certified", "n_candidates")

@@ -76,7 +76,7 @@ from torch import nn
 
 from ..audit import patch_positions
 from ..defense import check_images, check_labels, default_chunk
-from ..geometry import rect_masks
+from ..geometry import patch_boxes, rect_masks
 from ..models import (
     CHECKPOINT_DIR,
     CIFAR_MEAN,
@@ -205,7 +205,7 @@ def patch_box(x: torch.Tensor, corners: torch.Tensor, p: int, eps: float = 1.0) 
     """
     n = x.shape[-1]
     corners = corners.to(x.device)
-    inside = rect_masks(torch.cat([corners, corners + p - 1], 1), n, n).unsqueeze(1)
+    inside = rect_masks(patch_boxes(corners, p), n, n).unsqueeze(1)
     return torch.where(inside, (x - eps).clamp(min=0), x), torch.where(inside, (x + eps).clamp(max=1), x)
 
 
