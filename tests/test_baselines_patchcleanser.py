@@ -36,6 +36,21 @@ class BrightSegment(nn.Module):
         return torch.stack([torch.full_like(m, 0.95), m], 1) + self.anchor
 
 
+class BrightOrHiddenBox(BrightSegment):
+    """Class 1 iff a bright segment shows (as :class:`BrightSegment`) or, when pixel (15, 15) is lit in channel 0, every
+    pixel of a box is 0 (hidden); the box is wider than one mask, so only two masks together hide it."""
+
+    def __init__(self, box):
+        super().__init__()
+        self.box = box
+
+    def forward(self, x):
+        r0, c0, r1, c1 = self.box
+        hidden = (x[:, :, r0 : r1 + 1, c0 : c1 + 1] == 0).flatten(1).all(1) & (x[:, 0, 15, 15] > 0.5)
+        logits = super().forward(x)
+        return torch.stack([logits[:, 0], torch.maximum(logits[:, 1], 2.0 * hidden.float())], 1)
+
+
 def tiny_net(seed):
     torch.manual_seed(seed)
     return nn.Sequential(
@@ -183,12 +198,17 @@ def _patched(x, p, gen):
     return torch.stack(out)
 
 
-@pytest.mark.parametrize("make", ["random conv net", "bright-segment detector"])
+@pytest.mark.parametrize("make", ["random conv net", "bright-segment detector", "bright segment or hidden box"])
 def test_certified_images_keep_their_label_under_every_patch_position(make):
     if make == "random conv net":
         net = tiny_net(7)
         torch.manual_seed(7)
         x = torch.rand(6, 3, 16, 16)
+    elif make == "bright segment or hidden box":  # images 0 and 1 are beaten at some position (test below)
+        net = BrightOrHiddenBox((1, 2, 3, 8))
+        torch.manual_seed(0)
+        x = 0.1 + 0.8 * torch.rand(4, 3, 16, 16)
+        x[:2, 0, 15, 15], x[2:, 0, 15, 15] = 0.9, 0.2
     else:  # every clean image is certified; a patch of ones fools the bare model wherever it is not wholly hidden
         net = BrightSegment()
         torch.manual_seed(0)
@@ -208,6 +228,23 @@ def test_certified_images_keep_their_label_under_every_patch_position(make):
             flipped += int((net(attacked).argmax(1) != y[i]).sum())
         worked += int((out["case"] > 1).sum())
     assert flipped > 0 and worked > 0  # the patches do fool the undefended net and make double masking work
+
+
+def test_exhaustive_positions_catch_a_certificate_that_skips_the_two_mask_images():
+    """On images whose one-mask labels are all right but one two-mask image is wrong, some patch position does beat
+    double masking: the exhaustive search above would catch a certificate that checked the first round only."""
+    net, family = BrightOrHiddenBox((1, 2, 3, 8)), mask_set(16, 3, k=4)  # masks 0..5 and 4..9 wide: two hide the box
+    torch.manual_seed(0)
+    x = 0.1 + 0.8 * torch.rand(4, 3, 16, 16)
+    x[:2, 0, 15, 15], x[2:, 0, 15, 15] = 0.9, 0.2  # the box matters on images 0 and 1 only
+    y = P.double_masking(net, x, family=family)["pred"]
+    assert y.tolist() == [0, 0, 0, 0]
+    table, _ = P.pair_table(net, x, family)
+    assert (table.diagonal(dim1=1, dim2=2) == 0).all()  # a first-round-only certificate would hold on all four
+    assert P.certify_patchcleanser(net, x, y, 3, k=4).certified.tolist() == [False, False, True, True]
+    gen = torch.Generator().manual_seed(0)
+    beaten = [bool((P.double_masking(net, _patched(x[i], 3, gen), family=family)["pred"] != 0).any()) for i in range(4)]
+    assert beaten == [True, True, False, False]
 
 
 # --------------------------------------------------------------------------- harness
