@@ -51,6 +51,15 @@ class BrightOrHiddenBox(BrightSegment):
         return torch.stack([logits[:, 0], torch.maximum(logits[:, 1], 2.0 * hidden.float())], 1)
 
 
+def box_case():
+    """(model, images) where the box matters on images 0 and 1 only (pixel (15, 15) lit), 2 and 3 are certified."""
+    net = BrightOrHiddenBox((1, 2, 3, 8))  # masks 0..5 and 4..9 wide (mask_set(16, 3, k=4)): two hide the box
+    torch.manual_seed(0)
+    x = 0.1 + 0.8 * torch.rand(4, 3, 16, 16)
+    x[:2, 0, 15, 15], x[2:, 0, 15, 15] = 0.9, 0.2
+    return net, x
+
+
 def tiny_net(seed):
     torch.manual_seed(seed)
     return nn.Sequential(
@@ -205,10 +214,7 @@ def test_certified_images_keep_their_label_under_every_patch_position(make):
         torch.manual_seed(7)
         x = torch.rand(6, 3, 16, 16)
     elif make == "bright segment or hidden box":  # images 0 and 1 are beaten at some position (test below)
-        net = BrightOrHiddenBox((1, 2, 3, 8))
-        torch.manual_seed(0)
-        x = 0.1 + 0.8 * torch.rand(4, 3, 16, 16)
-        x[:2, 0, 15, 15], x[2:, 0, 15, 15] = 0.9, 0.2
+        net, x = box_case()
     else:  # every clean image is certified; a patch of ones fools the bare model wherever it is not wholly hidden
         net = BrightSegment()
         torch.manual_seed(0)
@@ -233,10 +239,7 @@ def test_certified_images_keep_their_label_under_every_patch_position(make):
 def test_exhaustive_positions_catch_a_certificate_that_skips_the_two_mask_images():
     """On images whose one-mask labels are all right but one two-mask image is wrong, some patch position does beat
     double masking: the exhaustive search above would catch a certificate that checked the first round only."""
-    net, family = BrightOrHiddenBox((1, 2, 3, 8)), mask_set(16, 3, k=4)  # masks 0..5 and 4..9 wide: two hide the box
-    torch.manual_seed(0)
-    x = 0.1 + 0.8 * torch.rand(4, 3, 16, 16)
-    x[:2, 0, 15, 15], x[2:, 0, 15, 15] = 0.9, 0.2  # the box matters on images 0 and 1 only
+    (net, x), family = box_case(), mask_set(16, 3, k=4)
     y = P.double_masking(net, x, family=family)["pred"]
     assert y.tolist() == [0, 0, 0, 0]
     table, _ = P.pair_table(net, x, family)
