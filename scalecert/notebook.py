@@ -23,6 +23,9 @@ WINDOW_RS = {"tiny": [1, 3], "quick": [1, 3], "paper": [1, 2, 3]}
 #: the window parameters r that 10_soundness_audit audits in sound mode: the quick profile audits the paper's r = 3
 #: only (the r = 1 audit cost 100 of the cold quick run's CPU seconds); tiny (make test) and paper audit r = 1 too
 AUDIT_RS = {"tiny": [1, 3], "quick": [3], "paper": [1, 3]}
+#: the overlap ratios tau that 07_window_merging sweeps (Table 4's): tiny (make test) leaves out 0.6, the costliest
+#: family on Imagenette-224 (about 100 of nbval's CPU seconds) and the same code path as 0.5
+TAUS = {"tiny": [0.3, 0.5], "quick": [0.3, 0.5, 0.6], "paper": [0.3, 0.5, 0.6]}
 
 
 def check_profile(profile: str) -> str:
@@ -94,6 +97,13 @@ def alphas(profile: str, values=None) -> list[float]:
     check_profile(profile)
     values = ALPHAS[profile] if values is None else values
     return [float(a) for a in _number_list(values, "alphas", lambda a: math.isfinite(a) and a >= 0, "numbers >= 0")]
+
+
+def taus(profile: str, values=None) -> list[float]:
+    """Return the overlap ratios tau to sweep: the explicit list if given (each in (0, 1]), else the profile's."""
+    check_profile(profile)
+    values = TAUS[profile] if values is None else values
+    return [float(t) for t in _number_list(values, "taus", lambda t: 0 < t <= 1, "numbers in (0, 1]")]
 
 
 def window_rs(profile: str, values=None, defaults: dict | None = None) -> list[int]:

@@ -222,10 +222,10 @@ def test_no_batch_of_occluded_windows_exceeds_the_chunk(monkeypatch, mode, sin):
 
 def test_chunk_size_does_not_change_the_records():
     m = spread_model()
-    x = images(3, 32, seed=4)
+    x = images(3, 16, seed=4)
     y = torch.tensor([0, 1, 2])
-    a = Engine(m, 32, 5, chunk=8).run(x, y, early_stop=False)
-    b = Engine(m, 32, 5, chunk=300).run(x, y, early_stop=False)
+    a = Engine(m, 16, 2, chunk=8).run(x, y, early_stop=False)  # 13 x 13 windows: 22 batches of 8 (the last of 1)
+    b = Engine(m, 16, 2, chunk=300).run(x, y, early_stop=False)  # one batch
     drop = ("seconds",)
     assert [{k: v for k, v in r.items() if k not in drop} for r in a] == [
         {k: v for k, v in r.items() if k not in drop} for r in b
@@ -236,15 +236,15 @@ def test_bench_one_reports_consistent_counts():
     from scalecert.cli import bench_one
 
     m = spread_model()
-    x = images(2, 32, seed=5)
-    row = bench_one(m, x, 5, repeat=1)
-    recs = Engine(m, 32, 5).run(x, early_stop=False)
-    assert row["windows_total"] == 26 * 26  # squares of side 5 + 3 - 1 = 7 at stride 1 on 32 px
+    x = images(2, 16, seed=5)
+    row = bench_one(m, x, 2, repeat=1)
+    recs = Engine(m, 16, 2).run(x, early_stop=False)
+    assert row["windows_total"] == 13 * 13  # squares of side 2 + 3 - 1 = 4 at stride 1 on 16 px
     assert row["candidates_mean"] == sum(r["n_candidates"] for r in recs) / 2
     assert 0 < row["efficiency"] < 50 and row["speedup_vs_mr"] > 0
     assert m.sin is not None  # the Minority Reports timing restores the SIN layer
     with pytest.raises(ValueError, match="repeat"):
-        bench_one(m, x, 5, repeat=0)
+        bench_one(m, x, 2, repeat=0)
 
 
 def test_bench_one_restores_the_sin_layer_when_minority_reports_fails(monkeypatch):

@@ -43,6 +43,7 @@ BAD_PARAMETERS = [
     ("05_certification", {"large_n_per_class": "0"}, "large_n_per_class must be a whole number >= 1"),
     ("05_certification", {"peer_n_per_class": "2.5"}, "peer_n_per_class must be a whole number >= 1"),
     ("11_window_family", {"rs": "[1, 0]"}, "rs must be a list of whole numbers >= 1"),
+    ("07_window_merging", {"taus": "[0.3, 7]"}, "taus must be a list of numbers in (0, 1]"),
 ]
 
 
@@ -132,6 +133,16 @@ def test_alphas_by_profile_and_explicit():
             N.alphas("quick", bad)
 
 
+def test_taus_by_profile_and_explicit():
+    from scalecert import notebook as N
+
+    assert N.taus("quick") == [0.3, 0.5, 0.6] == N.taus("paper") and N.taus("tiny") == [0.3, 0.5]
+    assert N.taus("tiny", [0.6]) == [0.6] and N.taus("quick", "[1, 0.4]") == [1.0, 0.4] and N.taus("quick", 1) == [1.0]
+    for bad in ([0], [1.5], [-0.3], [float("nan")], ["0.5"], [True], "[0.3, 7]", []):
+        with pytest.raises(ValueError, match="taus must"):
+            N.taus("quick", bad)
+
+
 def test_window_rs_by_profile_and_explicit():
     from scalecert import notebook as N
 
@@ -206,14 +217,25 @@ def test_the_tiny_profile_runs_patchcleanser_on_the_vanilla_model_only():
 
 def test_two_notebooks_run_side_by_side_with_the_scalecert_engine(tmp_path):
     # make figures runs two notebooks at once: their kernels must not read each other's messages (seen with IPC
-    # transport, which gave both kernels one socket path), and neither may print the kernel's TCP warning
+    # transport, which gave both kernels one socket path), and neither may print the kernel's TCP warning. A small
+    # notebook whose cells overlap in time stands in for two real ones (each of which nbval runs anyway)
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_code_cell("run = -1", metadata={"tags": ["parameters"]})]
+    nb.cells += [
+        nbformat.v4.new_code_cell(f"import time\ntime.sleep(0.5)\nprint('run', run, 'cell', {k})") for k in range(4)
+    ]
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nbformat.write(nb, tmp_path / "small.ipynb")
     runs = []
     for i in range(2):
         args = [sys.executable, "-m", "papermill", "--engine", "scalecert", "--log-level", "WARNING", "-k", "python3"]
-        args += [str(ROOT / "notebooks" / "00_data.ipynb"), str(tmp_path / f"out{i}.ipynb"), "-p", "profile", "tiny"]
-        env = {"SCALECERT_FIG_DIR": str(tmp_path / f"fig{i}"), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"}
+        args += [str(tmp_path / "small.ipynb"), str(tmp_path / f"out{i}.ipynb"), "-p", "run", str(i)]
+        env = {"PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"}
         runs.append(subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env))
-    for run in runs:
+    for i, run in enumerate(runs):
         out, err = run.communicate(timeout=600)
         assert run.returncode == 0, err[-2000:]
         assert "Invalid" not in err and "without encryption" not in err, err[-2000:]
+        cells = nbformat.read(tmp_path / f"out{i}.ipynb", 4).cells
+        printed = ["".join(o.get("text", "") for o in c.get("outputs", [])) for c in cells if c.cell_type == "code"]
+        assert [p for p in printed if p] == [f"run {i} cell {k}\n" for k in range(4)]
