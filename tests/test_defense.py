@@ -224,8 +224,8 @@ def test_chunk_size_does_not_change_the_records():
     m = spread_model()
     x = images(3, 16, seed=4)
     y = torch.tensor([0, 1, 2])
-    a = Engine(m, 16, 2, chunk=8).run(x, y, early_stop=False)  # 13 x 13 windows: 22 batches of 8 (the last of 1)
-    b = Engine(m, 16, 2, chunk=300).run(x, y, early_stop=False)  # one batch
+    a = Engine(m, 16, 2, chunk=8).run(x, y, early_stop=False)  # 3 images x up to 13 x 13 windows, 8 at a time
+    b = Engine(m, 16, 2, chunk=300).run(x, y, early_stop=False)  # 300 at a time
     drop = ("seconds",)
     assert [{k: v for k, v in r.items() if k not in drop} for r in a] == [
         {k: v for k, v in r.items() if k not in drop} for r in b
